@@ -1,0 +1,91 @@
+"""The one policy model every dialect is read into.
+
+A policy is a default, a mode, a list of hidden tools and, per tool name (or
+``"*"`` for every tool), an ordered list of rules. The dialect readers in
+``guard.dialects`` produce it; ``guard.decision`` evaluates it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Scope = Literal["session", "identity", "global"]
+Action = Literal["allow", "deny", "require_approval"]
+Op = Literal[
+    "eq",
+    "neq",
+    "in",
+    "not_in",
+    "lt",
+    "lte",
+    "gt",
+    "gte",
+    "regex",
+    "not_regex",
+    "contains",
+    "exists",
+    "max_length",
+]
+
+OPS: tuple[str, ...] = Op.__args__  # type: ignore[attr-defined]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RateLimit(_Frozen):
+    """At most ``max`` units in any ``window_s`` seconds, counted per ``scope``."""
+
+    max: int = Field(ge=0)
+    window_s: float = Field(gt=0)
+    scope: Scope = "session"
+    # Units one call takes (the Intercept dialect's ``increment``).
+    cost: int = Field(default=1, ge=0)
+    # Argument path whose value is the cost (Intercept's ``increment_from``);
+    # must resolve to a non-negative number or the call is refused.
+    cost_from: str | None = None
+    # Counters with the same name are shared across rules and tools; unnamed
+    # counters belong to their rule.
+    counter: str | None = None
+
+
+class Condition(_Frozen):
+    """``path`` (``args.x.y`` or ``state.<counter>``) compared with ``value`` by ``op``."""
+
+    path: str
+    op: Op
+    value: Any = None
+
+
+class ApprovalSettings(_Frozen):
+    expires_s: float = Field(default=900, gt=0)
+    wait_s: float = Field(default=20, ge=0)
+
+
+class Rule(_Frozen):
+    id: str  # "<tool>#<n>" (1-based within the tool) unless the file names it
+    tool: str
+    action: Action = "allow"
+    reason: str | None = None
+    conditions: tuple[Condition, ...] = ()
+    match: Literal["all", "any"] = "all"
+    # What failing conditions mean: "skip" — the rule does not apply (our
+    # dialect); "deny" — the call is denied with ``reason`` (Intercept).
+    on_fail: Literal["skip", "deny"] = "skip"
+    identities: tuple[str, ...] | None = None
+    rate_limit: RateLimit | None = None
+    approval: ApprovalSettings | None = None
+    line: int | None = None  # where the rule starts in its file
+
+
+class Policy(_Frozen):
+    version: str = "1"
+    dialect: Literal["taskwarden", "intercept", "policylayer-json"] = "taskwarden"
+    default: Literal["allow", "deny"] = "allow"
+    mode: Literal["enforce", "shadow"] = "enforce"
+    hide: tuple[str, ...] = ()
+    tools: dict[str, tuple[Rule, ...]] = Field(default_factory=dict)
+    source: str | None = None  # the file it came from, for messages

@@ -1,0 +1,334 @@
+"""The ``taskwarden`` command line.
+
+Output meant for people goes to stdout (these commands never share stdout
+with the MCP transport; ``serve`` writes nothing there but MCP). Logs go to
+stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import anyio
+
+from worker_server import __version__
+from worker_server.config import ConfigError, Settings, load_settings
+
+logger = logging.getLogger("taskwarden")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="config file (default: $TASKWARDEN_CONFIG, ./taskwarden.toml)")
+    parser.add_argument("--db", metavar="FILE", help="database file (default: $TASKWARDEN_DB or the user state dir)")
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (e.g. 127.0.0.1:8765), got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="taskwarden",
+        description="An MCP server that hands background work to coding agents and people, behind a policy guard.",
+    )
+    parser.add_argument("--version", action="version", version=f"taskwarden {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the MCP server (stdio by default)", description=(
+        "Run the MCP server. With no --http it speaks MCP on stdin/stdout, as MCP clients such as "
+        "Claude Code and Codex expect. With --http it serves /mcp (streamable HTTP) and the inbox at /inbox."
+    ))
+    _common(serve)
+    serve.add_argument("--policy", metavar="FILE", help="policy file (default: the built-in policy)")
+    serve.add_argument("--http", metavar="HOST:PORT", type=_host_port, help="serve streamable HTTP instead of stdio")
+    serve.add_argument(
+        "--allow-anonymous", action="store_true", help="accept HTTP requests without a bearer token (loopback only)"
+    )
+    serve.add_argument("--no-inbox", action="store_true", help="with --http: do not serve the inbox at /inbox")
+
+    inbox = sub.add_parser("inbox", help="serve the web inbox alone", description=(
+        "Serve the web inbox for people (tasks, questions, hand-ins, approvals, audit) against the same "
+        "database. Use this when the MCP server runs over stdio."
+    ))
+    _common(inbox)
+    inbox.add_argument("--http", metavar="HOST:PORT", type=_host_port, default=("127.0.0.1", 8765))
+
+    tasks = sub.add_parser("tasks", help="list, show and work on tasks").add_subparsers(
+        dest="tasks_command", required=True, metavar="ACTION"
+    )
+    t_list = tasks.add_parser("list", help="list tasks, newest first")
+    _common(t_list)
+    t_list.add_argument("--status")
+    t_list.add_argument("--worker")
+    t_list.add_argument("--label")
+    t_list.add_argument("--limit", type=int, default=50)
+    t_list.add_argument("--json", action="store_true", help="print JSON")
+    t_show = tasks.add_parser("show", help="show one task with its turns and thread")
+    _common(t_show)
+    t_show.add_argument("task_id", metavar="ID")
+    t_show.add_argument("--tail", type=int, default=20, help="lines of recent activity")
+    t_show.add_argument("--json", action="store_true", help="print JSON")
+    for name, help_text, takes_text in (
+        ("claim", "claim a human task", False),
+        ("release", "give a claimed human task back", False),
+        ("reply", "post a message on a human task", True),
+        ("ask", "ask the agent a question about a human task", True),
+        ("handin", "hand in the result of a human task", True),
+    ):
+        p = tasks.add_parser(name, help=help_text)
+        _common(p)
+        p.add_argument("task_id", metavar="ID")
+        if takes_text:
+            p.add_argument("text", metavar="TEXT")
+        p.add_argument("--as", dest="as_name", metavar="NAME", help="who you are (default: the OS user)")
+
+    humans = sub.add_parser("humans", help="people who work in the inbox").add_subparsers(
+        dest="humans_command", required=True, metavar="ACTION"
+    )
+    h_add = humans.add_parser("add", help="add a person and print a one-time sign-in link")
+    _common(h_add)
+    h_add.add_argument("name", metavar="NAME")
+    h_add.add_argument("--url", help="the inbox's address (default: inbox_url from the config)")
+    h_list = humans.add_parser("list", help="list people")
+    _common(h_list)
+    h_rm = humans.add_parser("remove", help="remove a person (signs them out)")
+    _common(h_rm)
+    h_rm.add_argument("name", metavar="NAME")
+    h_inbox = humans.add_parser("inbox", help="what needs a person, in the terminal")
+    _common(h_inbox)
+
+    approvals = sub.add_parser("approvals", help="decide calls the guard holds for a human").add_subparsers(
+        dest="approvals_command", required=True, metavar="ACTION"
+    )
+    a_list = approvals.add_parser("list", help="list approvals, pending first")
+    _common(a_list)
+    a_list.add_argument("--json", action="store_true", help="print JSON")
+    a_ok = approvals.add_parser("approve", help="approve a held call")
+    _common(a_ok)
+    a_ok.add_argument("approval_id", metavar="ID")
+    a_ok.add_argument("--as", dest="as_name", metavar="NAME", help="who decides (default: the OS user)")
+    a_ok.add_argument("--comment", metavar="TEXT")
+    a_no = approvals.add_parser("deny", help="deny a held call (a reason is required)")
+    _common(a_no)
+    a_no.add_argument("approval_id", metavar="ID")
+    a_no.add_argument("--reason", required=True, metavar="TEXT", help="shown to the agent")
+    a_no.add_argument("--as", dest="as_name", metavar="NAME", help="who decides (default: the OS user)")
+
+    policy = sub.add_parser("policy", help="check, explain and test policy files").add_subparsers(
+        dest="policy_command", required=True, metavar="ACTION"
+    )
+    p_check = policy.add_parser("check", help="validate a policy file")
+    p_check.add_argument("file", metavar="FILE")
+    p_explain = policy.add_parser("explain", help="show the decision for one call and the rules behind it")
+    p_explain.add_argument("file", metavar="FILE")
+    p_explain.add_argument("--tool", required=True)
+    p_explain.add_argument("--args", default="{}", metavar="JSON", help="the call's arguments as a JSON object")
+    p_explain.add_argument("--identity", help="the caller (default: none)")
+    p_test = policy.add_parser("test", help="run expected decisions from a CASES.yaml file")
+    p_test.add_argument("file", metavar="FILE")
+    p_test.add_argument("cases", metavar="CASES.yaml")
+
+    audit = sub.add_parser("audit", help="read the audit trail")
+    _common(audit)
+    audit.add_argument("--json", action="store_true", help="one JSON object per line")
+    audit.add_argument("--since", help="ISO 8601 time or an age like 10m, 2h, 1d")
+    audit.add_argument("--tool")
+    audit.add_argument("--decision")
+    audit.add_argument("--follow", action="store_true", help="keep printing new records")
+    audit.add_argument("--limit", type=int, default=200)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"taskwarden: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    settings = load_settings(getattr(args, "config", None), db=getattr(args, "db", None), **extra)
+    logging.getLogger().setLevel(settings.log_level)
+    return settings
+
+
+def _run(fn: Callable[[], Awaitable[int]]) -> int:
+    return anyio.run(fn)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from guard import commands, policy_cli
+
+    if args.command == "serve":
+        from worker_server.server import serve_http, serve_stdio
+
+        settings = _settings(args, policy=args.policy)
+        if args.http:
+            host, port = args.http
+            anyio.run(lambda: serve_http(settings, host, port, allow_anonymous=args.allow_anonymous,
+                                         with_inbox=not args.no_inbox))
+        else:
+            if args.allow_anonymous:
+                raise ConfigError("--allow-anonymous only applies with --http")
+            anyio.run(serve_stdio, settings)
+        return 0
+    if args.command == "inbox":
+        from worker_server.inbox.app import serve_inbox
+
+        settings = _settings(args)
+        host, port = args.http
+        anyio.run(serve_inbox, settings, host, port)
+        return 0
+    if args.command == "tasks":
+        return _run(lambda: _tasks(args, _settings(args)))
+    if args.command == "humans":
+        return _run(lambda: _humans(args, _settings(args)))
+    if args.command == "approvals":
+        db = _settings(args).db_path
+        if args.approvals_command == "list":
+            return _run(lambda: commands.approvals_list(db, args.json, sys.stdout))
+        who = args.as_name or getpass.getuser()
+        if args.approvals_command == "approve":
+            return _run(lambda: commands.approvals_approve(db, args.approval_id, who, args.comment, sys.stdout))
+        return _run(lambda: commands.approvals_deny(db, args.approval_id, args.reason, sys.stdout, by=who))
+    if args.command == "policy":
+        if args.policy_command == "check":
+            return policy_cli.check(args.file)
+        if args.policy_command == "explain":
+            return policy_cli.explain(args.file, args.tool, args.args, args.identity)
+        return policy_cli.test(args.file, args.cases)
+    if args.command == "audit":
+        db = _settings(args).db_path
+        return _run(
+            lambda: commands.audit(
+                db, args.json, args.since, args.tool, args.decision, args.follow, sys.stdout, limit=args.limit
+            )
+        )
+    raise AssertionError(args.command)
+
+
+async def _tasks(args: argparse.Namespace, settings: Settings) -> int:
+    from worker_server.server import open_app
+    from worker_server.service import InvalidArgument
+
+    async with open_app(settings, run_workers=False, background=False) as app:
+        service = app.service
+        try:
+            if args.tasks_command == "list":
+                page = await service.list(status=args.status, worker=args.worker, label=args.label, limit=args.limit)
+                if args.json:
+                    print(page.model_dump_json(indent=2))
+                else:
+                    _print_task_table(page.tasks)
+                return 0
+            if args.tasks_command == "show":
+                detail = await service.get(args.task_id, tail_lines=args.tail)
+                if args.json:
+                    print(detail.model_dump_json(indent=2))
+                else:
+                    _print_task(detail)
+                return 0
+            humans = service.humans
+            assert humans is not None
+            who = args.as_name or getpass.getuser()
+            if args.tasks_command == "claim":
+                row = await humans.claim(who, args.task_id)
+            elif args.tasks_command == "release":
+                row = await humans.release(who, args.task_id)
+            elif args.tasks_command == "reply":
+                await humans.reply(who, args.task_id, args.text)
+                row = await app.store.get(args.task_id)
+            elif args.tasks_command == "ask":
+                row = await humans.ask(who, args.task_id, args.text)
+            else:
+                row = await humans.handin(who, args.task_id, args.text)
+            print(f"{row.id}: {row.status.value}")
+            return 0
+        except InvalidArgument as exc:
+            print(f"taskwarden: {exc}", file=sys.stderr)
+            return 1
+
+
+async def _humans(args: argparse.Namespace, settings: Settings) -> int:
+    from worker_server.inbox.accounts import Accounts
+    from worker_server.server import open_app
+
+    async with open_app(settings, run_workers=False, background=False) as app:
+        accounts = Accounts(app.db, app.store.clock)
+        if args.humans_command == "add":
+            link = await accounts.add(args.name, base_url=args.url or settings.inbox_url)
+            print(f"Added {args.name}. Sign-in link (works once, valid 7 days):\n{link}")
+            return 0
+        if args.humans_command == "list":
+            for human in await accounts.list():
+                print(f"{human.name}\tadded {human.created_at}\t{'signed in' if human.signed_in else 'not signed in'}")
+            return 0
+        if args.humans_command == "remove":
+            if await accounts.remove(args.name):
+                print(f"Removed {args.name}.")
+                return 0
+            print(f"taskwarden: no person named {args.name!r}", file=sys.stderr)
+            return 1
+        from worker_server.inbox.views import needs_person
+
+        items = await needs_person(app)
+        if not items:
+            print("Nothing needs a person right now.")
+        for line in items:
+            print(line)
+        return 0
+
+
+def _print_task_table(tasks: Sequence[Any]) -> None:
+    if not tasks:
+        print("No tasks.")
+        return
+    for t in tasks:
+        print(f"{t.task_id}  {t.status.value:<15} {t.worker:<8} {t.created_at}  {t.title}")
+
+
+def _print_task(d: Any) -> None:
+    print(f"{d.task_id}  {d.title}")
+    print(f"  status:   {d.status.value}" + (f" ({d.status_message})" if d.status_message else ""))
+    print(f"  worker:   {d.worker} ({d.kind})   session: {d.session_id}   turn {d.turn}")
+    print(f"  created:  {d.created_at}   updated: {d.updated_at}")
+    if d.pending:
+        print(f"  pending {d.pending.kind}: {d.pending.text}")
+    if d.output.final:
+        print("  final:\n" + _indent(d.output.final))
+    if d.output.tail:
+        print("  recent activity:\n" + _indent(d.output.tail))
+    if len(d.turns) > 1:
+        print("  turns:")
+        for turn in d.turns:
+            print(f"    {turn.turn}. {turn.task_id} {turn.status.value}  {turn.prompt[:60]!r}")
+    if d.thread:
+        print("  thread:")
+        for m in d.thread:
+            print(f"    [{m.created_at}] {m.author}{'/' + m.author_name if m.author_name else ''} ({m.kind}): {m.body}")
+    print(f"  log: {d.output.log_uri}")
+    print(f"  next: {d.next_action}")
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.splitlines())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

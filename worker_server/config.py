@@ -1,0 +1,163 @@
+"""Configuration: a TOML file, overridden by ``TASKWARDEN_<KEY>`` variables.
+
+The file is found as ``--config FILE``, else ``$TASKWARDEN_CONFIG``, else
+``./taskwarden.toml``, else ``<user config dir>/taskwarden/config.toml``. Every
+key has a built-in default, so taskwarden runs with no file at all.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from worker_server.profiles import BUILTIN_PROFILES, WorkerProfile, merge_profile
+
+
+class ConfigError(Exception):
+    """The configuration file or environment holds a value taskwarden cannot use."""
+
+
+def user_config_dir() -> Path:
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "taskwarden"
+
+
+def user_state_dir() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "taskwarden"
+
+
+class IdentityConfig(BaseModel):
+    """An HTTP caller: its bearer token's SHA-256 (hex), never the token itself."""
+
+    model_config = ConfigDict(extra="forbid")
+    token_sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TASKWARDEN_", extra="forbid", env_nested_delimiter="__")
+
+    default_worker: str = "codex"
+    allowed_roots: list[str] = Field(default_factory=lambda: ["~"])
+    identity: str = Field(default_factory=getpass.getuser)
+    db: Path | None = None
+    policy: Path | None = None
+    log_dir: Path | None = None
+    max_result_bytes: int = Field(default=8192, ge=256, le=1_048_576)
+    poll_interval_s: float = Field(default=5.0, gt=0, le=3600)
+    human_timeout_s: int = Field(default=86_400, ge=1, le=30 * 86_400)
+    inbox_url: str = "http://127.0.0.1:8765/inbox"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    workers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    identities: dict[str, IdentityConfig] = Field(default_factory=dict)
+
+    # Set by load_settings: where the values came from, for messages.
+    config_file: Path | None = None
+    # The TOML file this settings class reads (a subclass per file, see load_settings).
+    toml_path: ClassVar[Path | None] = None
+
+    @field_validator("allowed_roots")
+    @classmethod
+    def _roots_not_empty(cls, roots: list[str]) -> list[str]:
+        if not roots:
+            raise ValueError("must list at least one directory")
+        return roots
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = cls.toml_path
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    # -- derived values ----------------------------------------------------
+
+    @property
+    def db_path(self) -> Path:
+        return (self.db or user_state_dir() / "taskwarden.db").expanduser()
+
+    @property
+    def logs_path(self) -> Path:
+        return (self.log_dir or self.db_path.parent / "logs").expanduser()
+
+    @property
+    def roots(self) -> list[Path]:
+        return [Path(r).expanduser().resolve() for r in self.allowed_roots]
+
+    def profiles(self) -> dict[str, WorkerProfile]:
+        """Built-in worker profiles with the config file's overrides and additions."""
+        merged = dict(BUILTIN_PROFILES)
+        for name, override in self.workers.items():
+            if name == "human":
+                raise ConfigError("workers.human: 'human' is reserved for human workers")
+            try:
+                merged[name] = merge_profile(merged.get(name), override)
+            except ValidationError as exc:
+                raise ConfigError(_describe(exc, prefix=f"workers.{name}", source=self.config_file)) from None
+        return merged
+
+
+def find_config_file(explicit: str | Path | None) -> Path | None:
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    env = os.environ.get("TASKWARDEN_CONFIG")
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"TASKWARDEN_CONFIG names a file that does not exist: {path}")
+        return path
+    for candidate in (Path.cwd() / "taskwarden.toml", user_config_dir() / "config.toml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read the configuration; ``overrides`` (CLI flags) win over everything."""
+    path = find_config_file(config)
+    settings_cls = type("FileSettings", (Settings,), {"toml_path": path, "__annotations__": {"toml_path": ClassVar[Path | None]}})
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        settings = settings_cls(**clean)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source=path)) from None
+    except (OSError, ValueError) as exc:  # unreadable or malformed TOML
+        raise ConfigError(f"{path}: {exc}") from None
+    settings.config_file = path
+    # Check profile overrides and the default worker now, not at first spawn.
+    profiles = settings.profiles()
+    if settings.default_worker != "human" and settings.default_worker not in profiles:
+        raise ConfigError(
+            f"default_worker: unknown worker {settings.default_worker!r}; "
+            f"known: {', '.join(sorted(profiles))}, human"
+        )
+    return settings
+
+
+def _describe(exc: ValidationError, prefix: str = "", source: Path | None = None) -> str:
+    where = f"{source}: " if source else ""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        key = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        lines.append(f"{where}{key}: {err['msg']}")
+    return "\n".join(lines)

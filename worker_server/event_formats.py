@@ -1,0 +1,164 @@
+"""Readers for the event streams agent CLIs print on stdout.
+
+Each reader is fed one stdout line at a time and yields what taskwarden cares
+about: the worker's own session id (to resume it next turn), activity lines
+(progress a person or agent can follow), the final message, and failure.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from worker_server.profiles import EventFormat
+
+# A single activity line is for reading at a glance; the log has the rest.
+MAX_ACTIVITY_CHARS = 500
+
+
+@dataclass(frozen=True)
+class WorkerEvent:
+    kind: Literal["session", "activity", "final", "failure"]
+    text: str
+
+
+class EventReader(Protocol):
+    def feed(self, line: str) -> list[WorkerEvent]: ...
+
+    def final(self) -> str | None:
+        """The final output once the stream has ended (None if there was none)."""
+        ...
+
+
+def reader_for(fmt: EventFormat) -> EventReader:
+    if fmt == "codex-jsonl":
+        return CodexReader()
+    if fmt == "claude-stream-json":
+        return ClaudeReader()
+    return TextReader()
+
+
+def _clip(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_ACTIVITY_CHARS else text[: MAX_ACTIVITY_CHARS - 1] + "…"
+
+
+def _json_object(line: str) -> dict[str, Any] | None:
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class CodexReader:
+    """``codex exec --json``: thread.started, item.completed, turn.failed, error."""
+
+    def __init__(self) -> None:
+        self._final: str | None = None
+
+    def feed(self, line: str) -> list[WorkerEvent]:
+        event = _json_object(line)
+        if event is None:
+            return [WorkerEvent("activity", _clip(line))] if line.strip() else []
+        kind = event.get("type")
+        if kind == "thread.started" and isinstance(event.get("thread_id"), str):
+            return [WorkerEvent("session", event["thread_id"])]
+        if kind == "item.completed" and isinstance(event.get("item"), dict):
+            return self._item(event["item"])
+        if kind == "turn.failed":
+            error = event.get("error")
+            message = error.get("message") if isinstance(error, dict) else None
+            return [WorkerEvent("failure", str(message or "turn failed"))]
+        if kind == "error":
+            return [WorkerEvent("failure", str(event.get("message") or "error"))]
+        return []
+
+    def _item(self, item: dict[str, Any]) -> list[WorkerEvent]:
+        item_type = item.get("type")
+        if item_type == "agent_message" and isinstance(item.get("text"), str):
+            self._final = item["text"]
+            return [WorkerEvent("activity", _clip(item["text"]))]
+        if item_type == "command_execution" and item.get("command"):
+            code = item.get("exit_code")
+            suffix = f" (exit {code})" if code is not None else ""
+            return [WorkerEvent("activity", _clip(f"$ {item['command']}{suffix}"))]
+        if item_type == "file_change" and isinstance(item.get("changes"), list):
+            paths = [c.get("path", "?") for c in item["changes"] if isinstance(c, dict)]
+            return [WorkerEvent("activity", _clip("edited " + ", ".join(paths)))]
+        return []
+
+    def final(self) -> str | None:
+        return self._final
+
+
+class ClaudeReader:
+    """``claude -p --output-format stream-json``: system/init, assistant, result."""
+
+    def __init__(self) -> None:
+        self._final: str | None = None
+        self._last_text: str | None = None
+
+    def feed(self, line: str) -> list[WorkerEvent]:
+        event = _json_object(line)
+        if event is None:
+            return [WorkerEvent("activity", _clip(line))] if line.strip() else []
+        kind = event.get("type")
+        if kind == "system" and event.get("subtype") == "init" and isinstance(event.get("session_id"), str):
+            return [WorkerEvent("session", event["session_id"])]
+        if kind == "assistant" and isinstance(event.get("message"), dict):
+            return self._assistant(event["message"])
+        if kind == "result":
+            result = event.get("result")
+            text = result if isinstance(result, str) else None
+            if event.get("is_error"):
+                return [WorkerEvent("failure", text or str(event.get("subtype") or "error"))]
+            self._final = text
+            return [WorkerEvent("final", text)] if text is not None else []
+        return []
+
+    def _assistant(self, message: dict[str, Any]) -> list[WorkerEvent]:
+        events: list[WorkerEvent] = []
+        for block in message.get("content") or []:
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "text" and isinstance(block.get("text"), str):
+                self._last_text = block["text"]
+                events.append(WorkerEvent("activity", _clip(block["text"])))
+            elif block.get("type") == "tool_use":
+                events.append(WorkerEvent("activity", _clip(f"→ {block.get('name', 'tool')}")))
+        return events
+
+    def final(self) -> str | None:
+        return self._final if self._final is not None else self._last_text
+
+
+class TextReader:
+    """Plain text: every line is activity; the final output is the last lines."""
+
+    # The final output is capped later anyway; keep only what could be shown.
+    KEEP_LINES = 200
+    KEEP_CHARS = 64 * 1024
+
+    def __init__(self) -> None:
+        self._lines: deque[str] = deque()
+        self._chars = 0
+
+    def feed(self, line: str) -> list[WorkerEvent]:
+        line = line.rstrip("\r\n")
+        self._lines.append(line)
+        self._chars += len(line) + 1
+        while len(self._lines) > self.KEEP_LINES or (self._chars > self.KEEP_CHARS and len(self._lines) > 1):
+            self._chars -= len(self._lines.popleft()) + 1
+        return [WorkerEvent("activity", _clip(line))] if line.strip() else []
+
+    def final(self) -> str | None:
+        lines = list(self._lines)
+        while lines and not lines[-1].strip():
+            lines.pop()
+        return "\n".join(lines) if lines else None

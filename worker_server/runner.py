@@ -1,0 +1,378 @@
+"""Runs agent turns: a queue per worker profile, processes, timeouts, cancels, restarts.
+
+One Runner per server process. Queued turns are claimed from the store
+whenever something changes (a spawn, a finished turn, another process's
+write), up to each profile's ``max_concurrent`` across every server sharing
+the database. Each turn is one process group whose output streams to a log
+file; its end is written to the store, which wakes whoever waits on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import psutil
+from anyio.abc import Process, TaskGroup
+
+from guard.changes import ChangeFeed
+from worker_server.event_formats import reader_for
+from worker_server.process_group import MARKER_ENV, terminate
+from worker_server.profiles import WorkerProfile
+from worker_server.store import Store, TaskRow
+from worker_server.task import TaskStatus
+from worker_server.turn_output import LogFile, Tail, pump_lines
+
+logger = logging.getLogger(__name__)
+
+# How often the latest activity line is written through to the store while a
+# turn runs (other processes read it from there; this process reads memory).
+ACTIVITY_FLUSH_S = 1.0
+# After the worker exits, how long its pipes may take to drain (a grandchild
+# that inherited stdout can hold it open).
+DRAIN_S = 2.0
+
+INTERRUPTED = "interrupted: server restarted"
+
+
+def current_owner() -> tuple[int, float]:
+    """This process's identity in the store: pid plus start time (pids get reused)."""
+    return os.getpid(), psutil.Process().create_time()
+
+
+def owner_alive(pid: int | None, started: float | None) -> bool:
+    if pid is None or started is None:
+        return False
+    try:
+        return abs(psutil.Process(pid).create_time() - started) < 0.01
+    except psutil.Error:
+        return False
+
+
+@dataclass
+class RunningTurn:
+    task: TaskRow
+    started: float = field(default_factory=time.monotonic)
+    cancel_requested: anyio.Event = field(default_factory=anyio.Event)
+    cancel_reason: str | None = None
+    done: anyio.Event = field(default_factory=anyio.Event)
+    activity: str | None = None
+    tail: Tail = field(default_factory=Tail)
+
+    def request_cancel(self, reason: str) -> None:
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+        self.cancel_requested.set()
+
+
+class Runner:
+    def __init__(
+        self,
+        store: Store,
+        feed: ChangeFeed,
+        profiles: dict[str, WorkerProfile],
+        logs_dir: Path,
+    ) -> None:
+        self.store = store
+        self.feed = feed
+        self.profiles = profiles
+        self.logs_dir = logs_dir
+        self.owner = current_owner()
+        self._running: dict[str, RunningTurn] = {}
+        self._tg: TaskGroup | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        """Settle what a previous server left behind before serving.
+
+        A turn still ``working`` whose server is gone is killed (its whole
+        process tree) and fails as interrupted; its session keeps the worker's
+        session id so the next message resumes it. Queued turns of a dead
+        server become ours to run.
+        """
+        for task in await self.store.working_agent_tasks():
+            if (task.owner_pid, task.owner_started) == self.owner or owner_alive(task.owner_pid, task.owner_started):
+                continue
+            killed = await terminate(task.id, task.pid)
+            logger.warning(
+                "task %s was running under a server that is gone%s; marking it failed",
+                task.id,
+                " (killed its leftover processes)" if killed else "",
+            )
+            if task.log_path:
+                _note(Path(task.log_path), INTERRUPTED)
+            await self.store.finish(task.id, TaskStatus.FAILED, message=INTERRUPTED, only_from=[TaskStatus.WORKING])
+        dead = [o for o in await self.store.queued_owners() if o != self.owner and not owner_alive(*o)]
+        if dead:
+            adopted = await self.store.adopt_queued(dead)
+            logger.info("took over %d queued task(s) from a stopped server", adopted)
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Schedule turns until cancelled; on the way out, stop every running turn."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            task_status.started()
+            try:
+                while True:
+                    since = self.feed.generation
+                    await self._honour_cancel_requests()
+                    await self.schedule()
+                    # Woken by any write to the database, here or elsewhere.
+                    await self.feed.wait(since, timeout=3600)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self._stop_all("interrupted: server stopped")
+                self._tg = None
+
+    async def _stop_all(self, reason: str) -> None:
+        turns = list(self._running.values())
+        for turn in turns:
+            turn.request_cancel(reason)
+        with anyio.move_on_after(10):
+            for turn in turns:
+                await turn.done.wait()
+
+    # -- scheduling --------------------------------------------------------
+
+    async def schedule(self) -> None:
+        if self._tg is None:
+            return
+        for worker in await self.store.queued_workers():
+            profile = self.profiles.get(worker)
+            while True:
+                limit = profile.max_concurrent if profile else 1
+                task = await self.store.claim_next(worker, limit, self.owner)
+                if task is None:
+                    break
+                turn = RunningTurn(task)
+                self._running[task.id] = turn
+                self._tg.start_soon(self._run_turn, turn)
+
+    async def _honour_cancel_requests(self) -> None:
+        for task in await self.store.cancel_requests(self.owner):
+            turn = self._running.get(task.id)
+            if turn is not None:
+                turn.request_cancel(task.cancel_reason or "cancelled")
+
+    def running(self, task_id: str) -> RunningTurn | None:
+        return self._running.get(task_id)
+
+    async def cancel(self, task_id: str, reason: str) -> bool:
+        """Stop a turn running in this process and wait until it is cancelled."""
+        turn = self._running.get(task_id)
+        if turn is None:
+            return False
+        turn.request_cancel(reason)
+        await turn.done.wait()
+        return True
+
+    # -- one turn ----------------------------------------------------------
+
+    async def _run_turn(self, turn: RunningTurn) -> None:
+        task = turn.task
+        try:
+            await self._execute(turn)
+        except Exception:
+            logger.exception("task %s: the runner failed", task.id)
+            await self.store.finish(task.id, TaskStatus.FAILED, message="internal error: see the server log")
+        finally:
+            self._running.pop(task.id, None)
+            turn.done.set()
+            # A queued turn may be waiting for this slot.
+            self.feed.notify()
+
+    async def _execute(self, turn: RunningTurn) -> None:
+        task = turn.task
+        profile = self.profiles.get(task.worker)
+        if profile is None:
+            await self.store.finish(task.id, TaskStatus.FAILED, message=f"unknown worker {task.worker!r}")
+            return
+        cwd = task.cwd or os.getcwd()
+        argv = profile.argv(cwd=cwd, prompt=task.prompt, session=task.worker_session)
+        env = {**os.environ, **profile.env, MARKER_ENV: task.id}
+        log = LogFile(self.logs_dir / f"{task.id}.log")
+        try:
+            try:
+                proc = await anyio.open_process(
+                    argv,
+                    cwd=cwd,
+                    env=env,
+                    start_new_session=True,  # its own process group, away from our terminal
+                    stdin=subprocess.PIPE if profile.prompt == "stdin" else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                )
+            except FileNotFoundError as exc:
+                missing = exc.filename if exc.filename and not Path(cwd).samefile(exc.filename) else argv[0]
+                if not Path(cwd).is_dir():
+                    message = f"cwd {cwd!r} does not exist"
+                else:
+                    message = f"worker binary not found: {missing!r} (is it installed and on PATH?)"
+                log.note(message)
+                await self.store.finish(task.id, TaskStatus.FAILED, message=message)
+                return
+            except OSError as exc:
+                message = f"could not start {argv[0]!r}: {exc.strerror or exc}"
+                log.note(message)
+                await self.store.finish(task.id, TaskStatus.FAILED, message=message)
+                return
+            await self.store.set_process(task.id, proc.pid, str(log.path))
+            await self._supervise(turn, proc, profile, log)
+        finally:
+            log.close()
+
+    async def _supervise(self, turn: RunningTurn, proc: Process, profile: WorkerProfile, log: LogFile) -> None:
+        task = turn.task
+        reader = reader_for(profile.events)
+        failure: list[str] = []
+        flushed_at = 0.0
+
+        def activity(line: str) -> None:
+            nonlocal flushed_at
+            turn.activity = line
+            turn.tail.add(line)
+            now = time.monotonic()
+            if now - flushed_at >= ACTIVITY_FLUSH_S and self._tg is not None:
+                flushed_at = now
+                self._tg.start_soon(self.store.set_activity, task.id, line, turn.tail.text(50))
+
+        def on_stdout(line: str) -> None:
+            for event in reader.feed(line):
+                if event.kind == "session":
+                    if self._tg is not None:
+                        self._tg.start_soon(self.store.set_worker_session, task.session_id, event.text)
+                elif event.kind == "failure":
+                    failure.append(event.text)
+                    activity(f"error: {event.text}")
+                elif event.kind == "activity":
+                    activity(event.text)
+
+        def on_stderr(line: str) -> None:
+            if line.strip():
+                turn.tail.add(line)
+
+        async def feed_prompt() -> None:
+            assert proc.stdin is not None
+            try:
+                await proc.stdin.send(task.prompt.encode())
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # the worker exited or closed stdin without reading it all
+            finally:
+                await proc.stdin.aclose()
+
+        async def pump(stream: anyio.abc.ByteReceiveStream, on_line: Callable[[str], None], done: anyio.Event) -> None:
+            try:
+                await pump_lines(stream, log, on_line)
+            finally:
+                done.set()
+
+        timeout = (task.deadline - self.store.clock.now()) if task.deadline else None
+        outcome: str
+        out_done, err_done = anyio.Event(), anyio.Event()
+        async with anyio.create_task_group() as pumps:
+            if proc.stdin is not None:
+                pumps.start_soon(feed_prompt)
+            assert proc.stdout is not None and proc.stderr is not None
+            pumps.start_soon(pump, proc.stdout, on_stdout, out_done)
+            pumps.start_soon(pump, proc.stderr, on_stderr, err_done)
+
+            outcome = await _exit_or_stop(proc, turn, timeout)
+            if outcome in ("cancelled", "timed_out"):
+                log.note(_cancel_message(turn.cancel_reason) if outcome == "cancelled" else "timed out")
+                await terminate(task.id, proc.pid)
+                with anyio.CancelScope(shield=True):
+                    await proc.wait()
+            with anyio.move_on_after(DRAIN_S):
+                await out_done.wait()
+                await err_done.wait()
+            pumps.cancel_scope.cancel()
+
+        code = proc.returncode
+        tail = turn.tail.text(50)
+        if outcome == "cancelled":
+            await self.store.finish(
+                task.id, TaskStatus.CANCELLED, message=_cancel_message(turn.cancel_reason), exit_code=code, tail=tail
+            )
+        elif outcome == "timed_out":
+            await self.store.finish(task.id, TaskStatus.FAILED, message="timed_out", exit_code=code, tail=tail)
+        elif code == 0 and not failure:
+            await self.store.finish(
+                task.id, TaskStatus.COMPLETED, final=reader.final() or "", exit_code=0, tail=tail
+            )
+        else:
+            await self.store.finish(
+                task.id,
+                TaskStatus.FAILED,
+                message=_failure_message(code, failure),
+                final=reader.final(),
+                exit_code=code,
+                tail=tail,
+            )
+        # The turn is over: nothing it started may outlive it. (The cheap group
+        # check first keeps the full process scan off the common path.)
+        if outcome == "exited" and _group_alive(proc.pid):
+            await terminate(task.id, proc.pid)
+
+
+async def _exit_or_stop(proc: Process, turn: RunningTurn, timeout: float | None) -> str:
+    """Wait for the worker to exit, a cancel, or the deadline; say which came first."""
+    outcome = "exited"
+    with anyio.move_on_after(timeout if timeout is not None else float("inf")) as deadline:
+        async with anyio.create_task_group() as tg:
+
+            async def exited() -> None:
+                await proc.wait()
+                tg.cancel_scope.cancel()
+
+            async def cancelled() -> None:
+                nonlocal outcome
+                await turn.cancel_requested.wait()
+                outcome = "cancelled"
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(exited)
+            tg.start_soon(cancelled)
+    if deadline.cancelled_caught and outcome == "exited":
+        # Exiting right at the deadline still counts as exiting.
+        return "exited" if proc.returncode is not None else "timed_out"
+    return outcome
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _cancel_message(reason: str | None) -> str:
+    return f"cancelled: {reason}" if reason else "cancelled"
+
+
+def _failure_message(code: int | None, failure: list[str]) -> str:
+    if code is not None and code < 0:
+        base = f"killed by {signal.Signals(-code).name}"
+    elif code:
+        base = f"exit {code}"
+    else:
+        base = "failed"
+    return f"{base}: {failure[-1]}" if failure else base
+
+
+def _note(path: Path, text: str) -> None:
+    try:
+        with path.open("ab") as f:
+            f.write(f"\n[taskwarden] {text}\n".encode())
+    except OSError:
+        pass

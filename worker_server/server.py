@@ -1,0 +1,172 @@
+"""Assembling the server: the app's parts, the MCPServer, and its transports."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from mcp.server.auth.settings import AuthSettings
+from mcp.server.mcpserver import MCPServer
+
+from guard.changes import ChangeFeed
+from guard.database import Database
+from guard.runtime import Guard
+from worker_server import __version__
+from worker_server.config import ConfigError, Settings
+from worker_server.humans import Humans
+from worker_server.identity import CallerResolver, TokenIdentities
+from worker_server.runner import Runner
+from worker_server.service import TaskService
+from worker_server.store import Store
+from worker_server.tools import register_resources, register_tools
+
+logger = logging.getLogger(__name__)
+
+INSTRUCTIONS = """\
+taskwarden runs background work for you. spawn-task hands a prompt to an agent worker (Codex, \
+Claude Code, a shell script) or, with worker "human", to a person; it returns at once. wait-task \
+blocks until tasks finish or need you (input_required). message-task continues a session; \
+cancel-task stops work. Every call passes a policy guard: a result with isError and an "error" \
+field (rate_limited, approval_required, policy_denied, ...) says what to do next."""
+
+
+@dataclass
+class App:
+    settings: Settings
+    db: Database
+    feed: ChangeFeed
+    store: Store
+    runner: Runner | None
+    service: TaskService
+    guard: Guard
+    callers: CallerResolver
+
+
+@asynccontextmanager
+async def open_app(
+    settings: Settings, *, run_workers: bool = True, background: bool = True, guard_enabled: bool = True
+) -> AsyncIterator[App]:
+    """Open the database and start the runner; stop every turn on the way out.
+
+    ``run_workers`` runs agent turns (only the MCP server does); ``background``
+    keeps human deadlines and reloads the policy (servers and the inbox do,
+    one-shot CLI commands do not).
+    """
+    db = await Database.open(settings.db_path)
+    feed = ChangeFeed(settings.db_path)
+    feed.start()
+    try:
+        store = await Store.open(db, feed)
+        profiles = settings.profiles()
+        runner = Runner(store, feed, profiles, settings.logs_path) if run_workers else None
+        service = TaskService(store, runner, feed, settings, profiles)
+        humans = Humans(store, feed, settings)
+        humans.view = service.view
+        service.humans = humans
+        callers = CallerResolver(settings.identity)
+        guard = await Guard.open(db, feed, policy_path=settings.policy, enabled=guard_enabled, callers=callers.caller)
+        async with anyio.create_task_group() as tg:
+            if runner is not None:
+                await runner.reconcile()
+                await tg.start(runner.serve)
+            if background:
+                await tg.start(humans.keep_deadlines)
+                await tg.start(guard.serve)
+            try:
+                yield App(settings, db, feed, store, runner, service, guard, callers)
+            finally:
+                tg.cancel_scope.cancel()
+    finally:
+        feed.close()
+        await db.close()
+
+
+def build_mcp(app: App, *, token_auth: bool = False, issuer: str = "http://127.0.0.1") -> MCPServer[Any]:
+    kwargs: dict[str, Any] = {}
+    if token_auth:
+        kwargs["token_verifier"] = TokenIdentities(app.settings.identities)
+        kwargs["auth"] = AuthSettings(issuer_url=issuer, resource_server_url=None)
+    mcp: MCPServer[Any] = MCPServer(
+        "taskwarden",
+        title="taskwarden",
+        instructions=INSTRUCTIONS,
+        version=__version__,
+        log_level=app.settings.log_level,
+        # The guard is the single way in: every tools/call passes it first.
+        middleware=[app.guard.middleware],
+        **kwargs,
+    )
+    register_tools(mcp, app.service, app.callers)
+    register_resources(mcp, app.service)
+    app.guard.set_tools(mcp)
+    return mcp
+
+
+async def serve_stdio(settings: Settings) -> None:
+    async with open_app(settings) as app, _stop_on_signals() as scope:
+        with scope:
+            mcp = build_mcp(app)
+            logger.info("taskwarden %s serving MCP on stdio (db %s)", __version__, settings.db_path)
+            await mcp.run_stdio_async()
+
+
+async def serve_http(settings: Settings, host: str, port: int, *, allow_anonymous: bool, with_inbox: bool = True) -> None:
+    import uvicorn
+
+    loopback = _is_loopback(host)
+    if allow_anonymous and not loopback:
+        raise ConfigError(f"--allow-anonymous is only allowed on a loopback address, not {host}")
+    if not allow_anonymous and not settings.identities:
+        raise ConfigError(
+            "HTTP needs bearer tokens: add [identities.NAME] token_sha256 = \"...\" to the config, "
+            "or listen on 127.0.0.1 with --allow-anonymous"
+        )
+    async with open_app(settings) as app, _stop_on_signals() as scope:
+        with scope:
+            mcp = build_mcp(app, token_auth=not allow_anonymous, issuer=f"http://{host}:{port}")
+            starlette_app = mcp.streamable_http_app(host=host)
+            if with_inbox:
+                from worker_server.inbox.app import mount_inbox
+
+                mount_inbox(starlette_app, app)
+            config = uvicorn.Config(
+                starlette_app, host=host, port=port, log_config=None, access_log=False, lifespan="on"
+            )
+            server = uvicorn.Server(config)
+            logger.info("taskwarden %s serving MCP at http://%s:%d/mcp", __version__, host, port)
+            await server.serve()
+
+
+@asynccontextmanager
+async def _stop_on_signals() -> AsyncIterator[anyio.CancelScope]:
+    """A scope that SIGTERM/SIGINT cancel, so turns are stopped cleanly."""
+    scope = anyio.CancelScope()
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    logger.info("received %s; stopping", signal.Signals(signum).name)
+                    scope.cancel()
+                    return
+
+        tg.start_soon(watch)
+        try:
+            yield scope
+        finally:
+            tg.cancel_scope.cancel()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

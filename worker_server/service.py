@@ -1,0 +1,467 @@
+"""TaskService: what the task tools do, independent of MCP.
+
+The tools, the CLI and the inbox all go through here. Arguments that pass the
+input schema but still make no sense (an unknown worker, a cwd outside the
+allowed roots, an unknown task id) raise ``InvalidArgument`` naming the field.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from guard.changes import ChangeFeed
+from worker_server.config import Settings
+from worker_server.process_group import terminate
+from worker_server.profiles import WorkerProfile
+from worker_server.runner import Runner, owner_alive
+from worker_server.store import MessageRow, Store, TaskNotFound, TaskRow
+from worker_server.task import (
+    CancelResult,
+    Message,
+    Output,
+    Pending,
+    TaskDetail,
+    TaskList,
+    TaskStatus,
+    TaskSummary,
+    TaskView,
+    Turn,
+    WaitResult,
+    iso,
+)
+from worker_server.turn_output import read_log_tail
+
+logger = logging.getLogger(__name__)
+
+HUMAN = "human"
+# wait-task sends a progress notification at least this often.
+PROGRESS_EVERY_S = 4.0
+# Tail lines in results other than get-task.
+DEFAULT_TAIL_LINES = 10
+# How long cancel-task waits for another server process to stop its turn.
+REMOTE_CANCEL_WAIT_S = 15.0
+
+ProgressFn = Callable[[float, float, str], Awaitable[None]]
+
+
+class InvalidArgument(Exception):
+    """An argument that fits the schema but not the situation."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Caller:
+    identity: str
+    session: str
+
+
+class TaskService:
+    def __init__(
+        self,
+        store: Store,
+        runner: Runner | None,
+        feed: ChangeFeed,
+        settings: Settings,
+        profiles: dict[str, WorkerProfile],
+    ) -> None:
+        self.store = store
+        self.runner = runner
+        self.feed = feed
+        self.settings = settings
+        self.profiles = profiles
+        # Human workers plug in here (see worker_server.humans).
+        self.humans = None
+
+    # -- spawn-task --------------------------------------------------------
+
+    async def spawn(
+        self,
+        caller: Caller,
+        *,
+        prompt: str,
+        worker: str | None = None,
+        title: str | None = None,
+        cwd: str | None = None,
+        timeout_s: int | None = None,
+        labels: Sequence[str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> TaskView:
+        if not prompt.strip():
+            raise InvalidArgument("prompt", "must not be empty or only whitespace (1..100000 characters)")
+        worker = worker or self.settings.default_worker
+        labels = list(labels or [])
+        title = (title or _title_from(prompt)).strip() or _title_from(prompt)
+        if worker == HUMAN:
+            if self.humans is None:
+                raise InvalidArgument("worker", "human workers are not configured on this server")
+            timeout = float(timeout_s or self.settings.human_timeout_s)
+            row, _ = await self.store.create_session(
+                kind="human",
+                worker=HUMAN,
+                title=title,
+                prompt=prompt,
+                cwd=None,
+                labels=labels,
+                created_by=caller.identity,
+                idempotency_key=idempotency_key,
+                timeout_s=timeout,
+                deadline=self.store.clock.now() + timeout,
+                owner=None,
+            )
+            return await self.view(row)
+        profile = self.profiles.get(worker)
+        if profile is None:
+            known = ", ".join([*sorted(self.profiles), HUMAN])
+            raise InvalidArgument("worker", f"unknown worker {worker!r}; known workers: {known}")
+        workdir = self._check_cwd(cwd)
+        row, _ = await self.store.create_session(
+            kind="agent",
+            worker=worker,
+            title=title,
+            prompt=prompt,
+            cwd=str(workdir),
+            labels=labels,
+            created_by=caller.identity,
+            idempotency_key=idempotency_key,
+            timeout_s=float(timeout_s or profile.timeout_s),
+            deadline=None,
+            owner=self.runner.owner if self.runner else None,
+        )
+        return await self.view(row)
+
+    def _check_cwd(self, cwd: str | None) -> Path:
+        roots = self.settings.roots
+        shown = ", ".join(self.settings.allowed_roots)
+        if cwd is None:
+            path = Path(os.getcwd()).resolve()
+            if not _inside(path, roots):
+                raise InvalidArgument(
+                    "cwd",
+                    f"not given, and the server's directory {path} is outside the allowed roots ({shown}); "
+                    "pass an absolute cwd inside them",
+                )
+            return path
+        if not os.path.isabs(cwd):
+            raise InvalidArgument("cwd", f"must be an absolute path, got {cwd!r}")
+        path = Path(cwd).resolve()
+        if not _inside(path, roots):
+            raise InvalidArgument("cwd", f"{cwd} is outside the allowed roots ({shown})")
+        if not path.is_dir():
+            raise InvalidArgument("cwd", f"{cwd} is not an existing directory")
+        return path
+
+    # -- wait-task ---------------------------------------------------------
+
+    async def wait(
+        self,
+        task_ids: Sequence[str],
+        *,
+        timeout_s: float = 25,
+        mode: str = "any",
+        progress: ProgressFn | None = None,
+    ) -> WaitResult:
+        ids = list(dict.fromkeys(task_ids))
+        start = time.monotonic()
+        deadline = start + timeout_s
+        while True:
+            since = self.feed.generation
+            rows = await self.store.get_many(ids)
+            if len(rows) != len(ids):
+                missing = sorted(set(ids) - {r.id for r in rows})
+                raise InvalidArgument("task_ids", f"no task {missing[0]!r}")
+            settled = [r for r in rows if r.settled]
+            met = len(settled) == len(rows) if mode == "all" else bool(settled)
+            remaining = deadline - time.monotonic()
+            if met or remaining <= 0:
+                return WaitResult(
+                    tasks=[await self.view(r) for r in rows],
+                    timed_out=not met,
+                    still_waiting=[r.id for r in rows if not r.settled],
+                )
+            step = min(remaining, PROGRESS_EVERY_S) if progress else remaining
+            changed = await self.feed.wait(since, step)
+            if not changed and progress is not None:
+                elapsed = time.monotonic() - start
+                await progress(elapsed, timeout_s, self._latest_activity(rows))
+
+    def _latest_activity(self, rows: list[TaskRow]) -> str:
+        for row in rows:
+            running = self.runner.running(row.id) if self.runner else None
+            line = running.activity if running else row.last_activity
+            if line:
+                return f"{row.id}: {line}"
+        waiting = [r for r in rows if not r.settled]
+        return f"waiting for {len(waiting)} task(s): " + ", ".join(f"{r.id} {r.status.value}" for r in waiting)
+
+    # -- message-task ------------------------------------------------------
+
+    async def message(self, caller: Caller, task_id: str, message: str) -> TaskView:
+        if not message.strip():
+            raise InvalidArgument("message", "must not be empty (1..100000 characters)")
+        task = await self._get(task_id)
+        if task.kind == "human":
+            if self.humans is None:
+                raise InvalidArgument("task_id", "human workers are not configured on this server")
+            return await self.humans.agent_message(caller, task, message)
+        if task.worker not in self.profiles:
+            raise InvalidArgument("task_id", f"its worker {task.worker!r} is no longer configured")
+        row = await self.store.add_turn(
+            task.session_id,
+            prompt=message,
+            created_by=caller.identity,
+            owner=self.runner.owner if self.runner else None,
+        )
+        return await self.view(row)
+
+    # -- cancel-task -------------------------------------------------------
+
+    async def cancel(self, task_ids: Sequence[str], reason: str | None = None) -> CancelResult:
+        ids = list(dict.fromkeys(task_ids))
+        reason = (reason or "").strip() or "cancelled by the agent"
+        rows = {r.id: r for r in await self.store.get_many(ids)}
+        result = CancelResult(cancelled=[], already_terminal=[], not_found=[])
+        outcomes: dict[str, str] = {}
+
+        async def one(row: TaskRow) -> None:
+            outcomes[row.id] = await self._cancel_one(row, reason)
+
+        async with anyio.create_task_group() as tg:
+            for task_id in ids:
+                row = rows.get(task_id)
+                if row is None:
+                    outcomes[task_id] = "not_found"
+                else:
+                    tg.start_soon(one, row)
+        for task_id in ids:
+            getattr(result, outcomes[task_id]).append(task_id)
+        return result
+
+    async def _cancel_one(self, row: TaskRow, reason: str) -> str:
+        if row.terminal:
+            return "already_terminal"
+        message = f"cancelled: {reason}"
+        if row.kind == "human":
+            if await self.store.finish(row.id, TaskStatus.CANCELLED, message=message):
+                if self.humans is not None:
+                    await self.humans.note_cancelled(row, reason)
+                return "cancelled"
+            return "already_terminal"
+        if row.status == TaskStatus.QUEUED:
+            if await self.store.finish(row.id, TaskStatus.CANCELLED, message=message, only_from=[TaskStatus.QUEUED]):
+                return "cancelled"
+            row = await self.store.get(row.id)  # it started meanwhile
+            if row.terminal:
+                return "already_terminal"
+        if self.runner is not None and await self.runner.cancel(row.id, reason):
+            return "cancelled" if (await self.store.get(row.id)).status == TaskStatus.CANCELLED else "already_terminal"
+        if owner_alive(row.owner_pid, row.owner_started):
+            # Another server process runs it: ask, then wait for it to stop.
+            await self.store.request_cancel(row.id, reason)
+            with anyio.move_on_after(REMOTE_CANCEL_WAIT_S):
+                final = await self.wait([row.id], timeout_s=REMOTE_CANCEL_WAIT_S, mode="all")
+                status = final.tasks[0].status
+                return "cancelled" if status == TaskStatus.CANCELLED else "already_terminal"
+            raise InvalidArgument("task_id", f"{row.id}: the server running it did not stop it in time")
+        # Its server is gone and nobody reconciled it yet.
+        await terminate(row.id, row.pid)
+        await self.store.finish(row.id, TaskStatus.CANCELLED, message=message)
+        return "cancelled"
+
+    # -- list-tasks / get-task ---------------------------------------------
+
+    async def list(
+        self,
+        *,
+        status: str | None = None,
+        worker: str | None = None,
+        label: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> TaskList:
+        before = _decode_cursor(cursor) if cursor else None
+        rows, more = await self.store.list(status=status, worker=worker, label=label, limit=limit, before_seq=before)
+        next_cursor = _encode_cursor(rows[-1].seq) if more and rows else None
+        return TaskList(tasks=[self.summary(r) for r in rows], next_cursor=next_cursor)
+
+    async def get(self, task_id: str, tail_lines: int = 20) -> TaskDetail:
+        row = await self._get(task_id)
+        view = await self.view(row, tail_lines=tail_lines)
+        turns = [
+            Turn(
+                task_id=t.id,
+                turn=t.turn,
+                status=t.status,
+                status_message=t.status_message,
+                prompt=_clip(t.prompt, 500),
+                created_at=iso(t.created_at) or "",
+                final=_clip(t.final, 500) if t.final is not None else None,
+            )
+            for t in await self.store.session_turns(row.session_id)
+        ]
+        thread = await self.thread(row) if row.kind == "human" else None
+        return TaskDetail(**view.model_dump(), turns=turns, thread=thread)
+
+    async def thread(self, row: TaskRow) -> list[Message]:
+        if self.humans is None:
+            return []
+        return [message_view(m) for m in await self.humans.messages(row.id)]
+
+    async def _get(self, task_id: str) -> TaskRow:
+        try:
+            return await self.store.get(task_id)
+        except TaskNotFound:
+            raise InvalidArgument("task_id", f"no task {task_id!r}") from None
+
+    async def log_text(self, task_id: str) -> str:
+        row = await self._get(task_id)
+        if not row.log_path:
+            return ""
+        text, _ = read_log_tail(Path(row.log_path), max_bytes=1 << 62)
+        return text
+
+    # -- rendering ---------------------------------------------------------
+
+    def summary(self, row: TaskRow) -> TaskSummary:
+        return TaskSummary(
+            task_id=row.id,
+            session_id=row.session_id,
+            turn=row.turn,
+            worker=row.worker,
+            kind=row.kind,  # type: ignore[arg-type]
+            title=row.title,
+            status=row.status,
+            status_message=row.status_message,
+            created_at=iso(row.created_at) or "",
+            updated_at=iso(row.updated_at) or "",
+            pending=Pending(**row.pending) if row.pending else None,
+            exit_code=row.exit_code,
+            labels=row.labels,
+        )
+
+    async def view(self, row: TaskRow, tail_lines: int = DEFAULT_TAIL_LINES) -> TaskView:
+        budget = self.settings.max_result_bytes
+        final, final_cut = _cap(row.final, budget, keep="head")
+        running = self.runner.running(row.id) if self.runner else None
+        tail_source = running.tail.text() if running else row.tail
+        tail_text = _last_lines(tail_source, tail_lines)
+        tail, tail_cut = _cap(tail_text, budget // 2, keep="tail")
+        summary = self.summary(row)
+        return TaskView(
+            **summary.model_dump(),
+            output=Output(
+                final=final, tail=tail or None, truncated=final_cut or tail_cut, log_uri=f"task://{row.id}/log"
+            ),
+            cwd=row.cwd,
+            deadline=iso(row.deadline),
+            poll_interval_s=self.settings.poll_interval_s,
+            next_action=next_action(row),
+        )
+
+
+def message_view(m: MessageRow) -> Message:
+    return Message(
+        message_id=m.id,
+        task_id=m.task_id,
+        author=m.author,  # type: ignore[arg-type]
+        author_name=m.author_name,
+        kind=m.kind,  # type: ignore[arg-type]
+        body=m.body,
+        created_at=iso(m.created_at) or "",
+        read_at=iso(m.read_at),
+    )
+
+
+def next_action(row: TaskRow) -> str:
+    """One sentence telling the agent what to call next."""
+    human = row.kind == "human"
+    match row.status:
+        case TaskStatus.QUEUED if human:
+            return "Call wait-task with this task_id; no person has claimed the task yet."
+        case TaskStatus.QUEUED:
+            return f"Call wait-task with this task_id; it is waiting for a free {row.worker} worker slot."
+        case TaskStatus.WORKING if human:
+            return "Call wait-task with this task_id; a person is working on it and may ask a question."
+        case TaskStatus.WORKING:
+            return "Call wait-task with this task_id to block until it finishes, or get-task to see its progress."
+        case TaskStatus.INPUT_REQUIRED if (row.pending or {}).get("kind") == "review":
+            return (
+                "Read the hand-in in pending.text, then call review-task with decision accept, or "
+                "request_changes with feedback."
+            )
+        case TaskStatus.INPUT_REQUIRED:
+            return "Answer the question in pending.text with send-task-message, then call wait-task again."
+        case TaskStatus.COMPLETED if human:
+            return "Use output.final: the person's accepted result. Nothing more is needed."
+        case TaskStatus.COMPLETED:
+            return "Use output.final; to continue this session, call message-task with this task_id."
+        case TaskStatus.FAILED if human:
+            return "The task ended without a result (see status_message); post a new one with spawn-task if needed."
+        case TaskStatus.FAILED:
+            return (
+                "See status_message and the log at output.log_uri; call message-task with this task_id "
+                "to retry or resume the session."
+            )
+        case _:
+            return "The task was cancelled; call message-task with this task_id to start another turn if needed."
+
+
+def _inside(path: Path, roots: Sequence[Path]) -> bool:
+    return any(path == root or root in path.parents for root in roots)
+
+
+def _title_from(prompt: str) -> str:
+    first = next((line.strip() for line in prompt.splitlines() if line.strip()), "task")
+    return _clip(first, 80)
+
+
+def _clip(text: str | None, limit: int) -> str:
+    if text is None:
+        return ""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _last_lines(text: str | None, n: int) -> str:
+    if not text or n <= 0:
+        return ""
+    return "\n".join(text.splitlines()[-n:])
+
+
+def _cap(text: str | None, max_bytes: int, keep: str) -> tuple[str | None, bool]:
+    """Cut ``text`` to ``max_bytes`` of UTF-8, keeping its head or its tail."""
+    if text is None:
+        return None, False
+    data = text.encode()
+    if len(data) <= max_bytes:
+        return text, False
+    marker = "\n…[truncated; the whole output is at log_uri]…\n"
+    room = max(0, max_bytes - len(marker.encode()))
+    if keep == "head":
+        return data[:room].decode("utf-8", errors="ignore") + marker, True
+    return marker + data[len(data) - room :].decode("utf-8", errors="ignore"), True
+
+
+def _encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        kind, _, value = raw.partition(":")
+        if kind != "seq":
+            raise ValueError
+        return int(value)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument("cursor", "not a cursor returned by list-tasks") from None

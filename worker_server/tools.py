@@ -1,0 +1,254 @@
+"""The MCP tools: typed functions whose signatures are the input schemas.
+
+Every tool returns a pydantic model (its output schema). An argument that
+fits the schema but not the situation comes back as an ``isError`` result
+with ``{error: "invalid_arguments", tool, field, reason}``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal, ParamSpec, TypeVar
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp_types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import Field
+
+from worker_server.identity import CallerResolver
+from worker_server.service import InvalidArgument, TaskService
+from worker_server.task import CancelResult, Message, MessageList, TaskDetail, TaskList, TaskStatus, TaskView, WaitResult
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+TaskId = Annotated[str, Field(min_length=1, max_length=64, description="A task id, e.g. tsk_k3v9q0m2x7ab")]
+Label = Annotated[str, Field(min_length=1, max_length=64)]
+
+WRITE = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=True)
+READ = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
+DESTRUCTIVE = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=True)
+
+
+def invalid(tool: str, exc: InvalidArgument) -> CallToolResult:
+    payload = {"error": "invalid_arguments", "tool": tool, "rule": None, "reason": f"{exc.field}: {exc.message}", "field": exc.field}
+    text = f"invalid_arguments: {exc.field}: {exc.message}"
+    return CallToolResult(
+        content=[TextContent(type="text", text=text + "\n" + json.dumps(payload))],
+        structured_content=payload,
+        is_error=True,
+    )
+
+
+def _reports_invalid(tool: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+    def decorate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        @functools.wraps(fn)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return await fn(*args, **kwargs)
+            except InvalidArgument as exc:
+                return invalid(tool, exc)  # type: ignore[return-value]
+
+        return wrapper
+
+    return decorate
+
+
+def register_tools(mcp: MCPServer[Any], service: TaskService, callers: CallerResolver) -> None:
+    def caller(ctx: Context) -> Any:
+        return callers.caller(ctx.request_context)
+
+    @mcp.tool(name="spawn-task", title="Start a background task", annotations=WRITE)
+    @_reports_invalid("spawn-task")
+    async def spawn_task(
+        prompt: Annotated[str, Field(min_length=1, max_length=100_000, description="What the worker should do")],
+        ctx: Context,
+        worker: Annotated[
+            str | None,
+            Field(
+                min_length=1,
+                max_length=64,
+                description="Worker profile (codex, claude, shell, or one from the config), or 'human' to post "
+                "the task to a person's inbox. Default: the configured default_worker.",
+            ),
+        ] = None,
+        title: Annotated[str | None, Field(min_length=1, max_length=200, description="Short title")] = None,
+        cwd: Annotated[
+            str | None,
+            Field(min_length=1, max_length=4096, description="Absolute working directory inside an allowed root"),
+        ] = None,
+        timeout_s: Annotated[
+            int | None, Field(ge=1, le=86_400, description="Seconds before the task fails as timed_out/expired")
+        ] = None,
+        labels: Annotated[list[Label] | None, Field(max_length=16, description="Up to 16 labels")] = None,
+        idempotency_key: Annotated[
+            str | None,
+            Field(min_length=1, max_length=200, description="Repeat a spawn safely: the same key returns the same task"),
+        ] = None,
+    ) -> TaskView:
+        """Start work in the background: an agent CLI turn (Codex, Claude Code, a shell script) or a task
+        for a person. Returns at once with the task (status queued or working). Then call wait-task with
+        its task_id to be told when it finishes or needs you; message-task continues the same session."""
+        return await service.spawn(
+            caller(ctx),
+            prompt=prompt,
+            worker=worker,
+            title=title,
+            cwd=cwd,
+            timeout_s=timeout_s,
+            labels=labels,
+            idempotency_key=idempotency_key,
+        )
+
+    @mcp.tool(name="wait-task", title="Wait for tasks", annotations=READ)
+    @_reports_invalid("wait-task")
+    async def wait_task(
+        task_ids: Annotated[
+            TaskId | Annotated[list[TaskId], Field(min_length=1, max_length=50)],
+            Field(description="One task id, or a list of 1..50"),
+        ],
+        ctx: Context,
+        timeout_s: Annotated[
+            float, Field(ge=0, le=50, description="Seconds to wait at most (0 checks without waiting)")
+        ] = 25,
+        mode: Annotated[
+            Literal["any", "all"], Field(description="Return when any task settles, or only when all have")
+        ] = "any",
+    ) -> WaitResult:
+        """Block until tasks finish or need you (status completed, failed, cancelled or input_required),
+        up to timeout_s (max 50). Returns every task's state, timed_out, and the ids still running.
+        Sends progress notifications with the latest activity while it waits."""
+        ids = [task_ids] if isinstance(task_ids, str) else task_ids
+        progress = None
+        if ctx.request_context.meta is not None and ctx.request_context.meta.get("progressToken") is not None:
+
+            async def progress(elapsed: float, total: float, line: str) -> None:
+                await ctx.report_progress(round(elapsed, 1), total, line)
+
+        return await service.wait(ids, timeout_s=timeout_s, mode=mode, progress=progress)
+
+    @mcp.tool(name="message-task", title="Send the next turn", annotations=WRITE)
+    @_reports_invalid("message-task")
+    async def message_task(
+        task_id: TaskId,
+        message: Annotated[str, Field(min_length=1, max_length=100_000, description="The next prompt or reply")],
+        ctx: Context,
+    ) -> TaskView:
+        """Continue a task's session. Agent task: starts the next turn on the same worker session (queued
+        behind a running turn) and returns the new task. Human task: posts the message to its thread."""
+        return await service.message(caller(ctx), task_id, message)
+
+    @mcp.tool(name="cancel-task", title="Cancel tasks", annotations=DESTRUCTIVE)
+    @_reports_invalid("cancel-task")
+    async def cancel_task(
+        task_id: Annotated[
+            TaskId | Annotated[list[TaskId], Field(min_length=1, max_length=100)],
+            Field(description="One task id, or a list of 1..100"),
+        ],
+        reason: Annotated[str | None, Field(max_length=2000, description="Why; shown to the worker/person")] = None,
+    ) -> CancelResult:
+        """Cancel tasks: stops their worker processes (SIGTERM, then SIGKILL after 5 s) or withdraws them
+        from people. Returns which were cancelled, already finished, or not found. Needs human approval
+        under the default policy."""
+        ids = [task_id] if isinstance(task_id, str) else task_id
+        return await service.cancel(ids, reason)
+
+    @mcp.tool(name="list-tasks", title="List tasks", annotations=READ)
+    @_reports_invalid("list-tasks")
+    async def list_tasks(
+        status: Annotated[TaskStatus | None, Field(description="Only tasks in this status")] = None,
+        worker: Annotated[str | None, Field(min_length=1, max_length=64, description="Only this worker")] = None,
+        label: Annotated[Label | None, Field(description="Only tasks with this label")] = None,
+        limit: Annotated[int, Field(ge=1, le=200, description="Page size")] = 50,
+        cursor: Annotated[str | None, Field(max_length=200, description="next_cursor from the previous page")] = None,
+    ) -> TaskList:
+        """List tasks, newest first, with optional filters. Page with next_cursor."""
+        return await service.list(
+            status=status.value if status else None, worker=worker, label=label, limit=limit, cursor=cursor
+        )
+
+    @mcp.tool(name="get-task", title="Get a task", annotations=READ)
+    @_reports_invalid("get-task")
+    async def get_task(
+        task_id: TaskId,
+        tail_lines: Annotated[int, Field(ge=0, le=500, description="Lines of recent activity to include")] = 20,
+    ) -> TaskDetail:
+        """One task in full: status, output (capped; the whole log is the resource at output.log_uri),
+        its session's turns and, for human tasks, the message thread."""
+        return await service.get(task_id, tail_lines=tail_lines)
+
+    @mcp.tool(name="send-task-message", title="Message a person about a task", annotations=WRITE)
+    @_reports_invalid("send-task-message")
+    async def send_task_message(
+        task_id: TaskId,
+        body: Annotated[
+            str, Field(min_length=1, max_length=20_000, description="Markdown or HTML; sanitised before display")
+        ],
+        ctx: Context,
+    ) -> Message:
+        """Post a message to a human task's thread, e.g. to answer the person's question
+        (pending.kind = question). Then call wait-task again."""
+        humans = _humans(service)
+        return await humans.send(caller(ctx), task_id, body)
+
+    @mcp.tool(name="list-task-messages", title="Read a task's messages", annotations=READ)
+    @_reports_invalid("list-task-messages")
+    async def list_task_messages(
+        task_id: TaskId,
+        since: Annotated[
+            str | None, Field(max_length=64, description="Only messages after this message id")
+        ] = None,
+    ) -> MessageList:
+        """The message thread of a human task, oldest first. What people wrote is marked author=human.
+        Marks the person's messages as read."""
+        humans = _humans(service)
+        return await humans.list(task_id, since)
+
+    @mcp.tool(name="review-task", title="Review a person's hand-in", annotations=WRITE)
+    @_reports_invalid("review-task")
+    async def review_task(
+        task_id: TaskId,
+        decision: Annotated[
+            Literal["accept", "request_changes"],
+            Field(description="accept completes the task; request_changes sends it back"),
+        ],
+        ctx: Context,
+        feedback: Annotated[
+            str | None,
+            Field(max_length=20_000, description="Required for request_changes: what to change"),
+        ] = None,
+    ) -> TaskView:
+        """Accept a human task's hand-in (it becomes completed with the result as output.final) or request
+        changes with feedback (it goes back to the person, status working)."""
+        humans = _humans(service)
+        return await humans.review(caller(ctx), task_id, decision, feedback)
+
+
+def _humans(service: TaskService) -> Any:
+    if service.humans is None:
+        raise InvalidArgument("task_id", "human workers are not configured on this server")
+    return service.humans
+
+
+def register_resources(mcp: MCPServer[Any], service: TaskService) -> None:
+    @mcp.resource("task://{task_id}", name="task", mime_type="application/json")
+    async def task_resource(task_id: str) -> str:
+        """A task in full, as get-task returns it."""
+        try:
+            detail = await service.get(task_id)
+        except InvalidArgument as exc:
+            from mcp.server.mcpserver.exceptions import ResourceNotFoundError
+
+            raise ResourceNotFoundError(str(exc)) from None
+        return detail.model_dump_json(indent=2)
+
+    @mcp.resource("task://{task_id}/log", name="task-log", mime_type="text/plain")
+    async def task_log(task_id: str) -> str:
+        """Everything the task's worker printed (stdout and stderr), uncapped."""
+        try:
+            return await service.log_text(task_id)
+        except InvalidArgument as exc:
+            from mcp.server.mcpserver.exceptions import ResourceNotFoundError
+
+            raise ResourceNotFoundError(str(exc)) from None

@@ -1,0 +1,107 @@
+"""Where a turn's output goes: the whole of it to a log file, a bounded tail in memory.
+
+Memory stays flat however much a worker prints: bytes go straight to the log
+file, lines longer than ``MAX_LINE`` are cut before they are parsed, and the
+tail keeps a fixed number of lines.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+import anyio
+from anyio.abc import ByteReceiveStream
+
+# Longer lines are cut before parsing (the log keeps them whole).
+MAX_LINE = 1024 * 1024
+READ_SIZE = 64 * 1024
+TAIL_LINES = 500
+TAIL_LINE_CHARS = 2000
+
+
+class Tail:
+    """The last lines of a turn's activity, bounded in lines and characters."""
+
+    def __init__(self, max_lines: int = TAIL_LINES) -> None:
+        self._lines: deque[str] = deque(maxlen=max_lines)
+
+    def add(self, line: str) -> None:
+        if len(line) > TAIL_LINE_CHARS:
+            line = line[: TAIL_LINE_CHARS - 1] + "…"
+        self._lines.append(line)
+
+    def text(self, last: int | None = None) -> str:
+        lines = list(self._lines)
+        if last is not None:
+            lines = lines[-last:] if last > 0 else []
+        return "\n".join(lines)
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+
+class LogFile:
+    """Append-only log of everything a turn printed."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file: BinaryIO = path.open("ab", buffering=256 * 1024)
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+
+    def note(self, text: str) -> None:
+        """A line from taskwarden itself, set apart from the worker's output."""
+        self._file.write(f"\n[taskwarden] {text}\n".encode())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+async def pump_lines(stream: ByteReceiveStream, log: LogFile, on_line: Callable[[str], None]) -> None:
+    """Copy ``stream`` into ``log`` and hand each line (cut to MAX_LINE) to ``on_line``."""
+    pending = bytearray()
+    overlong = False  # inside a line already cut and reported
+    while True:
+        try:
+            chunk = await stream.receive(READ_SIZE)
+        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            break
+        log.write(chunk)
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            if end < 0:
+                break
+            if overlong:
+                overlong = False
+            else:
+                pending += chunk[start:end]
+                on_line(pending.decode("utf-8", errors="replace"))
+            pending.clear()
+            start = end + 1
+        if not overlong:
+            pending += chunk[start:]
+            if len(pending) > MAX_LINE:
+                on_line(pending[:MAX_LINE].decode("utf-8", errors="replace") + "…")
+                pending.clear()
+                overlong = True
+    if pending and not overlong:
+        on_line(pending.decode("utf-8", errors="replace"))
+
+
+def read_log_tail(path: Path, max_bytes: int) -> tuple[str, bool]:
+    """The last ``max_bytes`` of a log file; True if that is not all of it."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except FileNotFoundError:
+        return "", False
+    return data.decode("utf-8", errors="replace"), size > max_bytes

@@ -210,12 +210,12 @@ class Runner:
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                 )
-            except FileNotFoundError as exc:
-                missing = exc.filename if exc.filename and not Path(cwd).samefile(exc.filename) else argv[0]
+            except FileNotFoundError:
+                # Either the binary or the working directory is missing.
                 if not Path(cwd).is_dir():
                     message = f"cwd {cwd!r} does not exist"
                 else:
-                    message = f"worker binary not found: {missing!r} (is it installed and on PATH?)"
+                    message = f"worker binary not found: {argv[0]!r} (is it installed and on PATH?)"
                 log.note(message)
                 await self.store.finish(task.id, TaskStatus.FAILED, message=message)
                 return

@@ -121,7 +121,8 @@ def register_tools(mcp: MCPServer[Any], service: TaskService, callers: CallerRes
         Sends progress notifications with the latest activity while it waits."""
         ids = [task_ids] if isinstance(task_ids, str) else task_ids
         progress = None
-        if ctx.request_context.meta is not None and ctx.request_context.meta.get("progressToken") is not None:
+        meta = ctx.request_context.meta or {}
+        if meta.get("progress_token") is not None or meta.get("progressToken") is not None:
 
             async def progress(elapsed: float, total: float, line: str) -> None:
                 await ctx.report_progress(round(elapsed, 1), total, line)

@@ -1,0 +1,227 @@
+"""Running real taskwarden servers for tests: config files, stdio and HTTP clients.
+
+Every test talks to a real server process through the SDK's ``Client``, with
+the fake agent from ``fixtures/`` as its worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psutil
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters
+from mcp_types import CallToolResult
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+FAKE_AGENT = FIXTURES / "fake_agent.py"
+ALLOW_ALL = FIXTURES / "policies" / "allow-all.yaml"
+
+
+@dataclass
+class Workspace:
+    """A directory with a config file, a database and a work root."""
+
+    root: Path
+    max_concurrent: int = 4
+    policy: Path | None = ALLOW_ALL
+    extra: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.work = self.root / "work"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.write_config()
+
+    @property
+    def config(self) -> Path:
+        return self.root / "taskwarden.toml"
+
+    @property
+    def db(self) -> Path:
+        return self.root / "taskwarden.db"
+
+    def write_config(self) -> None:
+        py = json.dumps(sys.executable)
+        agent = json.dumps(str(FAKE_AGENT))
+        policy = f"policy = {json.dumps(str(self.policy))}\n" if self.policy else ""
+        self.config.write_text(
+            textwrap.dedent(
+                f"""\
+                default_worker = "fake"
+                allowed_roots = [{json.dumps(str(self.root))}]
+                db = {json.dumps(str(self.db))}
+                identity = "tester"
+                {policy}
+                [workers.fake]
+                command = [{py}, {agent}, "exec", "--json", "-C", "{{cwd}}", "-"]
+                resume = [{py}, {agent}, "exec", "--json", "-C", "{{cwd}}", "resume", "{{session}}", "-"]
+                events = "codex-jsonl"
+                max_concurrent = {self.max_concurrent}
+                timeout_s = 600
+
+                [workers.missing]
+                command = ["no-such-agent-binary-xyz", "--json"]
+                events = "codex-jsonl"
+                """
+            )
+            + self.extra
+        )
+
+    def server_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TASKWARDEN_")}
+        env["FAKE_AGENT_STATE"] = str(self.root / "agent-state")
+        env.update(self.env)
+        return env
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run the ``taskwarden`` command line against this workspace."""
+        proc = subprocess.run(
+            [sys.executable, "-m", "worker_server", *args, *self._config_args(args)],
+            capture_output=True,
+            text=True,
+            env=self.server_env(),
+            cwd=self.work,
+            timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"taskwarden {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+        return proc
+
+    def _config_args(self, args: tuple[str, ...]) -> list[str]:
+        if args and args[0] == "policy":
+            return []
+        return ["--config", str(self.config)]
+
+
+def stdio_params(ws: Workspace, *extra: str) -> StdioServerParameters:
+    return StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "worker_server", "serve", "--config", str(ws.config), *extra],
+        env=ws.server_env(),
+        cwd=str(ws.work),
+    )
+
+
+@asynccontextmanager
+async def stdio_client(ws: Workspace, *extra: str, **client_kwargs: Any) -> AsyncIterator[Client]:
+    async with Client(stdio_params(ws, *extra), **client_kwargs) as client:
+        yield client
+
+
+def server_process(ws: Workspace) -> psutil.Process:
+    """The running ``taskwarden serve`` process for this workspace (a child of the test)."""
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmd = proc.cmdline()
+        except psutil.Error:
+            continue
+        if "serve" in cmd and str(ws.config) in cmd:
+            return proc
+    raise AssertionError("no server process found")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@asynccontextmanager
+async def http_server(ws: Workspace, *extra: str) -> AsyncIterator[str]:
+    """Start ``taskwarden serve --http`` and yield its base URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker_server", "serve", "--config", str(ws.config),
+         "--http", f"127.0.0.1:{port}", *extra],
+        env=ws.server_env(),
+        cwd=ws.work,
+        stdout=subprocess.DEVNULL,
+        stderr=open(ws.root / f"http-{port}.log", "w"),  # noqa: SIM115 - closed with the process
+    )
+    try:
+        await wait_for_port(port, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def wait_for_port(port: int, proc: subprocess.Popen[Any] | None = None, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            await anyio.sleep(0.05)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+async def call(client: Client, tool: str, args: dict[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Call a tool that must succeed; returns its structured content."""
+    result = await client.call_tool(tool, args or {}, **kwargs)
+    assert not result.is_error, f"{tool} failed: {_text(result)}"
+    assert result.structured_content is not None
+    return result.structured_content
+
+
+async def call_error(client: Client, tool: str, args: dict[str, Any] | None = None) -> CallToolResult:
+    """Call a tool that must answer with isError; returns the result."""
+    result = await client.call_tool(tool, args or {})
+    assert result.is_error, f"{tool} unexpectedly succeeded: {result.structured_content}"
+    return result
+
+
+def _text(result: CallToolResult) -> str:
+    return "\n".join(getattr(c, "text", "") for c in result.content)
+
+
+def text_of(result: CallToolResult) -> str:
+    return _text(result)
+
+
+async def spawn_and_wait(client: Client, prompt: str, timeout_s: float = 30, **args: Any) -> dict[str, Any]:
+    task = await call(client, "spawn-task", {"prompt": prompt, **args})
+    done = await call(client, "wait-task", {"task_ids": task["task_id"], "timeout_s": timeout_s})
+    assert not done["timed_out"], done
+    return done["tasks"][0]
+
+
+async def wait_until(predicate: Any, timeout: float = 20, interval: float = 0.05) -> Any:
+    """Poll a condition in the *test* (never in the server) until it holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await anyio.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

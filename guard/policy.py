@@ -7,12 +7,13 @@ A policy is a default, a mode, a list of hidden tools and, per tool name (or
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 Scope = Literal["session", "identity", "global"]
 Action = Literal["allow", "deny", "require_approval"]
+Dialect = Literal["taskwarden", "intercept", "policylayer-json"]
 Op = Literal[
     "eq",
     "neq",
@@ -39,7 +40,10 @@ class _Frozen(BaseModel):
 class RateLimit(_Frozen):
     """At most ``max`` units in any ``window_s`` seconds, counted per ``scope``."""
 
-    max: int = Field(ge=0)
+    # ``None``: the counter only counts and is never full. Intercept's ``state``
+    # blocks without a limit condition are such counters: other rules read
+    # them through ``state.<counter>`` conditions.
+    max: Annotated[int, Field(ge=0)] | None
     window_s: float = Field(gt=0)
     scope: Scope = "session"
     # Units one call takes (the Intercept dialect's ``increment``).
@@ -50,6 +54,16 @@ class RateLimit(_Frozen):
     # Counters with the same name are shared across rules and tools; unnamed
     # counters belong to their rule.
     counter: str | None = None
+    # What a caller is told when the limit is full; ``None``: generated from
+    # the numbers ("30 calls per 60 s per session"). Intercept's ``on_deny``.
+    reason: str | None = None
+
+
+class Counter(_Frozen):
+    """A named counter, readable by conditions as ``state.<name>``."""
+
+    window_s: float = Field(gt=0)
+    scope: Scope
 
 
 class Condition(_Frozen):
@@ -83,9 +97,22 @@ class Rule(_Frozen):
 
 class Policy(_Frozen):
     version: str = "1"
-    dialect: Literal["taskwarden", "intercept", "policylayer-json"] = "taskwarden"
+    dialect: Dialect = "taskwarden"
     default: Literal["allow", "deny"] = "allow"
     mode: Literal["enforce", "shadow"] = "enforce"
     hide: tuple[str, ...] = ()
     tools: dict[str, tuple[Rule, ...]] = Field(default_factory=dict)
+    # Named counters (from rate limits and Intercept ``state`` blocks) that
+    # ``state.<name>`` conditions may read.
+    counters: dict[str, Counter] = Field(default_factory=dict)
+    # False (taskwarden): an applicable allow or require_approval rule permits
+    # a call; with none, the default decides (a tool listed with no rules at
+    # all is permitted). True (Intercept, PolicyLayer JSON): naming a tool
+    # under ``tools`` permits it, its rules only deny or limit, and with
+    # ``default: deny`` an unlisted tool is refused before any ``*`` rule.
+    listing_permits: bool = False
     source: str | None = None  # the file it came from, for messages
+
+    @property
+    def rule_count(self) -> int:
+        return sum(len(rules) for rules in self.tools.values())

@@ -1,0 +1,204 @@
+"""``taskwarden policy check|explain|test``: the functions behind the verbs.
+
+Each writes its report to ``out`` (default ``sys.stdout``) and returns the
+exit code: 0 success; 1 an invalid policy or a failing test; 2 bad input to
+the command itself (arguments that are not JSON, a malformed cases file).
+
+A cases file (``policy test``), in the spirit of ``opa test``::
+
+    cases:                       # or a bare list of cases
+      - name: spawning is rate limited
+        tool: spawn-task
+        args: {prompt: "hi"}     # optional, default {}
+        identity: alice          # optional
+        expect: allow            # allow | deny | require_approval | hidden
+        rule: spawn-task#1       # optional: the deciding rule id
+        counters: {c: 3}         # optional: values state.<counter> reads (default 0)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from guard.decision import Verdict, decide, fresh_counters
+from guard.dialects import PolicyError, load_policy, parse_document
+from guard.dialects.source import Node
+from guard.policy import Policy, Scope
+
+EXPECTATIONS = ("allow", "deny", "require_approval", "hidden")
+CASE_KEYS = ("name", "tool", "args", "identity", "expect", "rule", "counters")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _print(out: TextIO | None, text: str = "") -> None:
+    print(text, file=out if out is not None else sys.stdout)
+
+
+def _load(path: str | Path, out: TextIO | None) -> Policy | None:
+    try:
+        return load_policy(path)
+    except PolicyError as exc:
+        _print(out, f"error: {exc}")
+        return None
+
+
+def check(path: str | Path, out: TextIO | None = None) -> int:
+    """Validate a policy file: ``OK: <file> (<dialect>, N rules, default D, mode M)``."""
+    policy = _load(path, out)
+    if policy is None:
+        return EXIT_FAILED
+    rules = policy.rule_count
+    _print(
+        out,
+        f"OK: {path} ({policy.dialect}, {rules} rule{'s' if rules != 1 else ''}, "
+        f"default {policy.default}, mode {policy.mode})",
+    )
+    return EXIT_OK
+
+
+def explain(
+    path: str | Path,
+    tool: str,
+    args_json: str,
+    identity: str | None = None,
+    out: TextIO | None = None,
+) -> int:
+    """Print the decision on one call, the rate limits it would reserve, and why."""
+    try:
+        args = json.loads(args_json)
+    except json.JSONDecodeError as exc:
+        _print(out, f"error: --args is not valid JSON: {exc}")
+        return EXIT_USAGE
+    if not isinstance(args, dict):
+        _print(out, f"error: --args must be a JSON object, got {type(args).__name__}")
+        return EXIT_USAGE
+    policy = _load(path, out)
+    if policy is None:
+        return EXIT_FAILED
+    verdict = decide(policy, tool, args, identity, fresh_counters)
+    _print(out, f"decision: {verdict.outcome}")
+    _print(out, f"rule: {verdict.rule_id or '(none: the tool is listed)'}")
+    _print(out, f"reason: {verdict.reason}")
+    if verdict.shadow:
+        _print(out, "mode: shadow (the call would be let through and this verdict logged)")
+    if verdict.approval is not None:
+        _print(
+            out,
+            f"approval: a human must approve; the call waits {verdict.approval.wait_s:g} s, "
+            f"an approval expires after {verdict.approval.expires_s:g} s",
+        )
+    if verdict.limits:
+        _print(out, "rate limits reserved:")
+        for limit in verdict.limits:
+            _print(
+                out,
+                f"  {limit.rule_id}: {limit.reason} "
+                f"(counter {limit.counter}, this call takes {limit.cost})",
+            )
+    elif verdict.action != "deny":
+        _print(out, "rate limits reserved: none")
+    _print(out, "trace:")
+    for line in verdict.trace:
+        _print(out, f"  {line}")
+    return EXIT_OK
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    tool: str
+    expect: str
+    args: dict[str, Any] = field(default_factory=dict)
+    identity: str | None = None
+    rule: str | None = None
+    counters: dict[str, int | float] = field(default_factory=dict)
+
+
+def read_cases(path: str | Path) -> list[Case]:
+    """The cases in a cases file; a malformed one raises ``PolicyError`` with its line."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeError) as exc:
+        raise PolicyError(f"cannot read the file: {exc}", source=source) from exc
+    root = parse_document(text, source)
+    items_node = root
+    if root.is_mapping:
+        items_node = root.mapping(("cases",), required=("cases",))["cases"]
+    items = items_node.sequence(allow_null=False) if root.value is not None else []
+    if not items:
+        raise root.error("no cases: expected a list of cases (or 'cases:' with one)")
+    cases: list[Case] = []
+    names: set[str] = set()
+    for item in items:
+        cases.append(_read_case(item, names))
+    return cases
+
+
+def _read_case(node: Node, names: set[str]) -> Case:
+    entries = node.mapping(CASE_KEYS, required=("name", "tool", "expect"))
+    name = entries["name"].string()
+    if name in names:
+        raise entries["name"].error(f"duplicate case name {name!r}")
+    names.add(name)
+    args: dict[str, Any] = {}
+    if "args" in entries:
+        entries["args"].mapping(what="a mapping of arguments")
+        args = entries["args"].plain()
+    counters: dict[str, int | float] = {}
+    if "counters" in entries:
+        values = entries["counters"].mapping(what="a mapping of counter values")
+        for counter, value in values.items():
+            counters[counter] = value.number(minimum=0)
+    return Case(
+        name=name,
+        tool=entries["tool"].string(),
+        expect=entries["expect"].choice(EXPECTATIONS),
+        args=args,
+        identity=entries["identity"].string() if "identity" in entries else None,
+        rule=entries["rule"].string() if "rule" in entries else None,
+        counters=counters,
+    )
+
+
+def _failure(case: Case, verdict: Verdict) -> str | None:
+    got = f"{verdict.outcome} by {verdict.rule_id or '(listed)'}: {verdict.reason}"
+    if verdict.outcome != case.expect:
+        return f"expected {case.expect}, got {got}"
+    if case.rule is not None and verdict.rule_id != case.rule:
+        return f"expected rule {case.rule}, got {got}"
+    return None
+
+
+def test(path: str | Path, cases_path: str | Path, out: TextIO | None = None) -> int:
+    """Run expected decisions as tests: ``PASS``/``FAIL`` per case and a summary."""
+    policy = _load(path, out)
+    if policy is None:
+        return EXIT_FAILED
+    try:
+        cases = read_cases(cases_path)
+    except PolicyError as exc:
+        _print(out, f"error: {exc}")
+        return EXIT_USAGE
+    failed = 0
+    for case in cases:
+
+        def lookup(counter: str, window_s: float, scope: Scope, case: Case = case) -> int | float:
+            return case.counters.get(counter, 0)
+
+        verdict = decide(policy, case.tool, case.args, case.identity, lookup)
+        problem = _failure(case, verdict)
+        if problem is None:
+            _print(out, f"PASS  {case.name}")
+        else:
+            failed += 1
+            _print(out, f"FAIL  {case.name}: {problem}")
+    _print(out, f"{len(cases) - failed} passed, {failed} failed")
+    return EXIT_FAILED if failed else EXIT_OK

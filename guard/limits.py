@@ -1,13 +1,83 @@
 """Sliding-window rate limits kept in SQLite.
 
-(Interface fixed; implementation to follow.)
+Each unit of room a call takes is one row in ``guard_limit_hits`` (a log, not
+a counter), so "at most ``max`` units in any ``window_s`` seconds" is checked
+exactly: a hit at time ``t`` counts while ``now < t + window_s``. Times are
+stored as integer microseconds, so the window arithmetic and the reported
+``retry_after_s`` carry no float rounding.
+
+A reservation checks and takes room in every requested counter inside one
+``BEGIN IMMEDIATE`` transaction: all or nothing, serialised against other
+coroutines on the same connection (one transaction is one call on aiosqlite's
+thread) and against other processes sharing the file (SQLite's write lock).
+
+Checking costs O(1), not O(hits in the window): each counter key's rows
+older than its counter's longest window are pruned as it is checked, and
+triggers keep ``guard_limit_totals`` equal to the sum of the rows left, which
+is then exactly the room used in that window. (A shorter window on a counter
+shared with a longer one sums its range instead.) Only a full limit walks
+hits, oldest first, and only until enough room would be free.
+
+Edge cases, decided:
+
+- ``max == 0`` blocks every call, whatever its cost; so does a cost larger
+  than ``max`` (it can never fit). Both report ``retry_after_s = window_s``:
+  there is no time at which the call will succeed under this policy, and a
+  window is the soonest a changed policy could be expected to let it through.
+- ``cost == 0`` takes no room and always fits (except under ``max == 0``).
+- Requests naming the same counter key (two rules sharing a named counter)
+  see each other's cost within one reservation.
+- Hits are kept for the longest window ever requested of their counter
+  (remembered in ``guard_limit_counters``); keys nobody checks any more (old
+  sessions) are swept at most once per ``sweep_interval_s``. So a counter
+  first asked for with a longer window than before (a policy change, or a
+  rule sharing the counter that had not run yet) can only count hits younger
+  than the previous longest window.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from guard.clock import Clock
+from guard.database import Database
 from guard.policy import Scope
+
+logger = logging.getLogger(__name__)
+
+_US = 1_000_000
+_SCOPES: tuple[str, ...] = ("session", "identity", "global")
+
+_SUM_SQL = (
+    "SELECT COALESCE(SUM(cost), 0) FROM guard_limit_hits"
+    " WHERE counter = ? AND scope = ? AND scope_value = ? AND at_us > ?"
+)
+_OLDEST_SQL = (
+    "SELECT at_us, cost FROM guard_limit_hits"
+    " WHERE counter = ? AND scope = ? AND scope_value = ? AND at_us > ?"
+    " ORDER BY at_us"
+)
+_INSERT_SQL = (
+    "INSERT INTO guard_limit_hits (counter, scope, scope_value, at_us, cost)"
+    " VALUES (?, ?, ?, ?, ?)"
+)
+_TOTAL_SQL = (
+    "SELECT total FROM guard_limit_totals WHERE counter = ? AND scope = ? AND scope_value = ?"
+)
+_PRUNE_SQL = (
+    "DELETE FROM guard_limit_hits"
+    " WHERE counter = ? AND scope = ? AND scope_value = ? AND at_us <= ?"
+)
+_RETAINED_SQL = "SELECT retain_us FROM guard_limit_counters WHERE counter = ?"
+_RETAIN_SQL = (
+    "INSERT INTO guard_limit_counters (counter, retain_us) VALUES (?, ?)"
+    " ON CONFLICT (counter) DO UPDATE SET retain_us = max(retain_us, excluded.retain_us)"
+    " RETURNING retain_us"
+)
 
 
 @dataclass(frozen=True)
@@ -45,3 +115,217 @@ class Exhausted:
     rule_id: str
     reason: str
     retry_after_s: float
+
+
+class InvalidLimit(ValueError):
+    """A request the limiter cannot count: negative max or cost, empty window, unknown scope."""
+
+
+# (counter, scope, scope value): the rows one counter is kept in.
+_Key = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class _Planned:
+    request: LimitRequest
+    key: _Key
+    window_us: int
+
+
+class Limiter:
+    """Reserves room in sliding-window counters stored in ``db``.
+
+    Reservations that arrive while another batch is committing are checked
+    and taken together in the next transaction, one after another (each sees
+    the hits of those before it): the same answers as one transaction each,
+    at a fraction of the cost under concurrency.
+    """
+
+    def __init__(
+        self, db: Database, clock: Clock, *, sweep_interval_s: float = 60.0, max_batch: int = 256
+    ) -> None:
+        self._db = db
+        self._clock = clock
+        self._sweep_interval_us = round(sweep_interval_s * _US)
+        self._max_batch = max_batch
+        self._next_sweep_us = 0  # only touched inside transactions (one thread)
+        self._queue: list[tuple[list[_Planned], asyncio.Future[Reservation | Exhausted]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def reserve(
+        self, requests: Sequence[LimitRequest], keys: ScopeKeys
+    ) -> Reservation | Exhausted:
+        """Take room for every request at once, or none and say which limit is full.
+
+        A caller cancelled while waiting takes no room: if its reservation
+        was already committed, it is given back.
+        """
+        plan = [_plan(request, keys) for request in requests]
+        if not plan:
+            return Reservation(())
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Reservation | Exhausted] = loop.create_future()
+        self._queue.append((plan, future))
+        if self._writer is None:
+            self._writer = loop.create_task(self._drain(), name="guard-limiter")
+        return await future
+
+    async def release(self, reservation: Reservation) -> None:
+        """Give the room back (the call did not happen). Releasing twice is harmless."""
+        if not reservation.ids:
+            return
+        ids = [(row_id,) for row_id in reservation.ids]
+        await self._db.write(
+            lambda c: c.executemany("DELETE FROM guard_limit_hits WHERE id = ?", ids)
+        )
+
+    # -- batching (event loop) ---------------------------------------------
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+                await self._commit(batch)
+        finally:
+            # No await between the empty check and this: a reserve() after it
+            # starts a new writer, one before it was drained.
+            self._writer = None
+
+    async def _commit(
+        self, batch: list[tuple[list[_Planned], asyncio.Future[Reservation | Exhausted]]]
+    ) -> None:
+        batch = [(plan, future) for plan, future in batch if not future.done()]  # drop cancelled
+        if not batch:
+            return
+        plans = [plan for plan, _ in batch]
+        try:
+            results = await self._db.write(lambda c: self._reserve_all(c, plans))
+        except asyncio.CancelledError:
+            for _, future in batch:
+                future.cancel()
+            raise
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        orphaned: list[int] = []
+        for (_, future), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)
+            elif isinstance(result, Reservation):  # its caller gave up while it was committed
+                orphaned.extend(result.ids)
+            if isinstance(result, Exhausted):
+                logger.debug("limit %s full; retry after %.6f s", result.rule_id, result.retry_after_s)
+        if orphaned:
+            await self.release(Reservation(tuple(orphaned)))
+
+    # -- inside the transaction (aiosqlite's thread) -----------------------
+
+    def _reserve_all(
+        self, c: sqlite3.Connection, plans: list[list[_Planned]]
+    ) -> list[Reservation | Exhausted]:
+        # Retention read once per counter per transaction: no other process
+        # can change it while we hold the write lock.
+        retained: dict[str, int] = {}
+        return [self._reserve_one(c, plan, retained) for plan in plans]
+
+    def _reserve_one(
+        self, c: sqlite3.Connection, plan: list[_Planned], retained: dict[str, int]
+    ) -> Reservation | Exhausted:
+        # Read the clock under the write lock, so hits from processes that
+        # queued for the lock are logged in the order they were counted.
+        now = round(self._clock.now() * _US)
+        if now >= self._next_sweep_us:
+            self._sweep(c, now)
+        taken: dict[_Key, int] = {}
+        for item in plan:
+            full = self._check(c, item, now, taken.get(item.key, 0), retained)
+            if full is not None:
+                return full
+            if item.request.cost:
+                taken[item.key] = taken.get(item.key, 0) + item.request.cost
+
+        ids: list[int] = []
+        for item in plan:
+            if item.request.cost:
+                cursor = c.execute(_INSERT_SQL, (*item.key, now, item.request.cost))
+                ids.append(cursor.lastrowid)  # type: ignore[arg-type]
+        return Reservation(tuple(ids))
+
+    def _check(
+        self, c: sqlite3.Connection, item: _Planned, now: int, taken: int, retained: dict[str, int]
+    ) -> Exhausted | None:
+        request = item.request
+        if request.max == 0 or taken + request.cost > request.max:
+            # Can never fit (see the module docstring).
+            return Exhausted(request.rule_id, request.reason, item.window_us / _US)
+        if request.cost == 0:
+            return None
+        retain_us = retained.get(request.counter, 0)
+        if retain_us < item.window_us:
+            retain_us = retained[request.counter] = self._retention(c, request.counter, item.window_us)
+        c.execute(_PRUNE_SQL, (*item.key, now - retain_us))
+        cutoff = now - item.window_us
+        if item.window_us >= retain_us:
+            # Every row left is inside this window: the running total is the answer.
+            row = c.execute(_TOTAL_SQL, item.key).fetchone()
+            used = row[0] if row else 0
+        else:
+            (used,) = c.execute(_SUM_SQL, (*item.key, cutoff)).fetchone()
+        excess = used + taken + request.cost - request.max
+        if excess <= 0:
+            return None
+        # Walk the oldest hits until enough units have left the window; hits
+        # sharing a timestamp leave together, so the walk simply continues.
+        freed = 0
+        for at_us, cost in c.execute(_OLDEST_SQL, (*item.key, cutoff)):
+            freed += cost
+            if freed >= excess:
+                return Exhausted(request.rule_id, request.reason, (at_us + item.window_us - now) / _US)
+        raise AssertionError("limit log changed inside its own transaction")  # pragma: no cover
+
+    @staticmethod
+    def _retention(c: sqlite3.Connection, counter: str, window_us: int) -> int:
+        # Read per transaction, not cached: another process may have stored a longer window.
+        row = c.execute(_RETAINED_SQL, (counter,)).fetchone()
+        if row is not None and row[0] >= window_us:
+            return int(row[0])
+        (stored,) = c.execute(_RETAIN_SQL, (counter, window_us)).fetchone()
+        return int(stored)
+
+    def _sweep(self, c: sqlite3.Connection, now: int) -> None:
+        deleted = 0
+        for counter, retain_us in c.execute(
+            "SELECT counter, retain_us FROM guard_limit_counters"
+        ).fetchall():
+            deleted += c.execute(
+                "DELETE FROM guard_limit_hits WHERE counter = ? AND at_us <= ?",
+                (counter, now - retain_us),
+            ).rowcount
+        c.execute("DELETE FROM guard_limit_totals WHERE total <= 0")
+        self._next_sweep_us = now + self._sweep_interval_us
+        if deleted:
+            logger.debug("swept %d expired rate-limit hits", deleted)
+
+
+def _plan(request: LimitRequest, keys: ScopeKeys) -> _Planned:
+    if request.scope not in _SCOPES:
+        raise InvalidLimit(
+            f"{request.rule_id}: scope must be one of {', '.join(_SCOPES)}, not {request.scope!r}"
+        )
+    if request.max < 0:
+        raise InvalidLimit(f"{request.rule_id}: max must be >= 0, not {request.max}")
+    if request.cost < 0:
+        raise InvalidLimit(f"{request.rule_id}: cost must be >= 0, not {request.cost}")
+    window_us = round(request.window_s * _US)
+    if window_us <= 0:
+        raise InvalidLimit(f"{request.rule_id}: window must be > 0 s, not {request.window_s}")
+    if request.scope == "session":
+        value = keys.session
+    elif request.scope == "identity":
+        value = keys.identity
+    else:
+        value = ""
+    return _Planned(request, (request.counter, request.scope, value), window_us)

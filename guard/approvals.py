@@ -1,0 +1,407 @@
+"""Approvals: a human's yes or no for one exact call, used at most once.
+
+An approval is bound to a *digest* of the call — tool, canonical arguments
+and caller identity — so approving ``cancel-task {"task_id": "t1"}`` for alice
+approves nothing else. Its life::
+
+    pending ──decide(approve)──▶ approved ──consume──▶ (used_at set)
+       │  └────decide(deny)────▶ denied ───acknowledge──▶ (used_at set)
+       └──expires_at passes────▶ expired ──acknowledge──▶ (used_at set)
+
+``expires_at`` bounds the whole approval: a pending one can no longer be
+decided, an approved one no longer used. ``used_at`` means "spent": the call
+ran (approved), or its caller was told the answer (denied, expired) — after
+which the next identical call opens a new approval. Only ``decide`` changes
+the answer, and only the CLI and the inbox call it; no MCP tool can.
+"""
+
+from __future__ import annotations
+
+import builtins
+import enum
+import hashlib
+import json
+import logging
+import secrets
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from guard.changes import ChangeFeed, notify_others
+from guard.clock import Clock
+from guard.database import Database
+from guard.redaction import redact
+
+logger = logging.getLogger(__name__)
+
+_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"  # base32, lower case for typing
+
+
+class ApprovalStatus(str, enum.Enum):
+    #: waiting for a human; the call that asked for it was told how to approve
+    PENDING = "pending"
+    #: a human said yes; the next identical call runs (once)
+    APPROVED = "approved"
+    #: a human said no, with a reason the caller is shown
+    DENIED = "denied"
+    #: nobody decided before ``expires_at``
+    EXPIRED = "expired"
+
+
+class ApprovalError(Exception):
+    """Base class for approval errors a human can act on; the message says what happened."""
+
+
+class ApprovalNotFound(ApprovalError):
+    def __init__(self, approval_id: str) -> None:
+        super().__init__(f"no approval {approval_id}")
+        self.approval_id = approval_id
+
+
+class ApprovalNotPending(ApprovalError):
+    """Someone decided first (or it expired earlier); the first answer stands."""
+
+    def __init__(self, approval: Approval) -> None:
+        if approval.status is ApprovalStatus.EXPIRED:
+            what = f"expired at {iso(approval.expires_at)}"
+        else:
+            what = f"already {approval.status.value}"
+            if approval.decided_by:
+                what += f" by {approval.decided_by}"
+            if approval.decided_at is not None:
+                what += f" at {iso(approval.decided_at)}"
+        super().__init__(f"{approval.id} is {what}; the first answer stands")
+        self.approval = approval
+
+
+class ApprovalExpired(ApprovalError):
+    """It was still pending but its time ran out; it is now marked expired."""
+
+    def __init__(self, approval: Approval) -> None:
+        super().__init__(f"{approval.id} expired at {iso(approval.expires_at)}; it can no longer be decided")
+        self.approval = approval
+
+
+class ReasonRequired(ApprovalError, ValueError):
+    def __init__(self) -> None:
+        super().__init__("a reason is required to deny an approval")
+
+
+def canonical_json(value: Any) -> str:
+    """One spelling per JSON value: sorted keys, no whitespace, Unicode kept."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def call_digest(tool: str, args: Any, identity: str) -> str:
+    """The sha256 hex digest an approval is bound to."""
+    payload = canonical_json({"tool": tool, "args": args, "identity": identity})
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def iso(ts: float | None) -> str | None:
+    """``ts`` (seconds since the epoch) as ISO 8601 UTC, e.g. ``2024-05-01T12:00:00Z``."""
+    if ts is None:
+        return None
+    text = datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+    return text.replace(".000+00:00", "Z").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Approval:
+    id: str
+    digest: str
+    status: ApprovalStatus
+    tool: str
+    args: Any  # redacted
+    identity: str
+    session: str | None
+    rule_id: str | None
+    reason: str | None  # why the rule asks for approval
+    created_at: float
+    expires_at: float
+    decided_at: float | None
+    decided_by: str | None
+    decision_note: str | None  # the approver's comment or the denier's reason
+    used_at: float | None
+
+    @property
+    def how_to_approve(self) -> str:
+        return (
+            f"Ask a human to run `taskwarden approvals approve {self.id}` (or approve it in the "
+            f"inbox at /inbox/approvals/{self.id}), then call the tool again with the same arguments."
+        )
+
+    def status_at(self, now: float) -> ApprovalStatus:
+        """The status as a caller sees it at ``now``: unused approvals past ``expires_at`` are expired."""
+        if self.status in (ApprovalStatus.PENDING, ApprovalStatus.APPROVED) and self.used_at is None:
+            if now >= self.expires_at:
+                return ApprovalStatus.EXPIRED
+        return self.status
+
+    def usable_at(self, now: float) -> bool:
+        return self.status is ApprovalStatus.APPROVED and self.used_at is None and now < self.expires_at
+
+    def summary(self) -> dict[str, Any]:
+        """The ``approval`` object of an approval outcome's structured content."""
+        return {
+            "id": self.id,
+            "status": self.status.value,
+            "expires_at": iso(self.expires_at),
+            "how_to_approve": self.how_to_approve,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything, JSON-ready, times as ISO 8601 UTC."""
+        return {
+            "id": self.id,
+            "status": self.status.value,
+            "tool": self.tool,
+            "args": self.args,
+            "identity": self.identity,
+            "session": self.session,
+            "rule_id": self.rule_id,
+            "reason": self.reason,
+            "created_at": iso(self.created_at),
+            "expires_at": iso(self.expires_at),
+            "decided_at": iso(self.decided_at),
+            "decided_by": self.decided_by,
+            "decision_note": self.decision_note,
+            "used_at": iso(self.used_at),
+            "digest": self.digest,
+            "how_to_approve": self.how_to_approve,
+        }
+
+
+_COLUMNS = (
+    "id, digest, status, tool, args, identity, session, rule_id, reason, created_at,"
+    " expires_at, decided_at, decided_by, decision_note, used_at"
+)
+
+
+def _row(row: sqlite3.Row | tuple[Any, ...]) -> Approval:
+    (id_, digest, status, tool, args, identity, session, rule_id, reason, created_at,
+     expires_at, decided_at, decided_by, note, used_at) = tuple(row)  # fmt: skip
+    return Approval(
+        id=id_,
+        digest=digest,
+        status=ApprovalStatus(status),
+        tool=tool,
+        args=json.loads(args),
+        identity=identity,
+        session=session,
+        rule_id=rule_id,
+        reason=reason,
+        created_at=created_at,
+        expires_at=expires_at,
+        decided_at=decided_at,
+        decided_by=decided_by,
+        decision_note=note,
+        used_at=used_at,
+    )
+
+
+def _get(c: sqlite3.Connection, approval_id: str) -> Approval | None:
+    row = c.execute(f"SELECT {_COLUMNS} FROM guard_approvals WHERE id = ?", (approval_id,)).fetchone()
+    return _row(row) if row else None
+
+
+def _new_id() -> str:
+    return "apr_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(10))
+
+
+class Approvals:
+    """The approvals stored in ``db``; ``feed`` (if given) is told about every change."""
+
+    def __init__(self, db: Database, clock: Clock, feed: ChangeFeed | None = None) -> None:
+        self._db = db
+        self._clock = clock
+        self._feed = feed
+
+    def _notify(self) -> None:
+        # Wakes calls waiting for a decision here and in other processes.
+        if self._feed is not None:
+            self._feed.notify()
+        else:
+            notify_others(self._db.path)
+
+    # -- reading -----------------------------------------------------------
+
+    async def get(self, approval_id: str) -> Approval | None:
+        return await self._db.read(lambda c: _get(c, approval_id))
+
+    async def find_usable(self, digest: str) -> Approval | None:
+        """An approved, unused, unexpired approval for this call, oldest first."""
+        now = self._clock.now()
+        row = await self._db.read(
+            lambda c: c.execute(
+                f"SELECT {_COLUMNS} FROM guard_approvals WHERE digest = ? AND status = 'approved'"
+                " AND used_at IS NULL AND expires_at > ? ORDER BY created_at, rowid LIMIT 1",
+                (digest, now),
+            ).fetchone()
+        )
+        return _row(row) if row else None
+
+    async def latest(self, digest: str) -> Approval | None:
+        """The most recent approval for this call, to tell a retrying caller how it ended."""
+        row = await self._db.read(
+            lambda c: c.execute(
+                f"SELECT {_COLUMNS} FROM guard_approvals WHERE digest = ?"
+                " ORDER BY created_at DESC, rowid DESC LIMIT 1",
+                (digest,),
+            ).fetchone()
+        )
+        return _row(row) if row else None
+
+    async def list(self, status: ApprovalStatus | str | None = None) -> builtins.list[Approval]:
+        """Approvals, newest first; only those with ``status`` if given."""
+        if status is None:
+            sql, params = f"SELECT {_COLUMNS} FROM guard_approvals", ()
+        else:
+            sql = f"SELECT {_COLUMNS} FROM guard_approvals WHERE status = ?"
+            params = (ApprovalStatus(status).value,)
+        rows = await self._db.read(
+            lambda c: c.execute(sql + " ORDER BY created_at DESC, rowid DESC", params).fetchall()
+        )
+        return [_row(r) for r in rows]
+
+    # -- changing ----------------------------------------------------------
+
+    async def open(
+        self,
+        digest: str,
+        tool: str,
+        args_redacted: Any,
+        identity: str,
+        session: str | None,
+        rule_id: str | None,
+        reason: str | None,
+        expires_s: float,
+    ) -> Approval:
+        """The pending, unexpired approval for ``digest``, created if there is none."""
+        if expires_s <= 0:
+            raise ValueError(f"expires_s must be > 0, not {expires_s}")
+        # Redacted again: the inbox shows these, and redaction is idempotent.
+        args_json = json.dumps(redact(args_redacted), ensure_ascii=False, default=str)
+
+        def tx(c: sqlite3.Connection) -> tuple[Approval, bool]:
+            now = self._clock.now()
+            c.execute(
+                "UPDATE guard_approvals SET status = 'expired'"
+                " WHERE digest = ? AND status = 'pending' AND expires_at <= ?",
+                (digest, now),
+            )
+            row = c.execute(
+                f"SELECT {_COLUMNS} FROM guard_approvals WHERE digest = ? AND status = 'pending'"
+                " ORDER BY created_at, rowid LIMIT 1",
+                (digest,),
+            ).fetchone()
+            if row:
+                return _row(row), False
+            while True:
+                approval_id = _new_id()
+                try:
+                    c.execute(
+                        f"INSERT INTO guard_approvals ({_COLUMNS}) VALUES"
+                        " (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL)",
+                        (approval_id, digest, tool, args_json, identity, session, rule_id,
+                         reason, now, now + expires_s),
+                    )  # fmt: skip
+                except sqlite3.IntegrityError:  # pragma: no cover - 50 random bits collided
+                    continue
+                created = _get(c, approval_id)
+                assert created is not None
+                return created, True
+
+        approval, created = await self._db.write(tx)
+        if created:
+            logger.info("approval %s opened for %s by %s", approval.id, tool, identity)
+            self._notify()
+        return approval
+
+    async def consume(self, approval_id: str) -> bool:
+        """Mark an approved, unused, unexpired approval used; False if it was not (another caller won)."""
+        now = self._clock.now()
+        changed = await self._db.write(
+            lambda c: c.execute(
+                "UPDATE guard_approvals SET used_at = ? WHERE id = ? AND status = 'approved'"
+                " AND used_at IS NULL AND expires_at > ?",
+                (now, approval_id, now),
+            ).rowcount
+        )
+        return changed == 1
+
+    async def acknowledge(self, approval_id: str) -> bool:
+        """Mark a denied or expired approval as reported to its caller (sets ``used_at``).
+
+        The caller is told "denied" or "expired" once; the next identical call
+        opens a new approval. Atomic like ``consume``: True only for the one
+        caller that marked it. A pending one past its time is marked expired too.
+        """
+        now = self._clock.now()
+        changed = await self._db.write(
+            lambda c: c.execute(
+                "UPDATE guard_approvals SET used_at = ?,"
+                " status = CASE status WHEN 'pending' THEN 'expired' ELSE status END"
+                " WHERE id = ? AND used_at IS NULL"
+                " AND (status IN ('denied', 'expired') OR expires_at <= ?)",
+                (now, approval_id, now),
+            ).rowcount
+        )
+        return changed == 1
+
+    async def decide(self, approval_id: str, approve: bool, by: str, note: str | None = None) -> Approval:
+        """Approve or deny a pending approval; the first answer wins.
+
+        Raises ``ReasonRequired`` for a denial without a reason,
+        ``ApprovalNotFound``, ``ApprovalNotPending`` if it was already decided
+        or expired, and ``ApprovalExpired`` if its time ran out just now (it
+        is then marked expired).
+        """
+        note = note.strip() if note else None
+        if not approve and not note:
+            raise ReasonRequired()
+        if not by or not by.strip():
+            raise ValueError("the decider's name must not be empty")
+        status = ApprovalStatus.APPROVED if approve else ApprovalStatus.DENIED
+
+        def tx(c: sqlite3.Connection) -> tuple[Approval | None, ApprovalError | None]:
+            now = self._clock.now()
+            current = _get(c, approval_id)
+            if current is None:
+                return None, ApprovalNotFound(approval_id)
+            if current.status is not ApprovalStatus.PENDING:
+                return None, ApprovalNotPending(current)
+            if now >= current.expires_at:
+                c.execute("UPDATE guard_approvals SET status = 'expired' WHERE id = ?", (approval_id,))
+                expired = _get(c, approval_id)
+                assert expired is not None
+                return expired, ApprovalExpired(expired)
+            c.execute(
+                "UPDATE guard_approvals SET status = ?, decided_at = ?, decided_by = ?,"
+                " decision_note = ? WHERE id = ? AND status = 'pending'",
+                (status.value, now, by.strip(), note, approval_id),
+            )
+            return _get(c, approval_id), None
+
+        approval, error = await self._db.write(tx)
+        if approval is not None:  # something changed: decided, or marked expired
+            self._notify()
+        if error is not None:
+            raise error
+        assert approval is not None
+        logger.info("approval %s %s by %s", approval.id, approval.status.value, approval.decided_by)
+        return approval
+
+    async def expire_due(self) -> int:
+        """Mark pending approvals past ``expires_at`` expired; returns how many."""
+        now = self._clock.now()
+        count = await self._db.write(
+            lambda c: c.execute(
+                "UPDATE guard_approvals SET status = 'expired' WHERE status = 'pending' AND expires_at <= ?",
+                (now,),
+            ).rowcount
+        )
+        if count:
+            self._notify()
+        return count

@@ -1,0 +1,315 @@
+"""The audit trail: one append-only row per guarded call.
+
+``AuditLog.record`` redacts the arguments itself (callers are never trusted
+to have done it) and hands the row to a writer that commits whatever has
+queued up in one transaction — a group commit — so many concurrent calls
+share one commit. The future ``record`` returns resolves only after that
+commit: a host that awaits it before returning the tool result never
+reports a call the trail does not hold. (Commits are WAL with
+``synchronous = NORMAL``: they survive a crash of the process, and only a
+power loss can drop the last ones.)
+
+SQLite triggers make the table append-only: UPDATE and DELETE abort.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import json
+import logging
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+from guard.approvals import canonical_json, iso
+from guard.clock import Clock
+from guard.database import Database
+from guard.redaction import redact, redact_text
+
+logger = logging.getLogger(__name__)
+
+
+class Decision(str, enum.Enum):
+    #: the call was let through to the handler
+    ALLOW = "allow"
+    #: a deny rule, a failed condition or the default refused it (``policy_denied``)
+    DENY = "deny"
+    #: the tool is hidden; the caller got "Unknown tool"
+    HIDDEN = "hidden"
+    #: the arguments failed the tool's schema or bounds
+    INVALID_ARGUMENTS = "invalid_arguments"
+    #: a rate limit had no room
+    RATE_LIMITED = "rate_limited"
+    #: a human must approve it first; an approval is pending
+    APPROVAL_REQUIRED = "approval_required"
+    #: a human denied the approval
+    APPROVAL_DENIED = "approval_denied"
+    #: the approval expired before anyone decided
+    APPROVAL_EXPIRED = "approval_expired"
+    # Shadow mode: what enforce mode would have done; the call was allowed.
+    SHADOW_DENY = "shadow_deny"
+    SHADOW_HIDDEN = "shadow_hidden"
+    SHADOW_INVALID_ARGUMENTS = "shadow_invalid_arguments"
+    SHADOW_RATE_LIMITED = "shadow_rate_limited"
+    SHADOW_APPROVAL_REQUIRED = "shadow_approval_required"
+    SHADOW_APPROVAL_DENIED = "shadow_approval_denied"
+    SHADOW_APPROVAL_EXPIRED = "shadow_approval_expired"
+
+
+DECISIONS: tuple[str, ...] = tuple(d.value for d in Decision)
+
+
+class Outcome(str, enum.Enum):
+    """Common outcomes; ``AuditRecord.outcome`` accepts other strings too."""
+
+    #: the handler ran and returned a result
+    OK = "ok"
+    #: the guard refused the call (the decision says why)
+    REFUSED = "refused"
+    #: the handler ran and returned ``isError: true``
+    TOOL_ERROR = "tool_error"
+    #: the call ended in a JSON-RPC error (its rate-limit room was given back)
+    PROTOCOL_ERROR = "protocol_error"
+    #: the handler raised unexpectedly
+    ERROR = "error"
+    #: the client cancelled the call
+    CANCELLED = "cancelled"
+
+
+class InvalidDecision(ValueError):
+    def __init__(self, value: object) -> None:
+        super().__init__(f"decision must be one of {', '.join(DECISIONS)}; got {value!r}")
+
+
+class AuditWriteFailed(RuntimeError):
+    """The batch holding this record could not be committed."""
+
+
+class AuditLogClosed(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """What happened to one call, as the host reports it (arguments unredacted)."""
+
+    identity: str
+    session: str | None
+    tool: str
+    args: Any
+    decision: Decision | str
+    rule: str | None = None
+    reason: str | None = None
+    approval_id: str | None = None
+    duration_ms: float | None = None
+    outcome: Outcome | str | None = None
+    time: float | None = None  # default: the log's clock when recorded
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One stored row (arguments redacted)."""
+
+    id: int
+    time: float
+    identity: str
+    session: str | None
+    tool: str
+    args: Any
+    args_digest: str
+    decision: str
+    rule: str | None
+    reason: str | None
+    approval_id: str | None
+    duration_ms: float | None
+    outcome: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "time": iso(self.time),
+            "identity": self.identity,
+            "session": self.session,
+            "tool": self.tool,
+            "args": self.args,
+            "args_digest": self.args_digest,
+            "decision": self.decision,
+            "rule": self.rule,
+            "reason": self.reason,
+            "approval_id": self.approval_id,
+            "duration_ms": self.duration_ms,
+            "outcome": self.outcome,
+        }
+
+
+def args_digest(args: Any) -> str:
+    """sha256 of the canonical JSON of the unredacted arguments (the approval digest's encoding)."""
+    return hashlib.sha256(canonical_json(args).encode()).hexdigest()
+
+
+_COLUMNS = (
+    "time, identity, session, tool, args, args_digest, decision, rule, reason,"
+    " approval_id, duration_ms, outcome"
+)
+_INSERT_SQL = f"INSERT INTO guard_audit ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+_Row = tuple[Any, ...]
+
+
+class AuditLog:
+    """Appends audit records to ``db`` through one batching writer per log."""
+
+    def __init__(self, db: Database, clock: Clock, *, max_batch: int = 512) -> None:
+        self._db = db
+        self._clock = clock
+        self._max_batch = max_batch
+        self._queue: list[tuple[_Row, asyncio.Future[int]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def record(self, record: AuditRecord) -> asyncio.Future[int]:
+        """Queue ``record``; the returned future resolves to its row id once committed.
+
+        Redaction and validation happen here, synchronously: a bad decision
+        raises ``InvalidDecision`` at once. A write failure sets
+        ``AuditWriteFailed`` on the future. Cancelling the future does not
+        un-record the call.
+        """
+        if self._closed:
+            raise AuditLogClosed("the audit log is closed")
+        row = self._prepare(record)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        self._queue.append((row, future))
+        if self._writer is None:
+            self._writer = loop.create_task(self._drain(), name="guard-audit-writer")
+        return future
+
+    async def flush(self) -> None:
+        """Wait until everything recorded so far is committed (or has failed)."""
+        while self._writer is not None:
+            await asyncio.shield(self._writer)
+
+    async def aclose(self) -> None:
+        """Flush and refuse further records. Call before closing the database."""
+        self._closed = True
+        await self.flush()
+
+    async def query(
+        self,
+        since: float | None = None,
+        tool: str | None = None,
+        decision: Decision | str | None = None,
+        limit: int = 100,
+        after_id: int | None = None,
+        newest: bool = False,
+    ) -> list[AuditEntry]:
+        """Matching rows in the order they were written.
+
+        ``since``: time >= since (seconds since the epoch); ``after_id``: rows
+        written after that one. ``limit`` caps the result: the oldest matching
+        rows, or with ``newest=True`` the newest ones (still oldest first).
+        """
+        where: list[str] = []
+        params: list[Any] = []
+        if since is not None:
+            where.append("time >= ?")
+            params.append(since)
+        if tool is not None:
+            where.append("tool = ?")
+            params.append(tool)
+        if decision is not None:
+            where.append("decision = ?")
+            params.append(parse_decision(decision))
+        if after_id is not None:
+            where.append("id > ?")
+            params.append(after_id)
+        sql = f"SELECT id, {_COLUMNS} FROM guard_audit"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY id {'DESC' if newest else 'ASC'} LIMIT ?"
+        params.append(max(limit, 0))
+        rows = await self._db.read(lambda c: c.execute(sql, params).fetchall())
+        entries = [_entry(r) for r in rows]
+        if newest:
+            entries.reverse()
+        return entries
+
+    # -- the writer --------------------------------------------------------
+
+    def _prepare(self, record: AuditRecord) -> _Row:
+        decision = parse_decision(record.decision)
+        outcome = record.outcome.value if isinstance(record.outcome, Outcome) else record.outcome
+        digest = args_digest(record.args)  # before redaction: ties the row to the exact call
+        args = json.dumps(
+            redact(record.args), ensure_ascii=False, default=lambda o: redact_text(str(o))
+        )
+        reason = redact_text(record.reason) if record.reason else record.reason
+        when = record.time if record.time is not None else self._clock.now()
+        return (when, record.identity, record.session, record.tool, args, digest, decision,
+                record.rule, reason, record.approval_id, record.duration_ms, outcome)  # fmt: skip
+
+    async def _drain(self) -> None:
+        try:
+            # Records queued while a batch commits go into the next batch.
+            while self._queue:
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+                await self._commit(batch)
+        finally:
+            # No await between the empty check and this: a record() after it
+            # starts a new writer, one before it was drained.
+            self._writer = None
+
+    async def _commit(self, batch: list[tuple[_Row, asyncio.Future[int]]]) -> None:
+        rows = [row for row, _ in batch]
+
+        def tx(c: sqlite3.Connection) -> list[int]:
+            return [c.execute(_INSERT_SQL, row).lastrowid for row in rows]  # type: ignore[misc]
+
+        try:
+            ids = await self._db.write(tx)
+        except asyncio.CancelledError:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(AuditWriteFailed("the audit writer was cancelled"))
+            raise
+        except Exception as exc:
+            logger.exception("could not write %d audit records", len(batch))
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(AuditWriteFailed(f"audit record not written: {exc}"))
+            return
+        for (_, future), row_id in zip(batch, ids):
+            if not future.done():  # a caller may have stopped waiting; the row is written anyway
+                future.set_result(row_id)
+
+
+def parse_decision(value: Decision | str) -> str:
+    """The decision's string value; ``InvalidDecision`` if it is not one."""
+    try:
+        return Decision(value).value
+    except ValueError:
+        raise InvalidDecision(value) from None
+
+
+def _entry(row: sqlite3.Row | _Row) -> AuditEntry:
+    (id_, time, identity, session, tool, args, digest, decision, rule, reason,
+     approval_id, duration_ms, outcome) = tuple(row)  # fmt: skip
+    return AuditEntry(
+        id=id_,
+        time=time,
+        identity=identity,
+        session=session,
+        tool=tool,
+        args=json.loads(args),
+        args_digest=digest,
+        decision=decision,
+        rule=rule,
+        reason=reason,
+        approval_id=approval_id,
+        duration_ms=duration_ms,
+        outcome=outcome,
+    )

@@ -1,0 +1,126 @@
+"""The guard's tables, versioned on their own beside the host application's.
+
+``STEPS`` is append-only: a released step is never edited, a change is a new
+step. ``Database.migrate_component("guard", STEPS)`` applies the missing ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from guard.database import Database, Step
+
+# 1: the rate-limit log, approvals and the audit trail.
+_V1 = """
+-- One row per unit of room taken in a rate-limit counter: a sliding-window log.
+-- A counter is keyed by (counter, scope, scope_value); scope_value is the
+-- session id, the identity, or '' for the global scope. Times are integer
+-- microseconds since the epoch so window arithmetic is exact.
+-- AUTOINCREMENT: ids are never reused, so releasing an old reservation can
+-- never delete somebody else's hit.
+CREATE TABLE guard_limit_hits (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    counter     TEXT    NOT NULL,
+    scope       TEXT    NOT NULL CHECK (scope IN ('session', 'identity', 'global')),
+    scope_value TEXT    NOT NULL,
+    at_us       INTEGER NOT NULL,
+    cost        INTEGER NOT NULL CHECK (cost > 0)
+);
+-- Covers the window query (key + time range, summing cost) without table lookups.
+CREATE INDEX guard_limit_hits_by_key
+    ON guard_limit_hits (counter, scope, scope_value, at_us, cost);
+
+-- The longest window any limit has asked of a counter: hits younger than
+-- this are kept, older ones are pruned.
+CREATE TABLE guard_limit_counters (
+    counter   TEXT PRIMARY KEY,
+    retain_us INTEGER NOT NULL
+);
+
+-- The sum of cost over each key's rows in guard_limit_hits, kept by triggers,
+-- so a check costs O(1) however many hits a window holds.
+CREATE TABLE guard_limit_totals (
+    counter     TEXT    NOT NULL,
+    scope       TEXT    NOT NULL,
+    scope_value TEXT    NOT NULL,
+    total       INTEGER NOT NULL,
+    PRIMARY KEY (counter, scope, scope_value)
+) WITHOUT ROWID;
+CREATE TRIGGER guard_limit_hits_added AFTER INSERT ON guard_limit_hits
+BEGIN
+    INSERT INTO guard_limit_totals (counter, scope, scope_value, total)
+    VALUES (new.counter, new.scope, new.scope_value, new.cost)
+    ON CONFLICT (counter, scope, scope_value) DO UPDATE SET total = total + excluded.total;
+END;
+CREATE TRIGGER guard_limit_hits_removed AFTER DELETE ON guard_limit_hits
+BEGIN
+    UPDATE guard_limit_totals SET total = total - old.cost
+    WHERE counter = old.counter AND scope = old.scope AND scope_value = old.scope_value;
+END;
+
+CREATE TABLE guard_approvals (
+    id            TEXT PRIMARY KEY,          -- "apr_" + 10 base32 characters
+    digest        TEXT NOT NULL,             -- sha256 of canonical {tool, args, identity}
+    status        TEXT NOT NULL CHECK (status IN ('pending', 'approved', 'denied', 'expired')),
+    tool          TEXT NOT NULL,
+    args          TEXT NOT NULL,             -- redacted arguments, JSON
+    identity      TEXT NOT NULL,
+    session       TEXT,
+    rule_id       TEXT,
+    reason        TEXT,                      -- why the rule wants approval
+    created_at    REAL NOT NULL,             -- seconds since the epoch
+    expires_at    REAL NOT NULL,
+    decided_at    REAL,
+    decided_by    TEXT,
+    decision_note TEXT,                      -- approve comment / deny reason
+    used_at       REAL                       -- set once, when the approved call runs
+);
+CREATE INDEX guard_approvals_by_digest ON guard_approvals (digest, created_at);
+CREATE INDEX guard_approvals_by_status ON guard_approvals (status, expires_at);
+
+CREATE TABLE guard_audit (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    time        REAL    NOT NULL,            -- seconds since the epoch
+    identity    TEXT    NOT NULL,
+    session     TEXT,
+    tool        TEXT    NOT NULL,
+    args        TEXT    NOT NULL,            -- redacted arguments, JSON
+    args_digest TEXT    NOT NULL,            -- sha256 of the canonical, unredacted arguments
+    decision    TEXT    NOT NULL,
+    rule        TEXT,
+    reason      TEXT,
+    approval_id TEXT,
+    duration_ms REAL,
+    outcome     TEXT
+);
+CREATE INDEX guard_audit_by_time ON guard_audit (time);
+CREATE INDEX guard_audit_by_tool ON guard_audit (tool, time);
+
+-- Append-only: rows can be added, never changed or removed.
+CREATE TRIGGER guard_audit_no_update BEFORE UPDATE ON guard_audit
+BEGIN
+    SELECT RAISE(ABORT, 'guard_audit is append-only: rows cannot be updated');
+END;
+CREATE TRIGGER guard_audit_no_delete BEFORE DELETE ON guard_audit
+BEGIN
+    SELECT RAISE(ABORT, 'guard_audit is append-only: rows cannot be deleted');
+END;
+"""
+
+STEPS: list[Step] = [_V1]
+
+
+async def migrate(db: Database) -> int:
+    """Bring the guard's tables in ``db`` up to date; returns the guard schema version."""
+    return await db.migrate_component("guard", STEPS)
+
+
+async def open_guard_db(path: str | Path) -> Database:
+    """Open (creating if needed) the database at ``path`` with the guard's tables."""
+    db = await Database.open(path)
+    try:
+        await migrate(db)
+    except BaseException:
+        await db.close()
+        raise
+    return db

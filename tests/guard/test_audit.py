@@ -1,0 +1,133 @@
+"""The audit trail: what was decided, stored redacted, never rewritten."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from guard.approvals import call_digest, canonical_json
+from guard.audit import AuditLog, AuditLogClosed, AuditRecord, Decision, InvalidDecision, Outcome, args_digest
+from guard.clock import FakeClock
+from guard.schema import open_guard_db
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def db(tmp_path: Path):
+    database = await open_guard_db(tmp_path / "guard.db")
+    yield database
+    await database.close()
+
+
+def call(tool: str = "spawn-task", decision: str = "allow", **extra) -> AuditRecord:
+    fields = dict(identity="alice", session="s1", tool=tool, args={"prompt": "hi"}, decision=decision)
+    fields.update(extra)
+    return AuditRecord(**fields)
+
+
+async def test_a_record_is_stored_redacted_with_the_digest_of_the_real_arguments(db) -> None:
+    clock = FakeClock(1_700_000_000.0)
+    log = AuditLog(db, clock)
+    args = {"prompt": "deploy", "api_key": "abc-secret-value"}
+    row_id = await log.record(
+        AuditRecord(
+            identity="alice", session="s1", tool="spawn-task", args=args, decision=Decision.ALLOW,
+            rule="spawn-task#1", reason=None, duration_ms=12.5, outcome=Outcome.OK,
+        )
+    )  # fmt: skip
+    (entry,) = await log.query()
+    assert entry.id == row_id
+    assert entry.args == {"prompt": "deploy", "api_key": "[REDACTED]"}
+    assert entry.args_digest == args_digest(args)
+    assert entry.to_dict() == {
+        "id": row_id,
+        "time": "2023-11-14T22:13:20Z",
+        "identity": "alice",
+        "session": "s1",
+        "tool": "spawn-task",
+        "args": {"prompt": "deploy", "api_key": "[REDACTED]"},
+        "args_digest": args_digest(args),
+        "decision": "allow",
+        "rule": "spawn-task#1",
+        "reason": None,
+        "approval_id": None,
+        "duration_ms": 12.5,
+        "outcome": "ok",
+    }
+
+
+def test_the_args_digest_uses_the_approval_digest_encoding() -> None:
+    import hashlib
+
+    args = {"b": "é", "a": 1}
+    assert args_digest(args) == hashlib.sha256('{"a":1,"b":"é"}'.encode()).hexdigest()
+    call = canonical_json({"tool": "t", "args": args, "identity": "i"})
+    assert call == '{"args":{"a":1,"b":"é"},"identity":"i","tool":"t"}'
+    assert call_digest("t", args, "i") == hashlib.sha256(call.encode()).hexdigest()
+
+
+async def test_rows_cannot_be_updated_or_deleted(db) -> None:
+    log = AuditLog(db, FakeClock())
+    await log.record(call())
+    with pytest.raises(sqlite3.IntegrityError, match="append-only: rows cannot be updated"):
+        await db.write(lambda c: c.execute("UPDATE guard_audit SET decision = 'deny'"))
+    with pytest.raises(sqlite3.IntegrityError, match="append-only: rows cannot be deleted"):
+        await db.write(lambda c: c.execute("DELETE FROM guard_audit"))
+    (entry,) = await log.query()
+    assert entry.decision == "allow"
+
+
+async def test_an_unknown_decision_is_refused_at_once(db) -> None:
+    log = AuditLog(db, FakeClock())
+    with pytest.raises(InvalidDecision, match="decision must be one of allow, deny, .*got 'maybe'"):
+        log.record(call(decision="maybe"))
+
+
+async def test_many_concurrent_records_are_all_committed_in_order(db) -> None:
+    clock = FakeClock()
+    log = AuditLog(db, clock, max_batch=16)
+    ids = await asyncio.gather(*(log.record(call(args={"n": n})) for n in range(200)))
+    assert ids == sorted(ids) and len(set(ids)) == 200
+    entries = await log.query(limit=1000)
+    assert [e.args["n"] for e in entries] == list(range(200))
+
+
+async def test_a_record_not_awaited_is_still_written_before_close(db) -> None:
+    log = AuditLog(db, FakeClock())
+    future = log.record(call(tool="wait-task"))
+    future.cancel()  # the caller stopped waiting; the call still happened
+    await log.aclose()
+    assert [e.tool for e in await log.query()] == ["wait-task"]
+    with pytest.raises(AuditLogClosed):
+        log.record(call())
+
+
+async def test_query_filters(db) -> None:
+    clock = FakeClock(1000.0)
+    log = AuditLog(db, clock)
+    await log.record(call("spawn-task", "allow", outcome="ok"))
+    clock.advance(10)
+    await log.record(call("spawn-task", "rate_limited", rule="spawn-task#1", reason="30 per 60 s"))
+    clock.advance(10)
+    await log.record(call("cancel-task", "approval_required", approval_id="apr_abcdefghij"))
+    clock.advance(10)
+    await log.record(call("cancel-task", "shadow_deny"))
+
+    assert [e.decision for e in await log.query(tool="cancel-task")] == ["approval_required", "shadow_deny"]
+    assert [e.tool for e in await log.query(decision="rate_limited")] == ["spawn-task"]
+    assert [e.decision for e in await log.query(since=1010.0)] == [
+        "rate_limited",
+        "approval_required",
+        "shadow_deny",
+    ]
+    assert [e.decision for e in await log.query(since=1010.0, tool="spawn-task")] == ["rate_limited"]
+    first, second, *_ = await log.query()
+    assert [e.id for e in await log.query(after_id=second.id)] == [second.id + 1, second.id + 2]
+    assert [e.decision for e in await log.query(limit=2)] == ["allow", "rate_limited"]
+    assert [e.decision for e in await log.query(limit=2, newest=True)] == ["approval_required", "shadow_deny"]
+    with pytest.raises(InvalidDecision):
+        await log.query(decision="nope")

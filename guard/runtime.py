@@ -1,0 +1,399 @@
+"""The guard at run time: one decision per tool call, in a fixed order.
+
+hide → argument check → deny / conditions / default → approval → rate
+limits → the handler → the audit record. Nothing here knows about MCP
+(``guard.middleware`` adapts it) or about tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+
+from guard.approvals import (
+    Approval,
+    ApprovalError,
+    Approvals,
+    ApprovalStatus,
+    call_digest,
+)
+from guard.audit import AuditLog, AuditRecord, Decision, Outcome
+from guard.changes import ChangeFeed
+from guard.clock import Clock, SystemClock
+from guard.database import Database
+from guard.decision import Verdict, decide
+from guard.limits import Exhausted, Limiter, Reservation, ScopeKeys
+from guard.outcomes import Refusal
+from guard.policy import ApprovalSettings, Policy
+from guard.redaction import redact
+from guard.reload import PolicySource
+from guard.schema import migrate
+from guard.validation import ArgumentChecker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Call:
+    tool: str
+    args: Mapping[str, Any]
+    identity: str
+    session: str
+
+
+class Caller(Protocol):
+    identity: str
+    session: str
+
+
+class ApprovalAsker(Protocol):
+    """Asks the person at the MCP client to approve a call (elicitation).
+
+    ``rounds`` False: ``ask`` sends the question and waits for the answer.
+    ``rounds`` True (2026-07-28): ``ask`` returns the answer carried by this
+    request, or raises ``AskLater`` with the result that asks the question.
+    """
+
+    rounds: bool
+
+    async def ask(self, approval: Approval, call: Call) -> bool | None:
+        """True approve, False refuse, None nobody answered."""
+        ...
+
+
+class AskLater(Exception):
+    """The client must be asked in a later round (2026-07-28 input_required):
+    the caller returns ``result`` now and the same call comes back with the answer."""
+
+    def __init__(self, result: Any) -> None:
+        super().__init__("input required from the client")
+        self.result = result
+
+
+class Unknown(Exception):
+    """The tool does not exist for this caller (absent, or hidden by policy)."""
+
+    def __init__(self, tool: str) -> None:
+        super().__init__(f"Unknown tool: {tool}")
+        self.tool = tool
+
+
+@dataclass
+class Admission:
+    """The call may run; settle it with ``Guard.settle`` once it has."""
+
+    call: Call
+    decision: Decision
+    rule: str | None
+    reason: str | None
+    reservation: Reservation | None
+    approval_id: str | None
+    started: float
+
+
+class Guard:
+    def __init__(
+        self,
+        db: Database,
+        feed: ChangeFeed,
+        policies: PolicySource,
+        *,
+        clock: Clock | None = None,
+        enabled: bool = True,
+        callers: Callable[[Any], Caller] | None = None,
+    ) -> None:
+        self.db = db
+        self.feed = feed
+        self.policies = policies
+        self.clock = clock or SystemClock()
+        self.enabled = enabled
+        self.callers = callers
+        self.limiter = Limiter(db, self.clock)
+        self.approvals = Approvals(db, self.clock, feed)
+        self.audit = AuditLog(db, self.clock)
+        self._checker: ArgumentChecker | None = None
+        self._tool_source: Callable[[], Awaitable[Mapping[str, Mapping[str, Any]]]] | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        db: Database,
+        feed: ChangeFeed,
+        *,
+        policy_path: str | Path | None = None,
+        enabled: bool = True,
+        callers: Callable[[Any], Caller] | None = None,
+        clock: Clock | None = None,
+    ) -> Guard:
+        await migrate(db)
+        return cls(db, feed, PolicySource(policy_path), clock=clock, enabled=enabled, callers=callers)
+
+    @property
+    def policy(self) -> Policy:
+        return self.policies.policy
+
+    @property
+    def middleware(self) -> Any:
+        from guard.middleware import GuardMiddleware
+
+        return GuardMiddleware(self)
+
+    def set_tools(self, server: Any) -> None:
+        """Learn the server's tools (names and input schemas) on first use."""
+
+        async def load() -> Mapping[str, Mapping[str, Any]]:
+            return {t.name: t.input_schema for t in await server.list_tools()}
+
+        self._tool_source = load
+        self._checker = None
+
+    async def tools(self) -> ArgumentChecker:
+        if self._checker is None:
+            self._checker = ArgumentChecker(await self._tool_source() if self._tool_source else {})
+        return self._checker
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Reload the policy when its file changes; flush the audit log on the way out."""
+        try:
+            await self.policies.watch(task_status=task_status)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.audit.flush()
+
+    def is_hidden(self, tool: str) -> bool:
+        policy = self.policy
+        return self.enabled and policy.mode == "enforce" and (tool in policy.hide or "*" in policy.hide)
+
+    # -- one call ------------------------------------------------------------
+
+    async def admit(self, call: Call, asker: ApprovalAsker | None = None) -> Admission | Refusal:
+        """Decide ``call``. Raises ``Unknown`` for a hidden or absent tool, and
+        ``AskLater`` when the client must be asked for approval first."""
+        started = time.monotonic()
+        if not self.enabled:
+            return Admission(call, Decision.ALLOW, None, "guard disabled", None, None, started)
+        policy = self.policy
+        shadow = policy.mode == "shadow"
+        checker = await self.tools()
+
+        if call.tool not in checker:
+            await self._record(call, Decision.HIDDEN, "unknown", "no such tool", started, Outcome.REFUSED)
+            raise Unknown(call.tool)
+
+        verdict = decide(policy, call.tool, call.args, call.identity)
+        if verdict.hidden:
+            if not shadow:
+                await self._record(call, Decision.HIDDEN, verdict.rule_id, verdict.reason, started, Outcome.REFUSED)
+                raise Unknown(call.tool)
+            await self._record(call, Decision.SHADOW_HIDDEN, verdict.rule_id, verdict.reason, started, None)
+
+        problem = checker.check(call.tool, call.args)
+        if problem is not None:
+            field, message = problem
+            refusal = Refusal(
+                "invalid_arguments", call.tool, "schema", f"{field}: {message}", extra={"field": field}
+            )
+            return await self._refuse(call, refusal, Decision.INVALID_ARGUMENTS, started)
+
+        if verdict.action == "deny" and not verdict.hidden:
+            refusal = Refusal("policy_denied", call.tool, verdict.rule_id, verdict.reason)
+            if not shadow:
+                return await self._refuse(call, refusal, Decision.DENY, started)
+            await self._record(call, Decision.SHADOW_DENY, verdict.rule_id, verdict.reason, started, None)
+
+        approval_id: str | None = None
+        if verdict.action == "require_approval":
+            if shadow:
+                await self._record(
+                    call, Decision.SHADOW_APPROVAL_REQUIRED, verdict.rule_id, verdict.reason, started, None
+                )
+            else:
+                outcome = await self._approval(call, verdict, asker, started)
+                if isinstance(outcome, Refusal):
+                    return outcome
+                approval_id = outcome
+
+        reservation: Reservation | None = None
+        if verdict.limits:
+            held = await self.limiter.reserve(verdict.limits, ScopeKeys(session=call.session, identity=call.identity))
+            if isinstance(held, Exhausted):
+                refusal = Refusal(
+                    "rate_limited", call.tool, held.rule_id, held.reason, retry_after_s=round(held.retry_after_s, 3)
+                )
+                if not shadow:
+                    return await self._refuse(call, refusal, Decision.RATE_LIMITED, started, approval_id)
+                await self._record(call, Decision.SHADOW_RATE_LIMITED, held.rule_id, held.reason, started, None)
+            else:
+                reservation = held
+
+        rule = verdict.rule_id
+        return Admission(call, Decision.ALLOW, rule, verdict.reason, reservation, approval_id, started)
+
+    async def settle(self, admission: Admission, outcome: Outcome) -> None:
+        """Record how an admitted call ended; a protocol error gives its room back."""
+        if outcome == Outcome.PROTOCOL_ERROR and admission.reservation is not None:
+            await self.limiter.release(admission.reservation)
+        if not self.enabled:
+            return
+        await self._record(
+            admission.call,
+            admission.decision,
+            admission.rule,
+            admission.reason,
+            admission.started,
+            outcome,
+            admission.approval_id,
+        )
+
+    # -- approvals -------------------------------------------------------------
+
+    async def _approval(
+        self, call: Call, verdict: Verdict, asker: ApprovalAsker | None, started: float
+    ) -> str | Refusal:
+        """The approval id that lets this call run, or the refusal to return."""
+        settings = verdict.approval or ApprovalSettings()
+        digest = call_digest(call.tool, dict(call.args), call.identity)
+
+        usable = await self.approvals.find_usable(digest)
+        if usable is not None and await self.approvals.consume(usable.id):
+            return usable.id
+
+        # A denial or expiry the caller has not been told about yet.
+        told = await self._report_unseen(call, digest, verdict, started)
+        if told is not None:
+            return told
+
+        approval = await self.approvals.open(
+            digest, call.tool, redact(dict(call.args)), call.identity, call.session,
+            verdict.rule_id, verdict.reason, settings.expires_s,
+        )
+        if asker is not None and asker.rounds:
+            # May raise AskLater: the question goes out as this call's result.
+            answer = await asker.ask(approval, call)
+            if answer is not None:
+                await self._decide_from_client(approval, call, answer)
+            approval = await self.approvals.get(approval.id) or approval
+        else:
+            approval = await self._wait_for_decision(approval, call, settings, asker)
+        status = approval.status_at(self.clock.now())
+        if status == ApprovalStatus.APPROVED and await self.approvals.consume(approval.id):
+            return approval.id
+        if status in (ApprovalStatus.DENIED, ApprovalStatus.EXPIRED):
+            told = await self._report_unseen(call, digest, verdict, started)
+            if told is not None:
+                return told
+        refusal = Refusal(
+            "approval_required", call.tool, verdict.rule_id, verdict.reason, approval=approval.summary()
+        )
+        return await self._refuse(call, refusal, Decision.APPROVAL_REQUIRED, started, approval.id)
+
+    async def _report_unseen(self, call: Call, digest: str, verdict: Verdict, started: float) -> Refusal | None:
+        latest = await self.approvals.latest(digest)
+        if latest is None or latest.used_at is not None:
+            return None
+        status = latest.status_at(self.clock.now())
+        if status not in (ApprovalStatus.DENIED, ApprovalStatus.EXPIRED):
+            return None
+        # Tell it once; the next identical call opens a new approval.
+        if not await self.approvals.acknowledge(latest.id):
+            return None
+        summary = {**latest.summary(), "status": status.value}
+        if status == ApprovalStatus.DENIED:
+            reason = latest.decision_note or "denied"
+            refusal = Refusal("approval_denied", call.tool, verdict.rule_id, reason, approval=summary)
+            return await self._refuse(call, refusal, Decision.APPROVAL_DENIED, started, latest.id)
+        refusal = Refusal(
+            "approval_expired", call.tool, verdict.rule_id, "nobody decided before it expired", approval=summary
+        )
+        return await self._refuse(call, refusal, Decision.APPROVAL_EXPIRED, started, latest.id)
+
+    async def _wait_for_decision(
+        self, approval: Approval, call: Call, settings: ApprovalSettings, asker: ApprovalAsker | None
+    ) -> Approval:
+        """Wait for the first answer, from a human (CLI, inbox) or from the client.
+
+        Without a client to ask, wait ``wait_s``. A client that can ask its
+        person is given until the approval expires: someone is looking at it.
+        """
+        if approval.status != ApprovalStatus.PENDING:
+            return approval
+        limit = settings.wait_s
+        if asker is not None:
+            limit = max(limit, approval.expires_at - self.clock.now())
+
+
+        async def from_humans() -> None:
+            while True:
+                since = self.feed.generation
+                current = await self.approvals.get(approval.id)
+                if current is None or current.status_at(self.clock.now()) != ApprovalStatus.PENDING:
+                    return
+                await self.feed.wait(since, max(0.0, current.expires_at - self.clock.now()))
+
+        async def from_client() -> None:
+            assert asker is not None
+            answer = await asker.ask(approval, call)
+            if answer is None:
+                await anyio.sleep_forever()
+            await self._decide_from_client(approval, call, answer)
+
+        with anyio.move_on_after(limit):
+            async with anyio.create_task_group() as tg:
+
+                async def first(fn: Callable[[], Awaitable[None]]) -> None:
+                    await fn()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(first, from_humans)
+                if asker is not None:
+                    tg.start_soon(first, from_client)
+        return await self.approvals.get(approval.id) or approval
+
+    async def _decide_from_client(self, approval: Approval, call: Call, approve: bool) -> None:
+        by = f"{call.identity} (in the MCP client)"
+        note = None if approve else "declined in the MCP client"
+        try:
+            await self.approvals.decide(approval.id, approve, by, note)
+        except ApprovalError as exc:
+            # Someone decided first (or it expired): the first answer stands.
+            logger.info("client answer for %s not used: %s", approval.id, exc)
+
+    # -- audit -------------------------------------------------------------------
+
+    async def _refuse(
+        self, call: Call, refusal: Refusal, decision: Decision, started: float, approval_id: str | None = None
+    ) -> Refusal:
+        await self._record(call, decision, refusal.rule, refusal.reason, started, Outcome.REFUSED, approval_id)
+        return refusal
+
+    async def _record(
+        self,
+        call: Call,
+        decision: Decision,
+        rule: str | None,
+        reason: str | None,
+        started: float,
+        outcome: Outcome | None,
+        approval_id: str | None = None,
+    ) -> None:
+        # Awaited: the record is committed before the result reaches the client.
+        await self.audit.record(
+            AuditRecord(
+                identity=call.identity,
+                session=call.session,
+                tool=call.tool,
+                args=dict(call.args),
+                decision=decision,
+                rule=rule,
+                reason=reason,
+                approval_id=approval_id,
+                duration_ms=round((time.monotonic() - started) * 1000, 3),
+                outcome=outcome,
+            )
+        )

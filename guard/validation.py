@@ -1,0 +1,102 @@
+"""Argument checks against a tool's input schema, with errors that name the field and the bound."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError, best_match
+
+
+class ArgumentChecker:
+    """One compiled validator per tool schema."""
+
+    def __init__(self, schemas: Mapping[str, Mapping[str, Any]]) -> None:
+        # Unknown arguments are refused: a misspelt "timeout" must not be
+        # silently ignored while the caller believes it applied.
+        self._validators = {
+            name: Draft202012Validator({"additionalProperties": False, **schema}) for name, schema in schemas.items()
+        }
+
+    def __contains__(self, tool: str) -> bool:
+        return tool in self._validators
+
+    def check(self, tool: str, args: Any) -> tuple[str, str] | None:
+        """``(field, message)`` for the most relevant problem, or None if the arguments fit."""
+        validator = self._validators.get(tool)
+        if validator is None:
+            return None
+        error = best_match(validator.iter_errors(args))
+        if error is None:
+            return None
+        field, message = describe(error)
+        return field or "arguments", message
+
+
+def describe(error: ValidationError) -> tuple[str, str]:
+    # A union (str | list, X | None) reports its most specific branch.
+    while error.validator in ("anyOf", "oneOf") and error.context:
+        error = _best_branch(error)
+    path = ".".join(str(p) for p in error.absolute_path)
+    value, bound, kind = error.instance, error.validator_value, error.validator
+    match kind:
+        case "required":
+            missing = error.message.split("'")[1] if "'" in error.message else str(bound)
+            return _join(path, missing), "is required"
+        case "additionalProperties":
+            extra = sorted(set(value) - set(error.schema.get("properties", {}))) if isinstance(value, dict) else []
+            return _join(path, extra[0] if extra else "?"), "is not an argument of this tool"
+        case "minLength":
+            return path, f"must be at least {bound} character{'s' * (bound != 1)} long (got {len(value)})"
+        case "maxLength":
+            return path, f"must be at most {bound} characters long (got {len(value)})"
+        case "minItems":
+            return path, f"must have at least {bound} item{'s' * (bound != 1)} (got {len(value)})"
+        case "maxItems":
+            return path, f"must have at most {bound} items (got {len(value)})"
+        case "minimum":
+            return path, f"must be >= {bound} (got {value})"
+        case "maximum":
+            return path, f"must be <= {bound} (got {value})"
+        case "exclusiveMinimum":
+            return path, f"must be > {bound} (got {value})"
+        case "exclusiveMaximum":
+            return path, f"must be < {bound} (got {value})"
+        case "enum":
+            return path, "must be one of " + ", ".join(repr(v) for v in bound) + f" (got {value!r})"
+        case "const":
+            return path, f"must be {bound!r} (got {value!r})"
+        case "type":
+            wanted = bound if isinstance(bound, str) else " or ".join(bound)
+            return path, f"must be of type {wanted} (got {_json_type(value)})"
+        case "pattern":
+            return path, f"must match {bound!r}"
+        case _:
+            return path, error.message
+
+
+def _best_branch(error: ValidationError) -> ValidationError:
+    # Prefer the branch whose type matched (its error is deeper than a type error).
+    typed = [e for e in error.context if e.validator != "type"]
+    return best_match(typed or error.context) or error.context[0]
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"

@@ -1,0 +1,501 @@
+"""The policy guard through a real MCP client over stdio, against a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+from mcp.shared.exceptions import MCPError
+from mcp_types import ElicitResult
+
+from tests.support import FIXTURES, Workspace, call, call_error, server_process, spawn_and_wait, stdio_client, text_of
+
+pytestmark = pytest.mark.anyio
+
+
+def policy_ws(tmp_path: Path, text: str, name: str = "policy.yaml") -> Workspace:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return Workspace(tmp_path, policy=path)
+
+
+def approvals(ws: Workspace) -> list[dict]:
+    return json.loads(ws.cli("approvals", "list", "--json").stdout)
+
+
+def audit(ws: Workspace, *args: str) -> list[dict]:
+    out = ws.cli("audit", "--json", *args).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+# -- dialects -------------------------------------------------------------------
+
+
+async def test_catalogue_seed_policy_limits_message_task_and_denies_cancel(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path, policy=FIXTURES / "policies" / "catalogue_seed.yaml")
+    async with stdio_client(ws) as client:
+        task = await spawn_and_wait(client, "say hi")  # not in the file: allowed
+        denied = await call_error(client, "cancel-task", {"task_id": task["task_id"]})
+        assert denied.structured_content == {
+            "error": "policy_denied",
+            "tool": "cancel-task",
+            "rule": "cancel-task#1",
+            "reason": "Blocked by default — enable with approval",
+        }
+        assert text_of(denied).startswith("policy_denied: cancel-task is not allowed")
+
+        outcomes = []
+        for _ in range(31):
+            r = await client.call_tool("message-task", {"task_id": task["task_id"], "message": "say again"})
+            outcomes.append(r)
+        assert sum(not r.is_error for r in outcomes) == 30
+        limited = outcomes[-1].structured_content
+        assert limited["error"] == "rate_limited"
+        assert limited["rule"] == "message-task#1"
+        assert limited["reason"] == "30 calls per 60 s per session"
+        assert 0 < limited["retry_after_s"] <= 60
+
+
+async def test_policylayer_json_seed_denies_everything_but_its_tool(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path, policy=FIXTURES / "policies" / "policylayer_seed.json")
+    async with stdio_client(ws) as client:
+        denied = await call_error(client, "list-tasks", {})
+        assert denied.structured_content["error"] == "policy_denied"
+        assert denied.structured_content["rule"] == "default"
+        assert "default: deny" in denied.structured_content["reason"]
+    explained = ws.cli(
+        "policy", "explain", str(FIXTURES / "policies" / "policylayer_seed.json"),
+        "--tool", "agentwork_send_message", "--identity", "alice",
+    )
+    assert "allow" in explained.stdout
+    assert "30 calls per 60 s per identity" in explained.stdout
+
+
+async def test_intercept_dialect_conditions_and_rate_limit_string(tmp_path: Path) -> None:
+    ws = policy_ws(
+        tmp_path,
+        """\
+        version: "1"
+        description: "intercept-style policy for taskwarden"
+        default: allow
+        tools:
+          spawn-task:
+            rules:
+              - name: "say only"
+                conditions:
+                  - path: "args.prompt"
+                    op: "regex"
+                    value: "^say "
+                on_deny: "Only 'say' prompts are allowed here"
+              - name: "spawn rate"
+                rate_limit: "2/minute"
+        """,
+    )
+    async with stdio_client(ws) as client:
+        bad = await call_error(client, "spawn-task", {"prompt": "rm -rf / --no-preserve-root"})
+        assert bad.structured_content["error"] == "policy_denied"
+        assert bad.structured_content["rule"] == "say only"
+        assert bad.structured_content["reason"] == "Only 'say' prompts are allowed here"
+        await call(client, "spawn-task", {"prompt": "say one"})
+        await call(client, "spawn-task", {"prompt": "say two"})
+        third = await call_error(client, "spawn-task", {"prompt": "say three"})
+        assert third.structured_content["error"] == "rate_limited"
+        assert third.structured_content["rule"] == "spawn rate"
+        assert third.structured_content["retry_after_s"] > 0
+
+
+async def test_default_policy_limits_writes_and_holds_cancels(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path, policy=None)
+    async with stdio_client(ws) as client:
+        task = await spawn_and_wait(client, "say under the default policy")
+        assert task["status"] == "completed"
+        start = time.monotonic()
+        held = await call_error(client, "cancel-task", {"task_id": task["task_id"]})
+        assert held.structured_content["error"] == "approval_required"
+        assert time.monotonic() - start >= 19, "the default policy waits wait_s (20 s) for a human"
+
+
+# -- limits -----------------------------------------------------------------------
+
+
+async def test_100_concurrent_calls_against_a_limit_of_30_admit_exactly_30(tmp_path: Path) -> None:
+    ws = policy_ws(
+        tmp_path,
+        """\
+        default: allow
+        tools:
+          list-tasks:
+            rules:
+              - action: allow
+                rate_limit: {max: 30, window: 60, scope: session}
+        """,
+    )
+    async with stdio_client(ws) as client:
+        results = []
+
+        async def one() -> None:
+            results.append(await client.call_tool("list-tasks", {"limit": 1}))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(100):
+                tg.start_soon(one)
+    admitted = [r for r in results if not r.is_error]
+    limited = [r.structured_content for r in results if r.is_error]
+    assert len(admitted) == 30
+    assert len(limited) == 70
+    assert all(d["error"] == "rate_limited" and 0 < d["retry_after_s"] <= 60 for d in limited)
+
+
+async def test_an_identity_scoped_counter_survives_a_restart(tmp_path: Path) -> None:
+    ws = policy_ws(
+        tmp_path,
+        """\
+        default: allow
+        tools:
+          list-tasks:
+            rules:
+              - action: allow
+                rate_limit: {max: 3, window: hour, scope: identity}
+        """,
+    )
+    async with stdio_client(ws) as client:
+        for _ in range(2):
+            await call(client, "list-tasks", {})
+    async with stdio_client(ws) as client:  # a new process and a new MCP session
+        await call(client, "list-tasks", {})
+        limited = await call_error(client, "list-tasks", {})
+        assert limited.structured_content["error"] == "rate_limited"
+        assert limited.structured_content["reason"] == "3 calls per 3600 s per identity"
+
+
+async def test_a_call_that_ends_in_a_protocol_error_gives_its_room_back(tmp_path: Path) -> None:
+    ws = policy_ws(
+        tmp_path,
+        """\
+        default: allow
+        tools:
+          "*":
+            rules:
+              - action: allow
+                rate_limit: {max: 2, window: 60, scope: global}
+        """,
+    )
+    async with stdio_client(ws) as client:
+        for _ in range(3):
+            with pytest.raises(MCPError):
+                await client.read_resource("task://tsk_missing")  # not a tool call: never counted
+        await call(client, "list-tasks", {})
+        await call(client, "list-tasks", {})
+        assert (await call_error(client, "list-tasks", {})).structured_content["error"] == "rate_limited"
+
+
+# -- approvals ----------------------------------------------------------------------
+
+FAST_APPROVALS = """\
+default: allow
+tools:
+  cancel-task:
+    rules:
+      - action: require_approval
+        reason: "Cancelling needs a human"
+        approval: {wait_s: 1, expires_s: EXPIRES}
+"""
+
+
+async def test_approval_flow_denied_then_approved_used_once_and_bound_to_the_arguments(tmp_path: Path) -> None:
+    ws = policy_ws(tmp_path, FAST_APPROVALS.replace("EXPIRES", "300"))
+    async with stdio_client(ws) as client:
+        a = await call(client, "spawn-task", {"prompt": "sleep 120"})
+        b = await call(client, "spawn-task", {"prompt": "sleep 120"})
+        args = {"task_id": a["task_id"], "reason": "obsolete"}
+
+        first = (await call_error(client, "cancel-task", args)).structured_content
+        assert first["error"] == "approval_required"
+        assert first["reason"] == "Cancelling needs a human"
+        apr1 = first["approval"]["id"]
+        assert f"taskwarden approvals approve {apr1}" in first["approval"]["how_to_approve"]
+        [pending] = approvals(ws)
+        assert pending["id"] == apr1 and pending["status"] == "pending"
+        assert pending["args"] == args
+
+        assert ws.cli("approvals", "deny", apr1, "--reason", "keep it running, it is the release build").returncode == 0
+        denied = await call_error(client, "cancel-task", args)
+        assert denied.structured_content["error"] == "approval_denied"
+        assert denied.structured_content["reason"] == "keep it running, it is the release build"
+        assert "keep it running" in text_of(denied).splitlines()[0]
+
+        again = (await call_error(client, "cancel-task", args)).structured_content
+        assert again["error"] == "approval_required"
+        apr2 = again["approval"]["id"]
+        assert apr2 != apr1
+
+        ws.cli("approvals", "approve", apr2, "--as", "maria", "--comment", "ok")
+        ran = await call(client, "cancel-task", args)
+        assert ran["cancelled"] == [a["task_id"]]
+
+        used = (await call_error(client, "cancel-task", args)).structured_content
+        assert used["error"] == "approval_required"
+        assert used["approval"]["id"] not in (apr1, apr2), "an approval is used once"
+
+        other = (await call_error(client, "cancel-task", {"task_id": b["task_id"]})).structured_content
+        assert other["error"] == "approval_required"
+        assert other["approval"]["id"] not in (apr1, apr2, used["approval"]["id"])
+
+        decided = {x["id"]: x for x in approvals(ws)}
+        assert decided[apr2]["decided_by"] == "maria"
+        assert decided[apr1]["decision_note"] == "keep it running, it is the release build"
+        assert decided[apr2]["used_at"] is not None
+        denial_reason = ws.cli("approvals", "deny", used["approval"]["id"], "--reason", "  ", check=False)
+        assert denial_reason.returncode == 2 and "reason is required" in (denial_reason.stdout + denial_reason.stderr)
+
+
+async def test_a_waiting_call_runs_when_a_human_approves_from_another_process(tmp_path: Path) -> None:
+    ws = policy_ws(tmp_path, FAST_APPROVALS.replace("wait_s: 1", "wait_s: 30").replace("EXPIRES", "300"))
+    async with stdio_client(ws) as client:
+        task = await call(client, "spawn-task", {"prompt": "sleep 120"})
+        results = []
+
+        async def cancel() -> None:
+            results.append(await client.call_tool("cancel-task", {"task_id": task["task_id"]}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancel)
+            while not approvals(ws):
+                await anyio.sleep(0.1)
+            [pending] = approvals(ws)
+            approved_at = time.monotonic()
+            ws.cli("approvals", "approve", pending["id"])
+        returned_after = time.monotonic() - approved_at
+    assert not results[0].is_error, text_of(results[0])
+    assert results[0].structured_content["cancelled"] == [task["task_id"]]
+    # Generous: the contract is 0.5 s; benchmarks measure the real figure.
+    assert returned_after < 10
+
+
+async def test_an_unanswered_approval_expires(tmp_path: Path) -> None:
+    ws = policy_ws(tmp_path, FAST_APPROVALS.replace("EXPIRES", "2"))
+    async with stdio_client(ws) as client:
+        task = await call(client, "spawn-task", {"prompt": "sleep 120"})
+        first = (await call_error(client, "cancel-task", {"task_id": task["task_id"]})).structured_content
+        assert first["error"] == "approval_required"
+        await anyio.sleep(2.2)
+        expired = (await call_error(client, "cancel-task", {"task_id": task["task_id"]})).structured_content
+        assert expired["error"] == "approval_expired"
+        assert expired["approval"]["id"] == first["approval"]["id"]
+        late = ws.cli("approvals", "approve", first["approval"]["id"], check=False)
+        assert late.returncode != 0 and "expired" in late.stdout + late.stderr
+        fresh = (await call_error(client, "cancel-task", {"task_id": task["task_id"]})).structured_content
+        assert fresh["error"] == "approval_required"
+        assert fresh["approval"]["id"] != first["approval"]["id"]
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+@pytest.mark.parametrize("answer", ["approve", "refuse", "decline"])
+async def test_elicitation_asks_the_person_in_the_client(tmp_path: Path, mode: str, answer: str) -> None:
+    ws = policy_ws(tmp_path, FAST_APPROVALS.replace("wait_s: 1", "wait_s: 30").replace("EXPIRES", "300"))
+    asked: list[str] = []
+
+    async def elicit(ctx, params) -> ElicitResult:  # noqa: ANN001 - the SDK's callback shape
+        asked.append(params.message)
+        if answer == "approve":
+            return ElicitResult(action="accept", content={"approve": True})
+        if answer == "refuse":
+            return ElicitResult(action="accept", content={"approve": False})
+        return ElicitResult(action="decline")
+
+    async with stdio_client(ws, mode=mode, elicitation_callback=elicit) as client:
+        task = await call(client, "spawn-task", {"prompt": "sleep 120"})
+        result = await client.call_tool("cancel-task", {"task_id": task["task_id"]})
+    assert len(asked) == 1
+    assert "cancel-task" in asked[0] and task["task_id"] in asked[0]
+    [record] = approvals(ws)
+    if answer == "approve":
+        assert not result.is_error, text_of(result)
+        assert result.structured_content["cancelled"] == [task["task_id"]]
+        assert record["status"] == "approved" and "MCP client" in record["decided_by"]
+    else:
+        assert result.structured_content["error"] == "approval_denied"
+        assert record["status"] == "denied"
+
+
+# -- hiding, shadow mode, reload ------------------------------------------------------
+
+
+async def test_a_hidden_tool_reads_exactly_like_a_tool_that_does_not_exist(tmp_path: Path) -> None:
+    ws = policy_ws(tmp_path, "default: allow\nhide: [cancel-task]\n")
+    async with stdio_client(ws) as client:
+        names = {t.name for t in (await client.list_tools()).tools}
+        assert "cancel-task" not in names and "spawn-task" in names
+        with pytest.raises(MCPError) as hidden:
+            await client.call_tool("cancel-task", {"task_id": "tsk_x"})
+        with pytest.raises(MCPError) as missing:
+            await client.call_tool("no-such-tool", {"task_id": "tsk_x"})
+    assert hidden.value.error.code == missing.value.error.code
+    assert str(hidden.value).replace("cancel-task", "X") == str(missing.value).replace("no-such-tool", "X")
+    assert str(hidden.value) == "Unknown tool: cancel-task"
+
+
+async def test_shadow_mode_logs_what_it_would_deny_and_allows(tmp_path: Path) -> None:
+    ws = policy_ws(
+        tmp_path,
+        """\
+        default: deny
+        mode: shadow
+        tools:
+          spawn-task:
+            rules:
+              - action: deny
+                reason: "no new work on Fridays"
+        """,
+    )
+    async with stdio_client(ws) as client:
+        task = await spawn_and_wait(client, "say shadowed")
+        assert task["status"] == "completed"
+        listed = await call(client, "list-tasks", {})
+        assert len(listed["tasks"]) == 1
+    decisions = {(r["tool"], r["decision"]) for r in audit(ws)}
+    assert ("spawn-task", "shadow_deny") in decisions
+    assert ("list-tasks", "shadow_deny") in decisions
+    assert ("spawn-task", "allow") in decisions
+
+
+async def test_hot_reload_applies_a_changed_policy_and_keeps_it_on_a_bad_change(tmp_path: Path) -> None:
+    ws = policy_ws(tmp_path, "default: allow\n")
+    policy = tmp_path / "policy.yaml"
+    async with stdio_client(ws) as client:
+        await call(client, "list-tasks", {})
+        policy.write_text("default: allow\ntools:\n  list-tasks:\n    rules:\n      - action: deny\n        reason: frozen\n")
+
+        async def denied() -> bool:
+            r = await client.call_tool("list-tasks", {})
+            return r.is_error and r.structured_content["reason"] == "frozen"
+
+        deadline = time.monotonic() + 10
+        while not await denied():
+            assert time.monotonic() < deadline, "the changed policy was not applied"
+            await anyio.sleep(0.1)
+
+        policy.write_text("default: allow\ntools:\n  list-tasks:\n    rules:\n      - action: maybe\n")
+        await anyio.sleep(1.5)
+        assert await denied(), "a bad change must keep the policy in force"
+        assert server_process(ws).is_running()
+
+
+async def test_a_bad_reload_is_logged_with_its_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("default: allow\n")
+    ws = Workspace(tmp_path, policy=policy)
+    stderr_path = tmp_path / "stderr.log"
+    with stderr_path.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker_server", "serve", "--config", str(ws.config)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr, env=ws.server_env(),
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while "serving MCP on stdio" not in stderr_path.read_text():
+                assert time.monotonic() < deadline
+                await anyio.sleep(0.1)
+            await anyio.sleep(1)
+            policy.write_text("default: allow\ntools:\n  list-tasks:\n    rules:\n      - action: maybe\n")
+            deadline = time.monotonic() + 10
+            while "policy reload failed" not in stderr_path.read_text():
+                assert time.monotonic() < deadline, stderr_path.read_text()
+                await anyio.sleep(0.1)
+        finally:
+            proc.stdin.close()
+            proc.wait(20)
+    text = stderr_path.read_text()
+    assert "keeping the previous policy" in text
+    assert f"{policy}:5" in text and "action" in text
+
+
+# -- audit and redaction ------------------------------------------------------------
+
+
+async def test_secrets_never_reach_the_database_files(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    secret = "sk-live-" + os.urandom(16).hex()
+    bearer = "Bearer " + os.urandom(24).hex()
+    async with stdio_client(ws) as client:
+        await call_error(client, "spawn-task", {"prompt": "say hi", "api_key": secret})
+        await call_error(client, "get-task", {"task_id": secret[:60]})
+        await call_error(client, "list-tasks", {"authorization": bearer})
+        await call(client, "list-tasks", {})
+    records = audit(ws)
+    assert any(r["tool"] == "spawn-task" and r["args"]["api_key"] == "[REDACTED]" for r in records)
+    for suffix in ("", "-wal", "-shm"):
+        path = Path(str(ws.db) + suffix)
+        if path.exists():
+            data = path.read_bytes()
+            assert secret.encode() not in data, f"secret found in {path.name}"
+            assert secret[8:40].encode() not in data
+            assert bearer.split()[1].encode() not in data
+
+
+async def test_the_audit_trail_records_every_decision(tmp_path: Path) -> None:
+    ws = policy_ws(
+        tmp_path,
+        """\
+        default: allow
+        tools:
+          cancel-task:
+            rules:
+              - action: deny
+                reason: nope
+        """,
+    )
+    async with stdio_client(ws) as client:
+        task = await spawn_and_wait(client, "say audited")
+        await call_error(client, "cancel-task", {"task_id": task["task_id"]})
+        await call_error(client, "get-task", {"task_id": ""})
+    records = audit(ws)
+    spawn = next(r for r in records if r["tool"] == "spawn-task")
+    assert spawn["decision"] == "allow" and spawn["outcome"] == "ok"
+    assert spawn["identity"] == "tester" and spawn["session"].startswith("stdio_")
+    assert spawn["args"] == {"prompt": "say audited"}
+    assert len(spawn["args_digest"]) == 64 and spawn["duration_ms"] >= 0
+    denied = next(r for r in records if r["tool"] == "cancel-task")
+    assert (denied["decision"], denied["rule"], denied["reason"]) == ("deny", "cancel-task#1", "nope")
+    invalid = next(r for r in records if r["tool"] == "get-task")
+    assert invalid["decision"] == "invalid_arguments"
+    only_denials = audit(ws, "--decision", "deny")
+    assert {r["tool"] for r in only_denials} == {"cancel-task"}
+    table = ws.cli("audit", "--tool", "spawn-task").stdout
+    assert "spawn-task" in table and "allow" in table
+
+
+# -- policy CLI -------------------------------------------------------------------------
+
+
+def test_policy_check_reports_a_bad_file_with_its_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("default: allow\ntools:\n  spawn-task:\n    rules:\n      - action: allow\n        rate_limit:\n          max: ten\n          window: 60\n")
+    ws = Workspace(tmp_path)
+    out = ws.cli("policy", "check", str(bad), check=False)
+    assert out.returncode == 1
+    assert f"{bad}:7" in out.stdout + out.stderr
+    assert "max" in out.stdout + out.stderr
+    good = ws.cli("policy", "check", str(FIXTURES / "policies" / "catalogue_seed.yaml"))
+    assert good.stdout.startswith("OK")
+
+
+def test_policy_explain_and_test(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    policy = FIXTURES / "policies" / "taskwarden_full.yaml"
+    explained = ws.cli("policy", "explain", str(policy), "--tool", "cancel-task", "--args", '{"task_id": "t1"}')
+    assert explained.stdout.startswith("decision: allow")
+    assert "rule: *#1" in explained.stdout
+    assert "600 calls per 60 s across all callers" in explained.stdout
+    tested = ws.cli("policy", "test", str(policy), str(FIXTURES / "policies" / "taskwarden_full_cases.yaml"))
+    assert "0 failed" in tested.stdout
+    bad_args = ws.cli("policy", "explain", str(policy), "--tool", "x", "--args", "{nope", check=False)
+    assert bad_args.returncode == 2

@@ -170,6 +170,25 @@ class Limiter:
             self._writer = loop.create_task(self._drain(), name="guard-limiter")
         return await future
 
+    async def usage(
+        self, counters: Sequence[tuple[str, float, str]], keys: ScopeKeys
+    ) -> dict[str, int]:
+        """Units now in each ``(counter, window_s, scope)`` window, for ``state.<counter>`` conditions."""
+        planned = [
+            (name, _plan(LimitRequest(name, name, 0, window_s, scope), keys))  # type: ignore[arg-type]
+            for name, window_s, scope in counters
+        ]
+        if not planned:
+            return {}
+        now = round(self._clock.now() * _US)
+
+        def read(c: sqlite3.Connection) -> dict[str, int]:
+            return {
+                name: c.execute(_SUM_SQL, (*item.key, now - item.window_us)).fetchone()[0] for name, item in planned
+            }
+
+        return await self._db.read(read)
+
     async def release(self, reservation: Reservation) -> None:
         """Give the room back (the call did not happen). Releasing twice is harmless."""
         if not reservation.ids:

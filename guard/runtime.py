@@ -27,7 +27,8 @@ from guard.audit import AuditLog, AuditRecord, Decision, Outcome
 from guard.changes import ChangeFeed
 from guard.clock import Clock, SystemClock
 from guard.database import Database
-from guard.decision import Verdict, decide
+from guard.conditions import STATE_PREFIX
+from guard.decision import CounterLookup, Verdict, decide
 from guard.limits import Exhausted, Limiter, Reservation, ScopeKeys
 from guard.outcomes import Refusal
 from guard.policy import ApprovalSettings, Policy
@@ -186,7 +187,7 @@ class Guard:
             await self._record(call, Decision.HIDDEN, "unknown", "no such tool", started, Outcome.REFUSED)
             raise Unknown(call.tool)
 
-        verdict = decide(policy, call.tool, call.args, call.identity)
+        verdict = decide(policy, call.tool, call.args, call.identity, await self._counters(policy, call))
         if verdict.hidden:
             if not shadow:
                 await self._record(call, Decision.HIDDEN, verdict.rule_id, verdict.reason, started, Outcome.REFUSED)
@@ -234,6 +235,22 @@ class Guard:
 
         rule = verdict.rule_id
         return Admission(call, Decision.ALLOW, rule, verdict.reason, reservation, approval_id, started)
+
+    async def _counters(self, policy: Policy, call: Call) -> CounterLookup:
+        """Current values of the counters this tool's conditions read (``state.<name>``)."""
+        names = {
+            cond.path[len(STATE_PREFIX) :]
+            for rule in (*policy.tools.get(call.tool, ()), *policy.tools.get("*", ()))
+            for cond in rule.conditions
+            if cond.path.startswith(STATE_PREFIX)
+        }
+        wanted = [(n, policy.counters[n].window_s, policy.counters[n].scope) for n in names if n in policy.counters]
+        values = await self.limiter.usage(wanted, ScopeKeys(session=call.session, identity=call.identity))
+
+        def lookup(counter: str, window_s: float, scope: str) -> int:
+            return values.get(counter, 0)
+
+        return lookup
 
     async def settle(self, admission: Admission, outcome: Outcome) -> None:
         """Record how an admitted call ended; a protocol error gives its room back."""

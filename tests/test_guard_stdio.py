@@ -109,6 +109,49 @@ async def test_intercept_dialect_conditions_and_rate_limit_string(tmp_path: Path
         assert third.structured_content["retry_after_s"] > 0
 
 
+async def test_intercept_state_counters_budget_and_conditions_on_them(tmp_path: Path) -> None:
+    ws = policy_ws(
+        tmp_path,
+        """\
+        version: "1"
+        default: allow
+        tools:
+          spawn-task:
+            rules:
+              - name: "worker-seconds budget"
+                conditions:
+                  - path: "state.spawn-task.seconds"
+                    op: "lte"
+                    value: 100
+                on_deny: "The hourly budget of 100 worker-seconds is used up"
+                state:
+                  counter: "seconds"
+                  window: "hour"
+                  increment_from: "args.timeout_s"
+          list-tasks:
+            rules:
+              - name: "quiet after big spends"
+                conditions:
+                  - path: "state.spawn-task.seconds"
+                    op: "lt"
+                    value: 60
+                on_deny: "No listing after 60 worker-seconds were spent"
+        """,
+    )
+    async with stdio_client(ws) as client:
+        await call(client, "spawn-task", {"prompt": "say a", "timeout_s": 50})
+        await call(client, "list-tasks", {})  # 50 < 60
+        await call(client, "spawn-task", {"prompt": "say b", "timeout_s": 40})
+        quiet = await call_error(client, "list-tasks", {})  # 90 is not < 60
+        assert quiet.structured_content["rule"] == "quiet after big spends"
+        assert quiet.structured_content["reason"] == "No listing after 60 worker-seconds were spent"
+        over = await call_error(client, "spawn-task", {"prompt": "say c", "timeout_s": 20})  # 110 > 100
+        assert over.structured_content["error"] == "rate_limited"
+        assert over.structured_content["reason"] == "The hourly budget of 100 worker-seconds is used up"
+        fits = await call(client, "spawn-task", {"prompt": "say d", "timeout_s": 10})  # exactly 100
+        assert fits["status"] in ("queued", "working", "completed")
+
+
 async def test_default_policy_limits_writes_and_holds_cancels(tmp_path: Path) -> None:
     ws = Workspace(tmp_path, policy=None)
     async with stdio_client(ws) as client:

@@ -440,3 +440,16 @@ def test_serve_writes_only_mcp_to_stdout(ws: Workspace) -> None:
     assert "serving MCP on stdio" in proc.stderr
     assert os.path.exists(ws.db)
     assert psutil is not None
+
+
+async def test_stopping_the_server_fails_running_turns_as_interrupted(ws: Workspace) -> None:
+    worker_file = ws.work / "worker.pid"
+    async with stdio_client(ws) as client:
+        task = await call(client, "spawn-task", {"prompt": f"pid {worker_file}\nsleep 300"})
+        await wait_until(lambda: worker_file.exists() and worker_file.read_text())
+    # Closing stdin ends the server; it stops its workers on the way out.
+    assert not pid_alive(int(worker_file.read_text()))
+    async with stdio_client(ws) as client:
+        after = await call(client, "get-task", {"task_id": task["task_id"]})
+        assert after["status"] == "failed"
+        assert after["status_message"] == "interrupted: server stopped"

@@ -62,13 +62,16 @@ class RunningTurn:
     started: float = field(default_factory=time.monotonic)
     cancel_requested: anyio.Event = field(default_factory=anyio.Event)
     cancel_reason: str | None = None
+    # Stopped by the server shutting down rather than by cancel-task.
+    interrupted: bool = False
     done: anyio.Event = field(default_factory=anyio.Event)
     activity: str | None = None
     tail: Tail = field(default_factory=Tail)
 
-    def request_cancel(self, reason: str) -> None:
+    def request_cancel(self, reason: str, *, interrupted: bool = False) -> None:
         if self.cancel_reason is None:
             self.cancel_reason = reason
+            self.interrupted = interrupted
         self.cancel_requested.set()
 
 
@@ -135,7 +138,7 @@ class Runner:
     async def _stop_all(self, reason: str) -> None:
         turns = list(self._running.values())
         for turn in turns:
-            turn.request_cancel(reason)
+            turn.request_cancel(reason, interrupted=True)
         with anyio.move_on_after(10):
             for turn in turns:
                 await turn.done.wait()
@@ -179,7 +182,11 @@ class Runner:
     async def _run_turn(self, turn: RunningTurn) -> None:
         task = turn.task
         try:
-            await self._execute(turn)
+            # A turn ends only through its own cancel event (which stops its
+            # processes and records why), never by having its task cancelled
+            # half-way; server shutdown goes through _stop_all.
+            with anyio.CancelScope(shield=True):
+                await self._execute(turn)
         except Exception:
             logger.exception("task %s: the runner failed", task.id)
             await self.store.finish(task.id, TaskStatus.FAILED, message="internal error: see the server log")
@@ -297,7 +304,12 @@ class Runner:
 
         code = proc.returncode
         tail = turn.tail.text(50)
-        if outcome == "cancelled":
+        if outcome == "cancelled" and turn.interrupted:
+            # The server is stopping: the turn did not finish, nobody cancelled it.
+            await self.store.finish(
+                task.id, TaskStatus.FAILED, message=turn.cancel_reason, exit_code=code, tail=tail
+            )
+        elif outcome == "cancelled":
             await self.store.finish(
                 task.id, TaskStatus.CANCELLED, message=_cancel_message(turn.cancel_reason), exit_code=code, tail=tail
             )

@@ -153,9 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from guard.dialects.source import PolicyError
+
     try:
         return _dispatch(args)
-    except ConfigError as exc:
+    except (ConfigError, PolicyError) as exc:
         print(f"taskwarden: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -266,22 +268,29 @@ async def _tasks(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _humans(args: argparse.Namespace, settings: Settings) -> int:
-    from worker_server.inbox.accounts import Accounts
+    from worker_server.inbox.accounts import Accounts, InvalidName
     from worker_server.server import open_app
 
     async with open_app(settings, run_workers=False, background=False) as app:
         accounts = Accounts(app.db, app.store.clock)
         if args.humans_command == "add":
-            link = await accounts.add(args.name, base_url=args.url or settings.inbox_url)
-            print(f"Added {args.name}. Sign-in link (works once, valid 7 days):\n{link}")
+            try:
+                link = await accounts.add(args.name, base_url=args.url or settings.inbox_url)
+            except InvalidName as exc:
+                print(f"taskwarden: {exc}", file=sys.stderr)
+                return 2
+            print(f"Sign-in link for {args.name.strip()} (works once, for 7 days):\n{link}")
             return 0
         if args.humans_command == "list":
-            for human in await accounts.list():
+            people = await accounts.list()
+            if not people:
+                print("No people yet; add one with: taskwarden humans add NAME")
+            for human in people:
                 print(f"{human.name}\tadded {human.created_at}\t{'signed in' if human.signed_in else 'not signed in'}")
             return 0
         if args.humans_command == "remove":
             if await accounts.remove(args.name):
-                print(f"Removed {args.name}.")
+                print(f"Removed {args.name}; their sign-in links and sessions no longer work.")
                 return 0
             print(f"taskwarden: no person named {args.name!r}", file=sys.stderr)
             return 1

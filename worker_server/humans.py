@@ -3,8 +3,10 @@
 A human task moves: queued (posted) → working (a person claimed it) →
 input_required (they asked a question, or handed in a result) → working
 again (the agent answered, or asked for changes) → completed (the agent
-accepted). Past its deadline it fails as ``expired``. Message bodies are
-stored as given; whatever shows them to a person sanitises them first.
+accepted). Past its deadline it fails as ``expired``. Only the person who
+claimed a task can ask, hand in or release it; anyone may reply on an open
+thread. Message bodies are stored as given; whatever shows them to a person
+sanitises them first.
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ class Humans:
             task_id,
             allowed=[S.WORKING],
             wanted="only a task in progress can be released",
+            claimer=human,
             status=S.QUEUED,
             claimed_by=None,
             message={
@@ -158,6 +161,7 @@ class Humans:
             task_id,
             allowed=[S.WORKING],
             wanted="claim it before asking a question",
+            claimer=human,
             status=S.INPUT_REQUIRED,
             pending_kind="question",
             message={"author": "human", "author_name": human, "kind": "question", "body": text},
@@ -177,6 +181,7 @@ class Humans:
             task_id,
             allowed=[S.WORKING],
             wanted="claim it (or wait for the agent's answer) before handing in",
+            claimer=human,
             status=S.INPUT_REQUIRED,
             pending_kind="review",
             message={"author": "human", "author_name": human, "kind": "handin", "body": text},

@@ -513,10 +513,12 @@ class Store:
         claimed_by: str | None | type[Ellipsis] = ...,
         final: str | None = None,
         status_message: str | None = None,
+        claimer: str | None = None,
     ) -> tuple[TaskRow, MessageRow | None]:
-        """One step of a human task, atomically: check its status, post the
-        step's message (if any), and move it on. ``pending_kind`` makes the new
-        message the task's pending question or hand-in."""
+        """One step of a human task, atomically: check its status (and, with
+        ``claimer``, that this person claimed it), post the step's message (if
+        any), and move it on. ``pending_kind`` makes the new message the task's
+        pending question or hand-in."""
         now = self.clock.now()
 
         def write(c: sqlite3.Connection) -> tuple[TaskRow, MessageRow | None]:
@@ -527,6 +529,8 @@ class Store:
                 raise TransitionRefused(task, "this step is only for human tasks")
             if task.status not in allowed:
                 raise TransitionRefused(task, wanted)
+            if claimer is not None and task.claimed_by != claimer:
+                raise TransitionRefused(task, f"it is claimed by {task.claimed_by}, not by {claimer}")
             posted = _insert_message(c, task_id, now, **message) if message else None
             pending = (
                 json.dumps({"kind": pending_kind, "text": posted.body, "message_id": posted.id})

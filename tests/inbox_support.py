@@ -1,0 +1,90 @@
+"""Helpers for inbox tests: a standalone inbox process, signing in, forms, Chromium."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support import Workspace, free_port, wait_for_port
+
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@asynccontextmanager
+async def inbox_server(ws: Workspace) -> AsyncIterator[str]:
+    """Start ``taskwarden inbox --http`` (the inbox alone) and yield its base URL."""
+    port = free_port()
+    log = open(ws.root / f"inbox-{port}.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker_server", "inbox", "--config", str(ws.config), "--http", f"127.0.0.1:{port}"],
+        env=ws.server_env(),
+        cwd=ws.work,
+        stdout=subprocess.PIPE,
+        stderr=log,
+    )
+    try:
+        await wait_for_port(port, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        out = proc.stdout.read() if proc.stdout else b""
+        assert out == b"", f"the inbox wrote to stdout: {out[:200]!r}"
+
+
+def add_human(ws: Workspace, name: str, base: str) -> str:
+    """``taskwarden humans add NAME``; returns the sign-in link it printed."""
+    out = ws.cli("humans", "add", name, "--url", f"{base}/inbox").stdout
+    links = re.findall(r"https?://\S+/inbox/signin/\S+", out)
+    assert len(links) == 1, out
+    return links[0]
+
+
+async def sign_in(http: httpx.AsyncClient, link: str) -> httpx.Response:
+    """Open the link and press "Sign in" (a POST to the same address)."""
+    page = await http.get(link)
+    assert page.status_code == 200, page.text
+    return await http.post(link)
+
+
+@asynccontextmanager
+async def signed_in_client(ws: Workspace, base: str, name: str = "alice") -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=base, follow_redirects=False, timeout=30) as http:
+        done = await sign_in(http, add_human(ws, name, base))
+        assert done.status_code == 303, done.text
+        yield http
+
+
+def csrf_of(html: str) -> str:
+    match = re.search(r'name="csrf" value="([0-9a-f]{64})"', html)
+    assert match, "no CSRF field on the page"
+    return match.group(1)
+
+
+async def post_form(http: httpx.AsyncClient, page_path: str, action: str, **fields: Any) -> httpx.Response:
+    """Load ``page_path``, then post to ``action`` with the page's CSRF token, as its form would."""
+    page = await http.get(page_path)
+    assert page.status_code == 200, page.text
+    return await http.post(action, data={"csrf": csrf_of(page.text), **fields})

@@ -1,0 +1,242 @@
+"""People who work in the inbox: names, one-time sign-in links, web sessions.
+
+``taskwarden humans add NAME`` makes a sign-in token and prints it as a link;
+the inbox turns a redeemed token into a web session. Only SHA-256 digests of
+tokens and session ids are stored, so a copy of the database signs nobody in.
+A sign-in token works once and for ``SIGNIN_TTL_S``; a new link for the same
+person replaces any unused older one. Removing a person deletes their links
+and sessions: every browser they used is signed out at its next request.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import logging
+import re
+import secrets
+import sqlite3
+from dataclasses import dataclass
+from enum import StrEnum
+
+import anyio
+
+from guard.clock import Clock
+from guard.database import Database, Step
+
+logger = logging.getLogger(__name__)
+
+#: A sign-in link works for this long.
+SIGNIN_TTL_S = 7 * 86_400
+#: A web session lasts this long after signing in.
+SESSION_TTL_S = 30 * 86_400
+
+_NAME_RE = re.compile(r"^[\w][\w .@+-]{0,63}$")
+
+STEPS: list[Step] = [
+    # 1: people, their sign-in tokens and web sessions
+    """
+    CREATE TABLE inbox_humans (
+        name TEXT PRIMARY KEY COLLATE NOCASE,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE inbox_signin_tokens (
+        token_sha256 TEXT PRIMARY KEY,
+        human TEXT NOT NULL COLLATE NOCASE REFERENCES inbox_humans(name) ON DELETE CASCADE,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        used_at REAL
+    );
+    CREATE INDEX inbox_signin_tokens_human ON inbox_signin_tokens(human);
+    CREATE TABLE inbox_sessions (
+        id_sha256 TEXT PRIMARY KEY,
+        human TEXT NOT NULL COLLATE NOCASE REFERENCES inbox_humans(name) ON DELETE CASCADE,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE INDEX inbox_sessions_human ON inbox_sessions(human);
+    """,
+]
+
+
+class InvalidName(ValueError):
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"NAME: {name!r} is not a usable name; use 1..64 letters, digits, spaces and . _ @ + - "
+            "(starting with a letter or digit)"
+        )
+
+
+class LinkState(StrEnum):
+    VALID = "valid"  # unused and unexpired: it signs its person in once
+    USED = "used"  # someone already signed in with it
+    EXPIRED = "expired"  # older than SIGNIN_TTL_S
+    UNKNOWN = "unknown"  # never issued, replaced by a newer link, or its person was removed
+
+
+@dataclass(frozen=True)
+class Human:
+    name: str
+    created_at: str  # ISO 8601 UTC
+    signed_in: bool  # has at least one live web session
+
+
+@dataclass(frozen=True)
+class SignIn:
+    human: str
+    session_id: str  # the raw id: goes into the cookie, never into the database
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def check_name(name: str) -> str:
+    name = name.strip()
+    if not _NAME_RE.match(name):
+        raise InvalidName(name)
+    return name
+
+
+class Accounts:
+    """The inbox's people, stored in ``db`` (tables ``inbox_*``, component "inbox")."""
+
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self._db = db
+        self._clock = clock
+        self._ready = False
+        self._lock = anyio.Lock()
+
+    async def _schema(self) -> None:
+        if self._ready:
+            return
+        async with self._lock:
+            if not self._ready:
+                await self._db.migrate_component("inbox", STEPS)
+                self._ready = True
+
+    # -- people (the CLI) ----------------------------------------------------
+
+    async def add(self, name: str, base_url: str) -> str:
+        """Add ``name`` (if new) and return a fresh one-time sign-in link.
+
+        Any unused link issued earlier for this person stops working.
+        """
+        await self._schema()
+        name = check_name(name)
+        token = secrets.token_urlsafe(32)
+        now = self._clock.now()
+
+        def tx(c: sqlite3.Connection) -> None:
+            c.execute("INSERT OR IGNORE INTO inbox_humans (name, created_at) VALUES (?, ?)", (name, now))
+            # Names compare without case: "Alice" and "alice" are one person, spelled as first added.
+            stored = c.execute("SELECT name FROM inbox_humans WHERE name = ?", (name,)).fetchone()[0]
+            c.execute("DELETE FROM inbox_signin_tokens WHERE human = ? AND used_at IS NULL", (stored,))
+            c.execute(
+                "INSERT INTO inbox_signin_tokens (token_sha256, human, created_at, expires_at) VALUES (?, ?, ?, ?)",
+                (digest(token), stored, now, now + SIGNIN_TTL_S),
+            )
+
+        await self._db.write(tx)
+        logger.info("sign-in link issued for %s", name)
+        return f"{base_url.rstrip('/')}/signin/{token}"
+
+    async def list(self) -> builtins.list[Human]:
+        await self._schema()
+        now = self._clock.now()
+
+        def read(c: sqlite3.Connection) -> builtins.list[Human]:
+            rows = c.execute(
+                "SELECT h.name, h.created_at, EXISTS (SELECT 1 FROM inbox_sessions s"
+                " WHERE s.human = h.name AND s.expires_at > ?) FROM inbox_humans h ORDER BY h.name",
+                (now,),
+            ).fetchall()
+            return [Human(r[0], _iso(r[1]), bool(r[2])) for r in rows]
+
+        return await self._db.read(read)
+
+    async def remove(self, name: str) -> bool:
+        """Remove a person with their links and sessions; False if there is no such person."""
+        await self._schema()
+
+        def tx(c: sqlite3.Connection) -> bool:
+            c.execute("DELETE FROM inbox_sessions WHERE human = ?", (name,))
+            c.execute("DELETE FROM inbox_signin_tokens WHERE human = ?", (name,))
+            return c.execute("DELETE FROM inbox_humans WHERE name = ?", (name,)).rowcount > 0
+
+        removed = await self._db.write(tx)
+        if removed:
+            logger.info("removed %s and signed them out", name)
+        return removed
+
+    # -- signing in (the inbox) ----------------------------------------------
+
+    async def link_state(self, token: str) -> tuple[LinkState, str | None]:
+        """What a sign-in link would do now, and whose it is (without using it)."""
+        await self._schema()
+        now = self._clock.now()
+        row = await self._db.read(
+            lambda c: c.execute(
+                "SELECT human, expires_at, used_at FROM inbox_signin_tokens WHERE token_sha256 = ?",
+                (digest(token),),
+            ).fetchone()
+        )
+        if row is None:
+            return LinkState.UNKNOWN, None
+        if row[2] is not None:
+            return LinkState.USED, row[0]
+        if row[1] <= now:
+            return LinkState.EXPIRED, row[0]
+        return LinkState.VALID, row[0]
+
+    async def sign_in(self, token: str) -> SignIn | None:
+        """Use a sign-in token (once) and open a web session; None if the token is not valid."""
+        await self._schema()
+        session_id = secrets.token_urlsafe(32)
+        now = self._clock.now()
+
+        def tx(c: sqlite3.Connection) -> str | None:
+            row = c.execute(
+                "UPDATE inbox_signin_tokens SET used_at = ?"
+                " WHERE token_sha256 = ? AND used_at IS NULL AND expires_at > ? RETURNING human",
+                (now, digest(token), now),
+            ).fetchone()
+            if row is None:
+                return None
+            c.execute(
+                "INSERT INTO inbox_sessions (id_sha256, human, created_at, expires_at) VALUES (?, ?, ?, ?)",
+                (digest(session_id), row[0], now, now + SESSION_TTL_S),
+            )
+            # Sessions that ran out are of no use to anyone.
+            c.execute("DELETE FROM inbox_sessions WHERE expires_at <= ?", (now,))
+            return str(row[0])
+
+        human = await self._db.write(tx)
+        if human is None:
+            return None
+        logger.info("%s signed in to the inbox", human)
+        return SignIn(human, session_id)
+
+    async def session_human(self, session_id: str) -> str | None:
+        """The person a live session belongs to, or None."""
+        await self._schema()
+        now = self._clock.now()
+        row = await self._db.read(
+            lambda c: c.execute(
+                "SELECT human FROM inbox_sessions WHERE id_sha256 = ? AND expires_at > ?",
+                (digest(session_id), now),
+            ).fetchone()
+        )
+        return str(row[0]) if row else None
+
+    async def sign_out(self, session_id: str) -> None:
+        await self._schema()
+        await self._db.write(
+            lambda c: c.execute("DELETE FROM inbox_sessions WHERE id_sha256 = ?", (digest(session_id),))
+        )
+
+
+def _iso(ts: float) -> str:
+    from worker_server.task import iso
+
+    return iso(ts) or ""

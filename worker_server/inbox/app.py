@@ -1,0 +1,454 @@
+"""The web inbox: a Starlette app for people, served at ``/inbox``.
+
+``taskwarden serve --http`` mounts it beside ``/mcp`` (``mount_inbox``);
+``taskwarden inbox`` serves it alone against the same database
+(``serve_inbox``). Routes, relative to the mount::
+
+    GET  /                       the inbox (?tab=needs_reply|open|in_progress|approvals|done)
+    GET  /tasks/{id}             a task: brief, deadline, thread, actions
+    POST /tasks/{id}/{action}    claim | release | ask | reply | handin
+    GET  /approvals/{id}         a held call: tool, arguments, the guard's reason
+    POST /approvals/{id}/approve
+    POST /approvals/{id}/deny    (a reason is required)
+    GET  /audit                  the audit trail (?tool=&decision=&identity=&since=)
+    GET  /events                 server-sent events: "change" whenever the database changes
+    GET  /signin/{token}         the one-time sign-in page; POST to it signs in
+    POST /signout
+    GET  /static/...             inbox.css, inbox.js
+
+Everything but the sign-in pages and the static files needs a signed-in
+person; without one, pages answer 401 with the sign-in page and no data.
+Every POST but sign-in must carry the form's CSRF token (else 403). Pages
+work without JavaScript (forms post, then redirect); ``inbox.js`` adds live
+updates. The app needs no lifespan of its own: the ``App`` it is given was
+opened by whoever serves it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import jinja2
+from sse_starlette import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp
+
+from guard.approvals import ApprovalError, ApprovalNotFound, ReasonRequired
+from worker_server.inbox import views
+from worker_server.inbox.accounts import SESSION_TTL_S, Accounts, LinkState
+from worker_server.inbox.rendering import pretty_json, render
+from worker_server.inbox.security import (
+    CSRF_FIELD,
+    SecurityHeaders,
+    add_security_headers,
+    clear_session_cookie,
+    cross_site,
+    csrf_ok,
+    csrf_token,
+    session_id,
+    set_session_cookie,
+)
+from worker_server.service import InvalidArgument
+from worker_server.store import TaskNotFound, TaskRow
+
+if TYPE_CHECKING:
+    from worker_server.config import Settings
+    from worker_server.server import App
+
+logger = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+MOUNT = "/inbox"
+TASK_ACTIONS = ("claim", "release", "ask", "reply", "handin")
+# A quiet stream still gets a comment this often, so proxies keep it open.
+SSE_PING_S = 15
+# The stream re-checks the session at least this often, even with no changes.
+SSE_RECHECK_S = 30.0
+# ``taskwarden inbox`` gives requests in flight this long to finish when stopped.
+GRACEFUL_S = 10
+
+Handler = Callable[["Inbox", Request], Awaitable[Response]]
+
+
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(HERE / "templates"),
+        autoescape=True,  # everything is escaped; only rendering.render() output is Markup
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["markdown"] = render
+    env.filters["when"] = views.when
+    env.filters["pretty_json"] = pretty_json
+    return env
+
+
+def signed_in(handler: Handler) -> Handler:
+    """The route needs a signed-in person; a POST also needs its CSRF token."""
+
+    @functools.wraps(handler)
+    async def endpoint(self: Inbox, request: Request) -> Response:
+        sid = session_id(request)
+        human = await self.accounts.session_human(sid) if sid else None
+        if human is None or sid is None:
+            return self.signin_required(request)
+        request.state.human = human
+        request.state.session = sid
+        if request.method == "POST":
+            form = await request.form(max_files=0, max_fields=20)
+            if not csrf_ok(sid, form.get(CSRF_FIELD)):
+                return self.error(
+                    request,
+                    403,
+                    "This form was refused",
+                    "It did not carry this page's security token (CSRF). Go back, reload the page and try again.",
+                )
+            request.state.form = form
+        return await handler(self, request)
+
+    return endpoint
+
+
+class Inbox:
+    """The inbox's routes over one open ``App``."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.accounts = Accounts(app.db, app.store.clock)
+        self.templates = Jinja2Templates(env=environment())
+
+    # -- plumbing --------------------------------------------------------------
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/", self.inbox, methods=["GET"]),
+            Route("/tasks/{task_id}", self.task, methods=["GET"]),
+            Route("/tasks/{task_id}/{action}", self.task_action, methods=["POST"]),
+            Route("/approvals/{approval_id}", self.approval, methods=["GET"]),
+            Route("/approvals/{approval_id}/{decision}", self.decide, methods=["POST"]),
+            Route("/audit", self.audit, methods=["GET"]),
+            Route("/events", self.events, methods=["GET"]),
+            Route("/signin/{token}", self.signin_page, methods=["GET"]),
+            Route("/signin/{token}", self.signin, methods=["POST"]),
+            Route("/signout", self.signout, methods=["POST"]),
+            Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
+        ]
+
+    def asgi(self) -> ASGIApp:
+        async def http_error(request: Request, exc: Exception) -> Response:
+            assert isinstance(exc, HTTPException)
+            title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "Request refused")
+            return self.error(request, exc.status_code, title, str(exc.detail), bare=True)
+
+        # Outside Starlette's own error middleware, so even a 500 carries the headers.
+        return SecurityHeaders(Starlette(routes=self.routes(), exception_handlers={HTTPException: http_error}))
+
+    def page(self, request: Request, template: str, status: int = 200, **context: Any) -> Response:
+        base = request.scope.get("root_path", "")
+        human = getattr(request.state, "human", None)
+        sid = getattr(request.state, "session", None)
+        context = {"base": base, "human": human, "csrf": csrf_token(sid) if sid else "", **context}
+        return self.templates.TemplateResponse(request, template, context, status_code=status)
+
+    def error(self, request: Request, status: int, title: str, detail: str, *, bare: bool = False) -> Response:
+        if bare:  # no signed-in context (unknown routes): nothing but the message
+            request.state.human = None
+            request.state.session = None
+        return self.page(request, "error.html", status, title=title, detail=detail)
+
+    def signin_required(self, request: Request) -> Response:
+        request.state.human = None
+        request.state.session = None
+        if request.url.path.rstrip("/").endswith("/events"):
+            return PlainTextResponse("Sign in to the inbox first.", status_code=401)
+        # A SameSite=Strict cookie is not sent on a navigation from another
+        # site (a link in chat or mail); a link from this page is same-site.
+        return self.page(
+            request, "signin_required.html", 401, came_from_elsewhere=cross_site(request),
+            here=request.url.path + (f"?{request.url.query}" if request.url.query else ""),
+        )
+
+    def back_to(self, request: Request, path: str) -> RedirectResponse:
+        return RedirectResponse(request.scope.get("root_path", "") + path, status_code=303)
+
+    async def _task_row(self, task_id: str) -> TaskRow | None:
+        try:
+            row = await self.app.store.get(task_id)
+        except TaskNotFound:
+            return None
+        return row if row.kind == "human" else None
+
+    # -- pages -----------------------------------------------------------------
+
+    @signed_in
+    async def inbox(self, request: Request) -> Response:
+        page = await views.inbox_page(self.app, request.state.human, request.query_params.get("tab", ""))
+        return self.page(request, "inbox.html", page=page, tabs=views.TABS)
+
+    @signed_in
+    async def task(self, request: Request) -> Response:
+        return await self._task_response(request)
+
+    async def _task_response(
+        self, request: Request, status: int = 200, error: str | None = None, drafts: dict[str, str] | None = None
+    ) -> Response:
+        row = await self._task_row(request.path_params["task_id"])
+        if row is None:
+            return self.error(request, 404, "No such task", "There is no task for people with this id.")
+        data = await views.task_page(self.app, request.state.human, row)
+        return self.page(request, "task.html", status, page=data, error=error, drafts=drafts or {})
+
+    @signed_in
+    async def task_action(self, request: Request) -> Response:
+        task_id = request.path_params["task_id"]
+        action = request.path_params["action"]
+        if action not in TASK_ACTIONS:
+            return self.error(request, 404, "Not found", f"There is no task action {action!r}.")
+        if await self._task_row(task_id) is None:
+            return self.error(request, 404, "No such task", "There is no task for people with this id.")
+        form: FormData = request.state.form
+        text = str(form.get("text") or "")
+        me = request.state.human
+        humans = self.app.service.humans
+        assert humans is not None
+        try:
+            if action == "claim":
+                await humans.claim(me, task_id)
+            elif action == "release":
+                await humans.release(me, task_id)
+            elif action == "ask":
+                await humans.ask(me, task_id, text)
+            elif action == "reply":
+                await humans.reply(me, task_id, text)
+            else:
+                await humans.handin(me, task_id, text)
+        except InvalidArgument as exc:
+            if exc.field == "task_id":  # the task is not in a state for this (any more)
+                status, error = 409, _sentence(exc.message)
+            else:  # the text: empty or too long
+                status, error = 400, f"Your {exc.field} {exc.message}."
+            return await self._task_response(request, status, error=error, drafts={action: text})
+        return self.back_to(request, f"/tasks/{task_id}")
+
+    @signed_in
+    async def approval(self, request: Request) -> Response:
+        return await self._approval_response(request)
+
+    async def _approval_response(
+        self, request: Request, status: int = 200, error: str | None = None, drafts: dict[str, str] | None = None
+    ) -> Response:
+        approval = await self.app.guard.approvals.get(request.path_params["approval_id"])
+        if approval is None:
+            return self.error(request, 404, "No such approval", "There is no approval with this id.")
+        now = self.app.store.clock.now()
+        return self.page(
+            request,
+            "approval.html",
+            status,
+            approval=approval,
+            status_now=approval.status_at(now).value,
+            error=error,
+            drafts=drafts or {},
+        )
+
+    @signed_in
+    async def decide(self, request: Request) -> Response:
+        approval_id = request.path_params["approval_id"]
+        decision = request.path_params["decision"]
+        if decision not in ("approve", "deny"):
+            return self.error(request, 404, "Not found", f"There is no approval action {decision!r}.")
+        form: FormData = request.state.form
+        note = str(form.get("reason") or form.get("comment") or "")
+        try:
+            await self.app.guard.approvals.decide(approval_id, decision == "approve", by=request.state.human, note=note)
+        except ReasonRequired:
+            return await self._approval_response(
+                request, 400, error="A reason is required to deny: the agent is shown it.", drafts={"reason": note}
+            )
+        except ApprovalNotFound:
+            return self.error(request, 404, "No such approval", "There is no approval with this id.")
+        except ApprovalError as exc:
+            return await self._approval_response(request, 409, error=_sentence(str(exc)))
+        return self.back_to(request, f"/approvals/{approval_id}")
+
+    @signed_in
+    async def audit(self, request: Request) -> Response:
+        page = await views.audit_page(self.app, dict(request.query_params))
+        return self.page(request, "audit.html", status=400 if page.error else 200, page=page)
+
+    # -- live updates ------------------------------------------------------------
+
+    @signed_in
+    async def events(self, request: Request) -> Response:
+        """``change`` whenever the database changes (here or in another process);
+        ``signed-out`` (then the end) when the session is gone."""
+        feed = self.app.feed
+        sid: str = request.state.session
+        shutdown = anyio.Event()  # set by sse_starlette when the server stops
+
+        async def next_change(since: int) -> bool:
+            changed = False
+            async with anyio.create_task_group() as tg:
+
+                async def on_shutdown() -> None:
+                    await shutdown.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(on_shutdown)
+                changed = await feed.wait(since, SSE_RECHECK_S)
+                tg.cancel_scope.cancel()
+            return changed
+
+        async def stream() -> AsyncIterator[dict[str, str]]:
+            since = feed.generation
+            yield {"event": "ready", "data": "listening"}
+            count = 0
+            while True:
+                changed = await next_change(since)
+                if shutdown.is_set():
+                    return  # ends the response properly; the browser reconnects later
+                since = feed.generation
+                if await self.accounts.session_human(sid) is None:
+                    yield {"event": "signed-out", "data": "signed out"}
+                    return
+                if changed:
+                    count += 1
+                    yield {"event": "change", "data": str(count)}
+                    # Coalesce a burst of writes into one refresh.
+                    await anyio.sleep(0.05)
+
+        return EventSourceResponse(
+            stream(),
+            ping=SSE_PING_S,
+            headers={"Cache-Control": "no-store"},
+            shutdown_event=shutdown,
+            shutdown_grace_period=1.0,
+        )
+
+    # -- signing in --------------------------------------------------------------
+
+    async def signin_page(self, request: Request) -> Response:
+        """Show whose link this is; signing in is a POST (link previewers only GET)."""
+        state, human = await self.accounts.link_state(request.path_params["token"])
+        request.state.human = None
+        request.state.session = None
+        status = 200 if state == LinkState.VALID else 410 if state in (LinkState.USED, LinkState.EXPIRED) else 404
+        return self.page(request, "signin.html", status, state=state.value, name=human)
+
+    async def signin(self, request: Request) -> Response:
+        request.state.human = None
+        request.state.session = None
+        if cross_site(request):
+            return self.error(request, 403, "Sign-in refused", "Open the sign-in link itself to sign in.")
+        result = await self.accounts.sign_in(request.path_params["token"])
+        if result is None:
+            state, human = await self.accounts.link_state(request.path_params["token"])
+            return self.page(request, "signin.html", 410 if human else 404, state=state.value, name=human)
+        response = self.back_to(request, "/")
+        set_session_cookie(response, request, result.session_id, SESSION_TTL_S)
+        return response
+
+    @signed_in
+    async def signout(self, request: Request) -> Response:
+        await self.accounts.sign_out(request.state.session)
+        response = self.back_to(request, "/")
+        clear_session_cookie(response, request)
+        return response
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
+
+def create_inbox(app: App) -> ASGIApp:
+    """The inbox as an ASGI app (mount it at ``/inbox``)."""
+    return Inbox(app).asgi()
+
+
+async def _redirect_to_inbox(request: Request) -> Response:
+    return RedirectResponse(request.scope.get("root_path", "") + MOUNT + "/", status_code=307)
+
+
+class _WithSecurityHeaders:
+    """Security headers on a response of the host app (the /inbox → /inbox/ redirect)."""
+
+    def __init__(self, endpoint: Callable[[Request], Awaitable[Response]]) -> None:
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        response = await self.endpoint(Request(scope, receive))
+
+        async def send_with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                add_security_headers(message)
+            await send(message)
+
+        await response(scope, receive, send_with_headers)
+
+
+def mount_inbox(starlette_app: Starlette, app: App) -> None:
+    """Serve the inbox at ``/inbox`` inside ``starlette_app`` (the MCP SDK's app).
+
+    The SDK's app keeps its lifespan (the MCP session manager); the inbox has
+    none, so mounting it is all there is to do.
+    """
+    starlette_app.router.routes.append(Route(MOUNT, _WithSecurityHeaders(_redirect_to_inbox)))
+    starlette_app.router.routes.append(Mount(MOUNT, app=create_inbox(app), name="inbox"))
+
+
+async def serve_inbox(settings: Settings, host: str, port: int) -> None:
+    """``taskwarden inbox``: the inbox alone, at ``http://HOST:PORT/inbox``, against the same database.
+
+    SIGTERM/SIGINT stop it gracefully (uvicorn's own handling): it stops
+    accepting, event streams end, requests in flight finish, for at most
+    ``GRACEFUL_S``; a second Ctrl-C cuts them off.
+    """
+    import uvicorn
+
+    from worker_server import __version__
+    from worker_server.server import open_app
+
+    async with open_app(settings, run_workers=False) as app:
+        root = Starlette(
+            routes=[
+                Route("/", _WithSecurityHeaders(_redirect_to_inbox)),
+                Route(MOUNT, _WithSecurityHeaders(_redirect_to_inbox)),
+                Mount(MOUNT, app=create_inbox(app), name="inbox"),
+            ]
+        )
+        config = uvicorn.Config(
+            root, host=host, port=port, log_config=None, access_log=False, lifespan="off",
+            timeout_graceful_shutdown=GRACEFUL_S,
+        )  # fmt: skip
+        server = uvicorn.Server(config)
+        logger.info("taskwarden %s serving the inbox at http://%s:%d%s/ (db %s)",
+                    __version__, host, port, MOUNT, settings.db_path)  # fmt: skip
+        # uvicorn handles the signals while it serves, then raises the one that
+        # stopped it again, into the handler it found: let that be a no-op, so
+        # the database and the change feed are closed on the way out.
+        handled = (signal.SIGTERM, signal.SIGINT)
+        previous = {sig: signal.signal(sig, _stopped) for sig in handled}
+        try:
+            await server.serve()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _stopped(signum: int, frame: Any) -> None:
+    logger.info("inbox stopped (%s)", signal.Signals(signum).name)

@@ -205,6 +205,7 @@ class AuditLog:
         limit: int = 100,
         after_id: int | None = None,
         newest: bool = False,
+        identity: str | None = None,
     ) -> list[AuditEntry]:
         """Matching rows in the order they were written.
 
@@ -223,6 +224,9 @@ class AuditLog:
         if decision is not None:
             where.append("decision = ?")
             params.append(parse_decision(decision))
+        if identity is not None:
+            where.append("identity = ?")
+            params.append(identity)
         if after_id is not None:
             where.append("id > ?")
             params.append(after_id)

@@ -127,20 +127,38 @@ async def serve_http(settings: Settings, host: str, port: int, *, allow_anonymou
             "HTTP needs bearer tokens: add [identities.NAME] token_sha256 = \"...\" to the config, "
             "or listen on 127.0.0.1 with --allow-anonymous"
         )
-    async with open_app(settings) as app, _stop_on_signals() as scope:
-        with scope:
-            mcp = build_mcp(app, token_auth=not allow_anonymous, issuer=f"http://{host}:{port}")
-            starlette_app = mcp.streamable_http_app(host=host)
-            if with_inbox:
-                from worker_server.inbox.app import mount_inbox
+    # uvicorn handles SIGTERM/SIGINT itself and shuts down gracefully (open
+    # streams end, the MCP session manager stops); then open_app stops turns.
+    async with open_app(settings) as app:
+        mcp = build_mcp(app, token_auth=not allow_anonymous, issuer=f"http://{host}:{port}")
+        starlette_app = mcp.streamable_http_app(host=host)
+        if with_inbox:
+            from worker_server.inbox.app import mount_inbox
 
-                mount_inbox(starlette_app, app)
-            config = uvicorn.Config(
-                starlette_app, host=host, port=port, log_config=None, access_log=False, lifespan="on"
-            )
-            server = uvicorn.Server(config)
-            logger.info("taskwarden %s serving MCP at http://%s:%d/mcp", __version__, host, port)
-            await server.serve()
+            mount_inbox(starlette_app, app)
+        config = uvicorn.Config(starlette_app, host=host, port=port, log_config=None, access_log=False, lifespan="on")
+        logger.info("taskwarden %s serving MCP at http://%s:%d/mcp", __version__, host, port)
+        await run_uvicorn(uvicorn.Server(config))
+
+
+async def run_uvicorn(server: Any) -> None:
+    """Serve until SIGTERM/SIGINT, which uvicorn handles gracefully.
+
+    uvicorn raises the signal that stopped it again once it has shut down; a
+    no-op handler for that moment lets our context managers close the
+    database and stop turns instead of the process dying there.
+    """
+    handled = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, _stopped) for sig in handled}
+    try:
+        await server.serve()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stopped(signum: int, frame: Any) -> None:
+    logger.info("stopping (%s)", signal.Signals(signum).name)
 
 
 @asynccontextmanager

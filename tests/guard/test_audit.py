@@ -129,5 +129,8 @@ async def test_query_filters(db) -> None:
     assert [e.id for e in await log.query(after_id=second.id)] == [second.id + 1, second.id + 2]
     assert [e.decision for e in await log.query(limit=2)] == ["allow", "rate_limited"]
     assert [e.decision for e in await log.query(limit=2, newest=True)] == ["approval_required", "shadow_deny"]
+    await log.record(call("list-tasks", "allow", identity="bob"))
+    assert [e.tool for e in await log.query(identity="bob")] == ["list-tasks"]
+    assert len(await log.query(identity="alice")) == 4
     with pytest.raises(InvalidDecision):
         await log.query(decision="nope")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -421,7 +420,7 @@ async def serve_inbox(settings: Settings, host: str, port: int) -> None:
     import uvicorn
 
     from worker_server import __version__
-    from worker_server.server import open_app
+    from worker_server.server import open_app, run_uvicorn
 
     async with open_app(settings, run_workers=False) as app:
         root = Starlette(
@@ -435,20 +434,6 @@ async def serve_inbox(settings: Settings, host: str, port: int) -> None:
             root, host=host, port=port, log_config=None, access_log=False, lifespan="off",
             timeout_graceful_shutdown=GRACEFUL_S,
         )  # fmt: skip
-        server = uvicorn.Server(config)
         logger.info("taskwarden %s serving the inbox at http://%s:%d%s/ (db %s)",
                     __version__, host, port, MOUNT, settings.db_path)  # fmt: skip
-        # uvicorn handles the signals while it serves, then raises the one that
-        # stopped it again, into the handler it found: let that be a no-op, so
-        # the database and the change feed are closed on the way out.
-        handled = (signal.SIGTERM, signal.SIGINT)
-        previous = {sig: signal.signal(sig, _stopped) for sig in handled}
-        try:
-            await server.serve()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-
-def _stopped(signum: int, frame: Any) -> None:
-    logger.info("inbox stopped (%s)", signal.Signals(signum).name)
+        await run_uvicorn(uvicorn.Server(config))

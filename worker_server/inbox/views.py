@@ -46,8 +46,6 @@ TAB_NAMES = {key for key, _ in TABS}
 LIMIT = 200
 DONE_LIMIT = 50
 AUDIT_LIMIT = 200
-# The audit trail is filtered by identity after reading this many newest rows.
-AUDIT_SCAN = 5000
 
 
 @dataclass(frozen=True)
@@ -191,16 +189,14 @@ async def audit_page(app: App, filters: dict[str, str]) -> AuditPage:
     except (InvalidSince, InvalidDecision) as exc:
         page.error = str(exc).removeprefix("--since: ")
         return page
-    identity = clean["identity"]
     entries = await app.guard.audit.query(
         since=since,
         tool=clean["tool"] or None,
         decision=decision,
-        limit=AUDIT_SCAN if identity else AUDIT_LIMIT,
+        identity=clean["identity"] or None,
+        limit=AUDIT_LIMIT,
         newest=True,
     )
-    if identity:
-        entries = [e for e in entries if e.identity == identity][-AUDIT_LIMIT:]
     entries.reverse()  # newest first on the page
     page.entries = entries
     return page

@@ -96,25 +96,13 @@ class Database:
     async def migrate_user_version(self, steps: Sequence[Step]) -> int:
         """Bring the schema owned by ``PRAGMA user_version`` up to ``len(steps)``."""
 
-        def run(c: sqlite3.Connection) -> int:
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                current = c.execute("PRAGMA user_version").fetchone()[0]
-                if current > len(steps):
-                    raise RuntimeError(
-                        f"{self.path} has schema version {current}, newer than this "
-                        f"taskwarden understands ({len(steps)}); upgrade taskwarden"
-                    )
-                for version in range(current, len(steps)):
-                    _apply(c, steps[version])
-                    c.execute(f"PRAGMA user_version = {version + 1}")
-                c.execute("COMMIT")
-                return len(steps)
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
+        def read(c: sqlite3.Connection) -> int:
+            return c.execute("PRAGMA user_version").fetchone()[0]
 
-        return await self._run(run)
+        def write(c: sqlite3.Connection, version: int) -> None:
+            c.execute(f"PRAGMA user_version = {int(version)}")
+
+        return await self._migrate("the schema", steps, read, write)
 
     async def migrate_component(self, component: str, steps: Sequence[Step]) -> int:
         """Versioned schema for a component that shares the file with a host app.
@@ -123,36 +111,42 @@ class Database:
         its own version in ``schema_versions`` so the two migrate independently.
         """
 
-        def run(c: sqlite3.Connection) -> int:
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                c.execute(
-                    "CREATE TABLE IF NOT EXISTS schema_versions"
-                    " (component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
-                )
-                row = c.execute(
-                    "SELECT version FROM schema_versions WHERE component = ?", (component,)
-                ).fetchone()
-                current = row[0] if row else 0
-                if current > len(steps):
-                    raise RuntimeError(
-                        f"{self.path}: {component} schema version {current} is newer than "
-                        f"this taskwarden understands ({len(steps)})"
-                    )
-                for version in range(current, len(steps)):
-                    _apply(c, steps[version])
-                c.execute(
-                    "INSERT INTO schema_versions (component, version) VALUES (?, ?)"
-                    " ON CONFLICT(component) DO UPDATE SET version = excluded.version",
-                    (component, len(steps)),
-                )
-                c.execute("COMMIT")
-                return len(steps)
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
+        def read(c: sqlite3.Connection) -> int:
+            c.execute(
+                "CREATE TABLE IF NOT EXISTS schema_versions (component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+            )
+            row = c.execute("SELECT version FROM schema_versions WHERE component = ?", (component,)).fetchone()
+            return row[0] if row else 0
 
-        return await self._run(run)
+        def write(c: sqlite3.Connection, version: int) -> None:
+            c.execute(
+                "INSERT INTO schema_versions (component, version) VALUES (?, ?)"
+                " ON CONFLICT(component) DO UPDATE SET version = excluded.version",
+                (component, version),
+            )
+
+        return await self._migrate(f"the {component} schema", steps, read, write)
+
+    async def _migrate(
+        self,
+        what: str,
+        steps: Sequence[Step],
+        read: Callable[[sqlite3.Connection], int],
+        write: Callable[[sqlite3.Connection, int], None],
+    ) -> int:
+        def run(c: sqlite3.Connection) -> int:
+            current = read(c)
+            if current > len(steps):
+                raise RuntimeError(
+                    f"{self.path}: {what} is at version {current}, newer than this "
+                    f"taskwarden understands ({len(steps)}); upgrade taskwarden"
+                )
+            for version in range(current, len(steps)):
+                _apply(c, steps[version])
+                write(c, version + 1)
+            return len(steps)
+
+        return await self.write(run)
 
     async def close(self) -> None:
         await self._conn.close()

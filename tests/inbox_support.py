@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import re
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.support import Workspace, free_port, wait_for_port
+from tests.support import Workspace, http_server
 
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
@@ -27,31 +24,9 @@ CHROMIUM_ARGS = [
 ]
 
 
-@asynccontextmanager
-async def inbox_server(ws: Workspace) -> AsyncIterator[str]:
+def inbox_server(ws: Workspace) -> AbstractAsyncContextManager[str]:
     """Start ``taskwarden inbox --http`` (the inbox alone) and yield its base URL."""
-    port = free_port()
-    log = open(ws.root / f"inbox-{port}.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker_server", "inbox", "--config", str(ws.config), "--http", f"127.0.0.1:{port}"],
-        env=ws.server_env(),
-        cwd=ws.work,
-        stdout=subprocess.PIPE,
-        stderr=log,
-    )
-    try:
-        await wait_for_port(port, proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        out = proc.stdout.read() if proc.stdout else b""
-        assert out == b"", f"the inbox wrote to stdout: {out[:200]!r}"
+    return http_server(ws, command="inbox")
 
 
 def add_human(ws: Workspace, name: str, base: str) -> str:

@@ -142,16 +142,21 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def http_server(ws: Workspace, *extra: str) -> AsyncIterator[str]:
-    """Start ``taskwarden serve --http`` and yield its base URL."""
+async def http_server(ws: Workspace, *extra: str, command: str = "serve") -> AsyncIterator[str]:
+    """Start ``taskwarden serve --http`` (or ``inbox --http``) and yield its base URL.
+
+    On the way out it stops the server with SIGTERM and checks it wrote
+    nothing to stdout (logs belong on stderr).
+    """
     port = free_port()
+    log = open(ws.root / f"{command}-{port}.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker_server", "serve", "--config", str(ws.config),
+        [sys.executable, "-m", "worker_server", command, "--config", str(ws.config),
          "--http", f"127.0.0.1:{port}", *extra],
         env=ws.server_env(),
         cwd=ws.work,
-        stdout=subprocess.DEVNULL,
-        stderr=open(ws.root / f"http-{port}.log", "w"),  # noqa: SIM115 - closed with the process
+        stdout=subprocess.PIPE,
+        stderr=log,
     )
     try:
         await wait_for_port(port, proc)
@@ -163,6 +168,9 @@ async def http_server(ws: Workspace, *extra: str) -> AsyncIterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
+        out = proc.stdout.read() if proc.stdout else b""
+        assert out == b"", f"taskwarden {command} wrote to stdout: {out[:200]!r}"
 
 
 async def wait_for_port(port: int, proc: subprocess.Popen[Any] | None = None, timeout: float = 20) -> None:

@@ -23,6 +23,10 @@ from tests.support import FIXTURES, Workspace, call, call_error, http_server
 pytestmark = [pytest.mark.anyio, pytest.mark.browser]
 
 APPROVALS_FAST = FIXTURES / "policies" / "approvals-fast.yaml"
+
+# The machine is shared and noisy: give live updates time to arrive. (A
+# wait, not a speed claim: the benchmarks measure how fast they are.)
+expect.set_options(timeout=20_000)
 VIEWPORT = {"width": 1200, "height": 820}
 
 

@@ -342,7 +342,7 @@ class Approvals:
         changed = await self._db.write(
             lambda c: c.execute(
                 "UPDATE guard_approvals SET used_at = ?,"
-                " status = CASE status WHEN 'pending' THEN 'expired' ELSE status END"
+                " status = CASE WHEN status IN ('pending', 'approved') THEN 'expired' ELSE status END"
                 " WHERE id = ? AND used_at IS NULL"
                 " AND (status IN ('denied', 'expired') OR expires_at <= ?)",
                 (now, approval_id, now),

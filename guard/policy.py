@@ -77,6 +77,9 @@ class Condition(_Frozen):
 class ApprovalSettings(_Frozen):
     expires_s: float = Field(default=900, gt=0)
     wait_s: float = Field(default=20, ge=0)
+    # Ask the person at the MCP client too (elicitation). False: only a human
+    # in the inbox or the CLI can decide — for clients that answer on their own.
+    elicit: bool = True
 
 
 class Rule(_Frozen):

@@ -208,7 +208,7 @@ class Guard:
                 return await self._refuse(call, refusal, Decision.DENY, started)
             await self._record(call, Decision.SHADOW_DENY, verdict.rule_id, verdict.reason, started, None)
 
-        approval_id: str | None = None
+        approval: Approval | None = None
         if verdict.action == "require_approval":
             if shadow:
                 await self._record(
@@ -218,7 +218,8 @@ class Guard:
                 outcome = await self._approval(call, verdict, asker, started)
                 if isinstance(outcome, Refusal):
                     return outcome
-                approval_id = outcome
+                approval = outcome
+        approval_id = approval.id if approval is not None else None
 
         reservation: Reservation | None = None
         if verdict.limits:
@@ -232,6 +233,17 @@ class Guard:
                 await self._record(call, Decision.SHADOW_RATE_LIMITED, held.rule_id, held.reason, started, None)
             else:
                 reservation = held
+
+        # The approval is spent only now that the call will run: a call refused
+        # by a rate limit keeps its approval for the retry.
+        if approval is not None and not await self.approvals.consume(approval.id):
+            if reservation is not None:
+                await self.limiter.release(reservation)
+            refusal = Refusal(
+                "approval_required", call.tool, verdict.rule_id,
+                "the approval was used by another identical call; ask again", approval=approval.summary(),
+            )
+            return await self._refuse(call, refusal, Decision.APPROVAL_REQUIRED, started, approval.id)
 
         rule = verdict.rule_id
         return Admission(call, Decision.ALLOW, rule, verdict.reason, reservation, approval_id, started)
@@ -272,14 +284,17 @@ class Guard:
 
     async def _approval(
         self, call: Call, verdict: Verdict, asker: ApprovalAsker | None, started: float
-    ) -> str | Refusal:
-        """The approval id that lets this call run, or the refusal to return."""
+    ) -> Approval | Refusal:
+        """The approved, unused approval that lets this call run (the caller
+        consumes it), or the refusal to return."""
         settings = verdict.approval or ApprovalSettings()
+        if not settings.elicit:
+            asker = None  # the policy wants a human in the inbox or CLI, not the client
         digest = call_digest(call.tool, dict(call.args), call.identity)
 
         usable = await self.approvals.find_usable(digest)
-        if usable is not None and await self.approvals.consume(usable.id):
-            return usable.id
+        if usable is not None:
+            return usable
 
         # A denial or expiry the caller has not been told about yet.
         told = await self._report_unseen(call, digest, verdict, started)
@@ -291,16 +306,24 @@ class Guard:
             verdict.rule_id, verdict.reason, settings.expires_s,
         )
         if asker is not None and asker.rounds:
-            # May raise AskLater: the question goes out as this call's result.
-            answer = await asker.ask(approval, call)
-            if answer is not None:
-                await self._decide_from_client(approval, call, answer)
-            approval = await self.approvals.get(approval.id) or approval
+            try:
+                # May raise AskLater: the question goes out as this call's result.
+                answer = await asker.ask(approval, call)
+            except AskLater:
+                raise
+            except Exception:
+                # A client that fails to answer is no answer: wait for a human.
+                logger.warning("asking the client about %s failed; waiting for a human", approval.id, exc_info=True)
+                approval = await self._wait_for_decision(approval, call, settings, None)
+            else:
+                if answer is not None:
+                    await self._decide_from_client(approval, call, answer)
+                approval = await self.approvals.get(approval.id) or approval
         else:
             approval = await self._wait_for_decision(approval, call, settings, asker)
         status = approval.status_at(self.clock.now())
-        if status == ApprovalStatus.APPROVED and await self.approvals.consume(approval.id):
-            return approval.id
+        if status == ApprovalStatus.APPROVED:
+            return approval
         if status in (ApprovalStatus.DENIED, ApprovalStatus.EXPIRED):
             told = await self._report_unseen(call, digest, verdict, started)
             if told is not None:
@@ -344,7 +367,6 @@ class Guard:
         if asker is not None:
             limit = max(limit, approval.expires_at - self.clock.now())
 
-
         async def from_humans() -> None:
             while True:
                 since = self.feed.generation
@@ -353,14 +375,23 @@ class Guard:
                     return
                 await self.feed.wait(since, max(0.0, current.expires_at - self.clock.now()))
 
-        async def from_client() -> None:
-            assert asker is not None
-            answer = await asker.ask(approval, call)
-            if answer is None:
-                await anyio.sleep_forever()
-            await self._decide_from_client(approval, call, answer)
+        started = anyio.current_time()
+        with anyio.move_on_after(limit) as waiting:
 
-        with anyio.move_on_after(limit):
+            async def from_client() -> None:
+                assert asker is not None
+                try:
+                    answer = await asker.ask(approval, call)
+                except Exception:
+                    logger.warning("asking the client about %s failed; waiting for a human", approval.id, exc_info=True)
+                    answer = None
+                if answer is None:
+                    # Nobody is answering there after all: wait for a human, as
+                    # long as for a client that cannot ask.
+                    waiting.deadline = min(waiting.deadline, started + settings.wait_s)
+                    await anyio.sleep_forever()
+                await self._decide_from_client(approval, call, answer)
+
             async with anyio.create_task_group() as tg:
 
                 async def first(fn: Callable[[], Awaitable[None]]) -> None:

@@ -17,7 +17,7 @@ Extended with top-level ``version`` ("1"), ``default`` (allow|deny),
 (allow|deny|require_approval, required), ``reason``, ``conditions``
 (``[{path, op, value}]``; ``value`` may be left out for ``exists``),
 ``match`` (all|any), ``identities``, ``rate_limit`` and ``approval``
-(``{expires_s, wait_s}``, require_approval rules only); and the tool key
+(``{expires_s, wait_s, elicit}``, require_approval rules only); and the tool key
 ``"*"`` for rules on every tool.
 
 ``rate_limit`` is ``{max, window, scope, cost}``: ``window`` in seconds or
@@ -54,7 +54,7 @@ RULE_KEYS = (
     "action", "reason", "conditions", "match", "identities", "rate_limit", "approval",
 )  # fmt: skip
 RATE_LIMIT_KEYS = ("max", "window", "scope", "cost", "counter", "cost_from")
-APPROVAL_KEYS = ("expires_s", "wait_s")
+APPROVAL_KEYS = ("expires_s", "wait_s", "elicit")
 
 
 def read(root: Node) -> Policy:
@@ -130,9 +130,10 @@ def _read_rule(tool: str, index: int, node: Node, registry: CounterRegistry) -> 
             ApprovalSettings,
             **{
                 name: values[name].number(minimum=0, exclusive=name == "expires_s")
-                for name in APPROVAL_KEYS
+                for name in ("expires_s", "wait_s")
                 if name in values
             },
+            **({"elicit": values["elicit"].boolean()} if "elicit" in values else {}),
         )
 
     return build(

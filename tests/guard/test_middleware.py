@@ -1,0 +1,158 @@
+"""The guard in front of a small MCP server of its own: it knows nothing of tasks.
+
+These use the SDK's in-memory client, so they can reach paths a real task
+server does not offer (a tool that fails with a protocol error, a client
+whose elicitation fails).
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp import Client
+from mcp.server.mcpserver import MCPServer
+from mcp.shared.exceptions import MCPError
+from mcp_types import INTERNAL_ERROR, ElicitResult, ErrorData
+
+from guard.changes import ChangeFeed
+from guard.database import Database
+from guard.runtime import Guard
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def guarded(tmp_path: Path, policy: str) -> AsyncIterator[tuple[MCPServer[Any], Guard]]:
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(textwrap.dedent(policy))
+    db = await Database.open(tmp_path / "guard.db")
+    feed = ChangeFeed(db.path)
+    feed.start()
+    guard = await Guard.open(db, feed, policy_path=policy_file)
+    server: MCPServer[Any] = MCPServer("guarded", middleware=[guard.middleware])
+
+    @server.tool(name="echo")
+    async def echo(text: str) -> str:
+        """Say it back."""
+        return text
+
+    @server.tool(name="explode")
+    async def explode() -> str:
+        """Fail with a JSON-RPC error."""
+        raise MCPError(code=INTERNAL_ERROR, message="boom")
+
+    @server.tool(name="drop")
+    async def drop(what: str) -> str:
+        """Something destructive."""
+        return f"dropped {what}"
+
+    guard.set_tools(server)
+    try:
+        yield server, guard
+    finally:
+        await guard.audit.flush()
+        feed.close()
+        await db.close()
+
+
+async def test_a_call_that_ends_in_a_protocol_error_gives_its_room_back(tmp_path: Path) -> None:
+    policy = """\
+        default: allow
+        tools:
+          "*":
+            rules:
+              - action: allow
+                rate_limit: {max: 2, window: 60, scope: global}
+        """
+    async with guarded(tmp_path, policy) as (server, guard), Client(server) as client:
+        for _ in range(5):
+            with pytest.raises(MCPError, match="boom"):
+                await client.call_tool("explode", {})
+        assert (await client.call_tool("echo", {"text": "a"})).is_error is False
+        assert (await client.call_tool("echo", {"text": "b"})).is_error is False
+        third = await client.call_tool("echo", {"text": "c"})
+        assert third.structured_content["error"] == "rate_limited"
+        outcomes = [e.outcome for e in await guard.audit.query(tool="explode")]
+        assert outcomes == ["protocol_error"] * 5
+
+
+APPROVE_DROP = """\
+    default: allow
+    tools:
+      drop:
+        rules:
+          - action: require_approval
+            reason: "dropping needs a human"
+            approval: {wait_s: 0, expires_s: 300 ELICIT}
+            rate_limit: {max: 1, window: 60, scope: global}
+    """
+
+
+async def test_an_approved_call_that_is_rate_limited_keeps_its_approval(tmp_path: Path) -> None:
+    async with guarded(tmp_path, APPROVE_DROP.replace(" ELICIT", "")) as (server, guard), Client(server) as client:
+        # Fill the limit with an approved call for another table.
+        first = await client.call_tool("drop", {"what": "t1"})
+        await guard.approvals.decide(first.structured_content["approval"]["id"], True, "maria")
+        assert (await client.call_tool("drop", {"what": "t1"})).is_error is False
+
+        held = await client.call_tool("drop", {"what": "t2"})
+        approval_id = held.structured_content["approval"]["id"]
+        await guard.approvals.decide(approval_id, True, "maria")
+        limited = await client.call_tool("drop", {"what": "t2"})
+        assert limited.structured_content["error"] == "rate_limited"
+        approval = await guard.approvals.get(approval_id)
+        assert approval is not None and approval.used_at is None, "a refused call must not spend the approval"
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_a_client_whose_elicitation_fails_leaves_the_decision_to_a_human(tmp_path: Path, mode: str) -> None:
+    asked = []
+
+    async def broken(ctx: Any, params: Any) -> ErrorData:
+        asked.append(params.message)
+        return ErrorData(code=INTERNAL_ERROR, message="the client's dialog crashed")
+
+    policy = APPROVE_DROP.replace(" ELICIT", "").replace("wait_s: 0", "wait_s: 0.2")
+    async with guarded(tmp_path, policy) as (server, guard):
+        async with Client(server, mode=mode, elicitation_callback=broken) as client:
+            try:
+                result = await client.call_tool("drop", {"what": "t1"})
+            except MCPError as exc:  # the 2026 client gives up on an ErrorData answer itself
+                assert mode == "auto" and "crashed" in str(exc)
+            else:
+                assert result.structured_content["error"] == "approval_required"
+        [pending] = await guard.approvals.list()
+        assert pending.status.value == "pending"
+    assert asked
+
+
+async def test_elicit_false_never_asks_the_client(tmp_path: Path) -> None:
+    asked = []
+
+    async def yes(ctx: Any, params: Any) -> ElicitResult:
+        asked.append(params.message)
+        return ElicitResult(action="accept", content={"approve": True})
+
+    policy = APPROVE_DROP.replace(" ELICIT", ", elicit: false")
+    async with guarded(tmp_path, policy) as (server, guard), Client(server, elicitation_callback=yes) as client:
+        result = await client.call_tool("drop", {"what": "t1"})
+        assert result.structured_content["error"] == "approval_required"
+    assert asked == []
+
+
+async def test_hidden_and_absent_tools_are_the_same_unknown_tool_error(tmp_path: Path) -> None:
+    async with guarded(tmp_path, "default: allow\nhide: [drop]\n") as (server, guard), Client(server) as client:
+        assert {t.name for t in (await client.list_tools()).tools} == {"echo", "explode"}
+        with pytest.raises(MCPError) as hidden:
+            await client.call_tool("drop", {"what": "x"})
+        with pytest.raises(MCPError) as absent:
+            await client.call_tool("nothing", {"what": "x"})
+        assert (hidden.value.error.code, str(hidden.value)) == (absent.value.error.code, "Unknown tool: drop")
+        assert str(absent.value) == "Unknown tool: nothing"
+        decisions = [e.decision for e in await guard.audit.query()]
+        assert decisions == ["hidden", "hidden"]

@@ -453,3 +453,39 @@ async def test_stopping_the_server_fails_running_turns_as_interrupted(ws: Worksp
         after = await call(client, "get-task", {"task_id": task["task_id"]})
         assert after["status"] == "failed"
         assert after["status_message"] == "interrupted: server stopped"
+
+
+async def test_progress_keeps_coming_while_other_writes_wake_the_waiter(ws: Workspace) -> None:
+    seen: list[str | None] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append(message)
+
+    async with stdio_client(ws) as client:
+        slow = await call(client, "spawn-task", {"prompt": "say slow and steady\nsleep 10\nsay done"})
+
+        async def chatter() -> None:
+            # Unrelated writes, more often than progress is due.
+            for i in range(8):
+                await call(client, "spawn-task", {"prompt": f"say noise {i}"})
+                await anyio.sleep(1)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(chatter)
+            result = await client.call_tool(
+                "wait-task", {"task_ids": slow["task_id"], "timeout_s": 30}, progress_callback=on_progress
+            )
+    assert result.structured_content["tasks"][0]["status"] == "completed"
+    assert len(seen) >= 2, seen
+    assert any(m and "slow and steady" in m for m in seen)
+
+
+async def test_waiting_on_many_tasks_keeps_the_result_small(ws: Workspace) -> None:
+    long_line = "word " * 2000
+    async with stdio_client(ws) as client:
+        ids = [(await call(client, "spawn-task", {"prompt": f"say {i} {long_line}"}))["task_id"] for i in range(20)]
+        result = await client.call_tool("wait-task", {"task_ids": ids, "mode": "all", "timeout_s": 50})
+    tasks = result.structured_content["tasks"]
+    assert [t["status"] for t in tasks] == ["completed"] * 20
+    assert all(t["output"]["truncated"] for t in tasks)
+    assert len(text_of(result).encode()) < 48 * 1024

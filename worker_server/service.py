@@ -46,6 +46,14 @@ HUMAN = "human"
 PROGRESS_EVERY_S = 4.0
 # Tail lines in results other than get-task.
 DEFAULT_TAIL_LINES = 10
+# wait-task shares max_result_bytes among its tasks, down to this much each.
+MIN_TASK_BUDGET = 512
+# get-task shows the newest messages of a human task's thread, each cut to
+# this many characters; list-task-messages has them all, whole.
+THREAD_MESSAGES = 50
+THREAD_BODY_CHARS = 2000
+# The log resource: up to this much (its end, if the log is longer).
+LOG_RESOURCE_BYTES = 64 * 1024 * 1024
 # How long cancel-task waits for another server process to stop its turn.
 REMOTE_CANCEL_WAIT_S = 15.0
 
@@ -175,6 +183,7 @@ class TaskService:
         ids = list(dict.fromkeys(task_ids))
         start = time.monotonic()
         deadline = start + timeout_s
+        last_progress = start
         while True:
             since = self.feed.generation
             rows = await self.store.get_many(ids)
@@ -185,16 +194,20 @@ class TaskService:
             met = len(settled) == len(rows) if mode == "all" else bool(settled)
             remaining = deadline - time.monotonic()
             if met or remaining <= 0:
+                # The result stays small however many tasks it reports.
+                budget = max(MIN_TASK_BUDGET, self.settings.max_result_bytes // len(rows))
                 return WaitResult(
-                    tasks=[await self.view(r) for r in rows],
+                    tasks=[await self.view(r, budget=budget) for r in rows],
                     timed_out=not met,
                     still_waiting=[r.id for r in rows if not r.settled],
                 )
-            step = min(remaining, PROGRESS_EVERY_S) if progress else remaining
-            changed = await self.feed.wait(since, step)
-            if not changed and progress is not None:
-                elapsed = time.monotonic() - start
-                await progress(elapsed, timeout_s, self._latest_activity(rows))
+            now = time.monotonic()
+            if progress is not None and now - last_progress >= PROGRESS_EVERY_S:
+                # Sent on time even when unrelated writes keep waking us.
+                last_progress = now
+                await progress(now - start, timeout_s, self._latest_activity(rows))
+            step = min(remaining, last_progress + PROGRESS_EVERY_S - now) if progress else remaining
+            await self.feed.wait(since, max(step, 0.0))
 
     def _latest_activity(self, rows: list[TaskRow]) -> str:
         for row in rows:
@@ -316,7 +329,11 @@ class TaskService:
     async def thread(self, row: TaskRow) -> list[Message]:
         if self.humans is None:
             return []
-        return [message_view(m) for m in await self.humans.messages(row.id)]
+        messages = [message_view(m) for m in (await self.humans.messages(row.id))[-THREAD_MESSAGES:]]
+        for m in messages:
+            if len(m.body) > THREAD_BODY_CHARS:
+                m.body = m.body[: THREAD_BODY_CHARS - 1] + "… [cut: list-task-messages has it whole]"
+        return messages
 
     async def _get(self, task_id: str) -> TaskRow:
         try:
@@ -328,7 +345,11 @@ class TaskService:
         row = await self._get(task_id)
         if not row.log_path:
             return ""
-        text, _ = read_log_tail(Path(row.log_path), max_bytes=1 << 62)
+        text, cut = read_log_tail(Path(row.log_path), max_bytes=LOG_RESOURCE_BYTES)
+        if cut:
+            # A resource is one string in memory; a log of gigabytes stays on disk.
+            note = f"[taskwarden] the log is longer than {LOG_RESOURCE_BYTES >> 20} MB; this is its end."
+            return f"{note} The whole log: {row.log_path}\n{text}"
         return text
 
     # -- rendering ---------------------------------------------------------
@@ -350,8 +371,9 @@ class TaskService:
             labels=row.labels,
         )
 
-    async def view(self, row: TaskRow, tail_lines: int = DEFAULT_TAIL_LINES) -> TaskView:
-        budget = self.settings.max_result_bytes
+    async def view(self, row: TaskRow, tail_lines: int = DEFAULT_TAIL_LINES, budget: int | None = None) -> TaskView:
+        """The task as agents see it; its text fits ``budget`` bytes (default: max_result_bytes)."""
+        budget = budget or self.settings.max_result_bytes
         final, final_cut = _cap(row.final, budget, keep="head")
         running = self.runner.running(row.id) if self.runner else None
         tail_source = running.tail.text() if running else row.tail

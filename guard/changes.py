@@ -90,7 +90,7 @@ class ChangeFeed:
     def notify(self) -> None:
         """Wake waiters here and in every other listening process."""
         self._fire()
-        notify_others(self.db_path, exclude=self._sock_path)
+        _wake_listeners(self.dir, exclude=self._sock_path)
 
     async def wait(self, since: int, timeout: float) -> bool:
         """Wait until the generation moves past ``since``; False on timeout."""
@@ -105,27 +105,37 @@ class ChangeFeed:
 
 def notify_others(db_path: str | Path, exclude: Path | None = None) -> None:
     """Send a wake-up to every process listening on ``db_path`` (from any process)."""
-    directory = _bus_dir(Path(db_path))
+    _wake_listeners(_bus_dir(Path(db_path)), exclude)
+
+
+def _wake_listeners(directory: Path, exclude: Path | None) -> None:
+    # Runs after every committed write, so it stays cheap: the directory is
+    # resolved once per feed (not per call), and entries stay plain strings.
     try:
-        entries = list(directory.iterdir())
+        names = os.listdir(directory)
     except FileNotFoundError:
         return
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.setblocking(False)
+    skip = exclude.name if exclude is not None and exclude.parent == directory else None
+    sock: socket.socket | None = None
     try:
-        for entry in entries:
-            if entry == exclude or entry.suffix != ".sock":
+        for name in names:
+            if name == skip or not name.endswith(".sock"):
                 continue
+            if sock is None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                sock.setblocking(False)
+            entry = os.path.join(directory, name)
             try:
-                sock.sendto(b"!", str(entry))
+                sock.sendto(b"!", entry)
             except (ConnectionRefusedError, FileNotFoundError):
                 # A listener that died without cleaning up.
                 with contextlib.suppress(FileNotFoundError):
-                    entry.unlink()
+                    os.unlink(entry)
             except BlockingIOError:
                 # Its queue is full of wake-ups it has not read yet: already awake.
                 pass
             except OSError as exc:
                 logger.debug("could not wake %s: %s", entry, exc)
     finally:
-        sock.close()
+        if sock is not None:
+            sock.close()

@@ -233,22 +233,35 @@ def _sub_lowered(rule: _ValueRule, text: str, low: str) -> str:
     return "".join(pieces)
 
 
+# Every rule's triggers, by the text they are looked for in.
+_TRIGGERS = tuple(dict.fromkeys(t for rule in _VALUE_RULES if not rule.lower for t in rule.triggers))
+_TRIGGERS_LOWER = tuple(dict.fromkeys(t for rule in _VALUE_RULES if rule.lower for t in rule.triggers))
+# What redact_text relies on (see there).
+assert not any(c in t for t in (*_TRIGGERS, *_TRIGGERS_LOWER) for c in "[]")
+
+
 def redact_text(text: str) -> str:
     """``text`` with every substring that looks like a credential replaced."""
     if len(text) < 8:  # nothing shorter matches any pattern
         return text
-    low: str | None = None
+    low: str | None = text.lower()
+    # Which triggers occur, looked for once. Most strings hold none, and then
+    # no rule can match. A replacement only ever removes triggers (no trigger
+    # contains "[" or "]", so "[REDACTED]" neither holds one nor joins its
+    # neighbours into one): a rule skipped here would have been skipped in
+    # the text as it stands when its turn comes, and a rule run here whose
+    # trigger an earlier rule removed finds nothing to replace.
+    present = {t for t in _TRIGGERS if t in text}
+    present_lower = {t for t in _TRIGGERS_LOWER if t in low}
+    if not present and not present_lower:
+        return _RUN_RE.sub(_run, text) if len(text) >= 32 else text
     for rule in _VALUE_RULES:
+        if (present_lower if rule.lower else present).isdisjoint(rule.triggers):
+            continue
         if rule.lower:
             if low is None:
                 low = text.lower()
-            haystack = low
-        else:
-            haystack = text
-        if not any(t in haystack for t in rule.triggers):
-            continue
-        if rule.lower:
-            replaced = _sub_lowered(rule, text, haystack)
+            replaced = _sub_lowered(rule, text, low)
         else:
             replaced = rule.regex.sub(_group_v if rule.keep else _whole, text)
         if replaced != text:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -108,7 +110,29 @@ def build_mcp(app: App, *, token_auth: bool = False, issuer: str = "http://127.0
     return mcp
 
 
+def watch_children_with_pidfds() -> None:
+    """Reap worker processes through pidfds where Python does not already (3.11 on Linux).
+
+    asyncio's default child watcher on 3.11 starts a thread per process to
+    wait for it; a pidfd is one more file descriptor in the event loop's
+    selector instead (3.12+ does this by itself). Call it once, from inside
+    the loop that runs for the life of the process.
+    """
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))  # kernels before 5.3 have no pidfds
+    except OSError:
+        return
+    import asyncio
+
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    asyncio.set_child_watcher(watcher)
+
+
 async def serve_stdio(settings: Settings) -> None:
+    watch_children_with_pidfds()
     async with open_app(settings) as app, _stop_on_signals() as scope:
         with scope:
             mcp = build_mcp(app)
@@ -127,6 +151,7 @@ async def serve_http(settings: Settings, host: str, port: int, *, allow_anonymou
             "HTTP needs bearer tokens: add [identities.NAME] token_sha256 = \"...\" to the config, "
             "or listen on 127.0.0.1 with --allow-anonymous"
         )
+    watch_children_with_pidfds()
     # uvicorn handles SIGTERM/SIGINT itself and shuts down gracefully (open
     # streams end, the MCP session manager stops); then open_app stops turns.
     async with open_app(settings) as app:

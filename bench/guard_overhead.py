@@ -1,0 +1,184 @@
+"""What the guard costs a cheap read tool: get-task with the guard in front vs without."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from mcp import Client
+
+from bench.core import Metric, Section, Sizes, fmt, median, percentile, progress, rounded
+from bench.workspace import Workspace
+from guard.audit import Outcome
+from guard.middleware import GuardMiddleware
+from guard.runtime import Admission, Call
+from worker_server.config import load_settings
+from worker_server.server import open_app, build_mcp
+from worker_server.service import Caller
+from worker_server.task import TaskStatus
+
+TITLE = "Guard overhead on a cheap read tool"
+METHOD = """\
+One server built in the bench process (`open_app` + `build_mcp`, the built-in
+policy, which allows `get-task`), one SDK client connected to it in memory
+(`mcp.Client(server)`: no transport, no JSON framing, so the guard's share of
+each call is as large as it can be). The guard is switched by taking its
+middleware object out of `server.middleware` and putting it back (the SDK
+composes the chain per request). Batches of `get-task` calls on one completed
+task alternate guard on / guard off (ABBA order, so neither side always runs
+first), after a warm-up. The ratio is the median over pairs of (calls/s with
+the guard) / (calls/s without), each pair measured back to back; the added
+latency is the difference of the two sides' p50 and p99 over every call.
+The headline uses the client's default for an in-process server (the
+per-request path of protocol 2026-07-28, no JSON-RPC framing); the same
+measurement then runs through a handshake-era JSON-RPC session
+(`Client(server, mode="legacy")`), which is how stdio clients connect today.
+
+With the guard on, every call is decided (policy, argument schema, counter
+conditions) and audited: the audit row is committed before the result
+returns (group commit, WAL with `synchronous = NORMAL`: the row survives a
+crash of the process; only a power loss can drop the last commits)."""
+
+
+async def run(sizes: Sizes, scratch: Path) -> Section:
+    section = Section("guard", TITLE, METHOD)
+    ws = Workspace(scratch, policy=None)  # None: the built-in policy, as users run it
+    settings = load_settings(ws.config)
+    async with open_app(settings, run_workers=False, background=False) as app:
+        view = await app.service.spawn(Caller("bench", "bench"), prompt="echo hello", cwd=str(ws.work))
+        await app.store.finish(
+            view.task_id, TaskStatus.COMPLETED, final="hello", exit_code=0, tail="hello\n" * 20
+        )
+        server = build_mcp(app)
+        chain = server.middleware
+        guard = next(m for m in chain if isinstance(m, GuardMiddleware))
+        position = chain.index(guard)
+
+        def switch(on: bool) -> None:
+            if on and guard not in chain:
+                chain.insert(position, guard)
+            elif not on and guard in chain:
+                chain.remove(guard)
+
+        args = {"task_id": view.task_id}
+        # The SDK's default for an in-process server (the per-request path,
+        # no JSON-RPC framing) is the headline, as the method prescribes; the
+        # handshake-era JSON-RPC session, which stdio clients use today,
+        # follows with the same server.
+        async with Client(server) as client:
+            modern = await _ab(client, args, switch, sizes)
+        async with Client(server, mode="legacy") as client:
+            legacy = await _ab(client, args, switch, sizes)
+        switch(True)
+
+        # Where the added time goes: the guard's two halves, called directly.
+        admit_us, settle_us = await _halves(app.guard, view.task_id, sizes)
+
+    progress(
+        f"guard: ratio {modern.ratio:.3f}, +{modern.added(50):.3f} ms p50, +{modern.added(99):.3f} ms p99; "
+        f"legacy session {legacy.ratio:.3f}"
+    )
+    section.metrics = [
+        Metric("guard_overhead_ratio", rounded(modern.ratio), "×", "get-task calls/s, guard on ÷ off", 0.85, "higher"),
+        Metric("guard_added_ms_p50", rounded(modern.added(50)), "ms", "added latency, p50"),
+        Metric("guard_added_ms_p99", rounded(modern.added(99)), "ms", "added latency, p99"),
+        Metric(
+            "guard_overhead_ratio_legacy_session",
+            rounded(legacy.ratio),
+            "×",
+            "the same through a JSON-RPC session (`mode=\"legacy\"`, as stdio clients connect)",
+        ),
+    ]
+    n = sizes.guard_rounds * sizes.guard_batch
+    section.details = [
+        f"{sizes.guard_rounds} pairs × {sizes.guard_batch} calls per side ({n} calls each side), per client mode.",
+        "",
+        "| client mode | calls/s on | calls/s off | p50 on | p50 off | p99 on | p99 off | ratio of medians | "
+        "paired ratios: median (range) |",
+        "|---|---|---|---|---|---|---|---|---|",
+        _row("default (per-request, no framing): headline", modern),
+        _row("legacy (JSON-RPC session)", legacy),
+        "",
+        f"The guard's halves called directly (median of {sizes.guard_batch * 4} calls each): "
+        f"`Guard.admit` (decision, schema check) {fmt(admit_us)} µs; "
+        f"`Guard.settle` (audit row redacted, digested, committed) {fmt(settle_us)} µs.",
+    ]
+    return section
+
+
+class _AB:
+    """One client's interleaved batches: rates and latencies with the guard on and off."""
+
+    def __init__(self) -> None:
+        self.pair_ratios: list[float] = []
+        self.rates: dict[bool, list[float]] = {True: [], False: []}
+        self.lat: dict[bool, list[float]] = {True: [], False: []}
+
+    @property
+    def ratio(self) -> float:
+        return median(self.pair_ratios)
+
+    def added(self, p: float) -> float:
+        """Added latency at percentile ``p``, in ms."""
+        return (percentile(self.lat[True], p) - percentile(self.lat[False], p)) * 1000
+
+
+async def _ab(client: Client, args: dict[str, str], switch: Callable[[bool], None], sizes: Sizes) -> _AB:
+    async def batch(n: int) -> tuple[float, list[float]]:
+        latencies: list[float] = []
+        start = time.perf_counter()
+        for _ in range(n):
+            t = time.perf_counter()
+            result = await client.call_tool("get-task", args)
+            latencies.append(time.perf_counter() - t)
+            if result.is_error:
+                raise RuntimeError(f"get-task failed: {result.content}")
+        return n / (time.perf_counter() - start), latencies
+
+    for on in (True, False):  # warm both paths: imports, caches, schema compilation
+        switch(on)
+        await batch(max(20, sizes.guard_batch // 2))
+    ab = _AB()
+    for r in range(sizes.guard_rounds):
+        order = (True, False) if r % 2 == 0 else (False, True)
+        got: dict[bool, float] = {}
+        for on in order:
+            switch(on)
+            rate, latencies = await batch(sizes.guard_batch)
+            got[on] = rate
+            ab.rates[on].append(rate)
+            ab.lat[on].extend(latencies)
+        ab.pair_ratios.append(got[True] / got[False])
+    return ab
+
+
+def _row(name: str, ab: _AB) -> str:
+    on, off = ab.rates[True], ab.rates[False]
+
+    def ms(on_side: bool, p: float) -> str:
+        return fmt(percentile(ab.lat[on_side], p) * 1000)
+
+    return (
+        f"| {name} | {fmt(median(on))} | {fmt(median(off))} | {ms(True, 50)} ms | {ms(False, 50)} ms "
+        f"| {ms(True, 99)} ms | {ms(False, 99)} ms | {fmt(median(on) / median(off))} "
+        f"| {fmt(ab.ratio)} ({fmt(min(ab.pair_ratios))}–{fmt(max(ab.pair_ratios))}) |"
+    )
+
+
+async def _halves(guard: object, task_id: str, sizes: Sizes) -> tuple[float, float]:
+    from guard.runtime import Guard
+
+    assert isinstance(guard, Guard)
+    call = Call("get-task", {"task_id": task_id}, "bench", "bench")
+    admit: list[float] = []
+    settle: list[float] = []
+    for _ in range(sizes.guard_batch * 4):
+        t = time.perf_counter()
+        admission = await guard.admit(call)
+        admit.append(time.perf_counter() - t)
+        assert isinstance(admission, Admission)
+        t = time.perf_counter()
+        await guard.settle(admission, Outcome.OK)
+        settle.append(time.perf_counter() - t)
+    return median(admit) * 1e6, median(settle) * 1e6

@@ -205,11 +205,15 @@ async def test_kill_9_mid_task_then_restart_marks_it_interrupted_and_kills_the_t
     gc_file = ws.work / "grandchild.pid"
     worker_file = ws.work / "worker.pid"
     async with stdio_client(ws) as client:
+        bare_file = ws.work / "bare.pid"
         task = await call(
-            client, "spawn-task", {"prompt": f"say started\npid {worker_file}\ngrandchild {gc_file}\nsleep 300"}
+            client,
+            "spawn-task",
+            {"prompt": f"say started\npid {worker_file}\ngrandchild {gc_file}\nbare-child {bare_file}\nsleep 300"},
         )
-        await wait_until(lambda: gc_file.exists() and gc_file.read_text())
+        await wait_until(lambda: bare_file.exists() and bare_file.read_text())
         worker, grandchild = int(worker_file.read_text()), int(gc_file.read_text())
+        bare = int(bare_file.read_text())
         server = server_process(ws)
         server.send_signal(signal.SIGKILL)
         server.wait(10)
@@ -225,6 +229,7 @@ async def test_kill_9_mid_task_then_restart_marks_it_interrupted_and_kills_the_t
         assert after["status_message"] == "interrupted: server restarted"
         assert not pid_alive(worker)
         assert not pid_alive(grandchild)
+        assert not pid_alive(bare), "a descendant without the marker (and ignoring SIGTERM) survived"
 
         # The worker's session id was kept: the next message resumes it.
         nxt = await call(client, "message-task", {"task_id": task["task_id"], "message": "say back again"})
@@ -489,3 +494,43 @@ async def test_waiting_on_many_tasks_keeps_the_result_small(ws: Workspace) -> No
     assert [t["status"] for t in tasks] == ["completed"] * 20
     assert all(t["output"]["truncated"] for t in tasks)
     assert len(text_of(result).encode()) < 48 * 1024
+
+
+async def test_cancel_kills_a_grandchild_with_a_clean_environment(ws: Workspace) -> None:
+    async with stdio_client(ws) as client:
+        bare_file = ws.work / "bare.pid"
+        running = await call(client, "spawn-task", {"prompt": f"bare-child {bare_file}\nsleep 120"})
+        await wait_until(lambda: bare_file.exists() and bare_file.read_text())
+        bare = int(bare_file.read_text())
+        assert (await call(client, "cancel-task", {"task_id": running["task_id"]}))["cancelled"]
+        assert not pid_alive(bare)
+
+
+async def test_a_finished_turn_leaves_nothing_running(ws: Workspace) -> None:
+    escapee_file, bare_file = ws.work / "escapee.pid", ws.work / "bare.pid"
+    async with stdio_client(ws) as client:
+        done = await spawn_and_wait(client, f"escapee {escapee_file}\nbare-child {bare_file}\nsay finished")
+        assert done["status"] == "completed"
+        left = [int(escapee_file.read_text()), int(bare_file.read_text())]
+        # The clean-up runs just after the result is recorded (off the wake path).
+        await wait_until(lambda: not any(pid_alive(pid) for pid in left), timeout=20)
+
+
+async def test_a_server_takes_over_from_a_sibling_that_died(tmp_path: Path) -> None:
+    # Two MCP clients, two stdio servers, one database: the usual setup.
+    ws = Workspace(tmp_path, max_concurrent=1)
+    ws.config.write_text(ws.config.read_text().replace('identity = "tester"', 'identity = "tester"\nreconcile_s = 0.5'))
+    worker_file = ws.work / "worker.pid"
+    async with stdio_client(ws) as first, stdio_client(ws) as second:
+        stuck = await call(first, "spawn-task", {"prompt": f"pid {worker_file}\nsleep 300"})
+        await wait_until(lambda: worker_file.exists() and worker_file.read_text())
+        waiting = await call(second, "spawn-task", {"prompt": "say my turn"})
+        assert waiting["status"] == "queued"
+        servers = [p for p in psutil.Process().children(recursive=True) if "serve" in p.cmdline()]
+        owner = next(p for p in servers if any(c.pid == int(worker_file.read_text()) for c in p.children()))
+        owner.kill()
+        done = (await call(second, "wait-task", {"task_ids": waiting["task_id"], "timeout_s": 30}))["tasks"][0]
+        assert done["status"] == "completed"
+        gone = await call(second, "get-task", {"task_id": stuck["task_id"]})
+        assert gone["status"] == "failed" and gone["status_message"] == "interrupted: server restarted"
+        assert not pid_alive(int(worker_file.read_text()))

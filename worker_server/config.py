@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     max_result_bytes: int = Field(default=8192, ge=256, le=1_048_576)
     poll_interval_s: float = Field(default=5.0, gt=0, le=3600)
     human_timeout_s: int = Field(default=86_400, ge=1, le=30 * 86_400)
+    # How often a server looks for turns left "working" by another server on
+    # the same database that died (it always does at start).
+    reconcile_s: float = Field(default=30.0, ge=0.1, le=3600)
     inbox_url: str = "http://127.0.0.1:8765/inbox"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     workers: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -31,8 +31,16 @@ def _marked(proc: psutil.Process, task_id: str) -> bool:
         return False
 
 
-def task_processes(task_id: str, pgid: int | None) -> list[psutil.Process]:
-    """Live (non-zombie) processes belonging to a task's turn."""
+def task_processes(
+    task_id: str, pgid: int | None, *, group_is_ours: bool = False, not_before: float | None = None
+) -> tuple[list[psutil.Process], bool]:
+    """Live (non-zombie) processes of a task's turn, and whether ``pgid`` is verified ours.
+
+    A live group's id is never reused, so the group is ours when the caller
+    knows it (``group_is_ours``: the runner that started it), when a member
+    carries our marker, or when a member started after the turn did
+    (``not_before``) — a descendant may have cleaned its environment.
+    """
     me = os.getpid()
     grouped: list[psutil.Process] = []
     marked: list[psutil.Process] = []
@@ -49,15 +57,23 @@ def task_processes(task_id: str, pgid: int | None) -> list[psutil.Process]:
             grouped.append(proc)
         elif _marked(proc, task_id):
             marked.append(proc)
-    # A live group's id is never reused, but a dead one's may be: only treat
-    # the group as ours if one of its members carries our marker.
-    if grouped and not any(_marked(p, task_id) for p in grouped):
-        grouped = []
-    return grouped + marked
+    verified = bool(grouped) and (
+        group_is_ours
+        or any(_marked(p, task_id) for p in grouped)
+        or (not_before is not None and any(_started_after(p, not_before) for p in grouped))
+    )
+    return (grouped if verified else []) + marked, verified
 
 
-def _signal_all(procs: list[psutil.Process], pgid: int | None, sig: signal.Signals) -> None:
-    if pgid is not None and procs:
+def _started_after(proc: psutil.Process, when: float) -> bool:
+    try:
+        return proc.create_time() >= when - 1.0  # create_time has clock-tick resolution
+    except psutil.Error:
+        return False
+
+
+def _signal_all(procs: list[psutil.Process], pgid: int | None, group: bool, sig: signal.Signals) -> None:
+    if group and pgid is not None:
         try:
             os.killpg(pgid, sig)
         except (ProcessLookupError, PermissionError):
@@ -69,32 +85,40 @@ def _signal_all(procs: list[psutil.Process], pgid: int | None, sig: signal.Signa
             pass
 
 
-async def _wait_gone(task_id: str, pgid: int | None, timeout: float) -> list[psutil.Process]:
+async def _wait_gone(task_id: str, pgid: int | None, timeout: float, **how: object) -> list[psutil.Process]:
     # A short, bounded check while a group shuts down; not a wait for task state.
     with anyio.move_on_after(timeout):
         while True:
-            remaining = await anyio.to_thread.run_sync(task_processes, task_id, pgid)
+            remaining, _ = await anyio.to_thread.run_sync(lambda: task_processes(task_id, pgid, **how))
             if not remaining:
                 return []
             await anyio.sleep(0.05)
-    return await anyio.to_thread.run_sync(task_processes, task_id, pgid)
+    return (await anyio.to_thread.run_sync(lambda: task_processes(task_id, pgid, **how)))[0]
 
 
-async def terminate(task_id: str, pgid: int | None, grace_s: float = GRACE_S) -> bool:
+async def terminate(
+    task_id: str,
+    pgid: int | None,
+    grace_s: float = GRACE_S,
+    *,
+    group_is_ours: bool = False,
+    not_before: float | None = None,
+) -> bool:
     """SIGTERM the turn's processes, wait ``grace_s``, SIGKILL what is left.
 
     Returns True when something had to be signalled.
     """
-    procs = await anyio.to_thread.run_sync(task_processes, task_id, pgid)
+    how = {"group_is_ours": group_is_ours, "not_before": not_before}
+    procs, group = await anyio.to_thread.run_sync(lambda: task_processes(task_id, pgid, **how))
     if not procs:
         return False
     logger.info("stopping task %s: %d process(es)", task_id, len(procs))
-    _signal_all(procs, pgid, signal.SIGTERM)
-    remaining = await _wait_gone(task_id, pgid, grace_s)
+    _signal_all(procs, pgid, group, signal.SIGTERM)
+    remaining = await _wait_gone(task_id, pgid, grace_s, **how)
     if remaining:
         logger.warning("task %s: %d process(es) ignored SIGTERM; killing", task_id, len(remaining))
-        _signal_all(remaining, pgid, signal.SIGKILL)
-        remaining = await _wait_gone(task_id, pgid, 2.0)
+        _signal_all(remaining, pgid, group, signal.SIGKILL)
+        remaining = await _wait_gone(task_id, pgid, 2.0, **how)
         if remaining:
             logger.error("task %s: processes survive SIGKILL: %s", task_id, [p.pid for p in remaining])
     return True

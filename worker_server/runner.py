@@ -82,8 +82,10 @@ class Runner:
         feed: ChangeFeed,
         profiles: dict[str, WorkerProfile],
         logs_dir: Path,
+        reconcile_s: float = 30.0,
     ) -> None:
         self.store = store
+        self.reconcile_s = reconcile_s
         self.feed = feed
         self.profiles = profiles
         self.logs_dir = logs_dir
@@ -104,15 +106,8 @@ class Runner:
         for task in await self.store.working_agent_tasks():
             if (task.owner_pid, task.owner_started) == self.owner or owner_alive(task.owner_pid, task.owner_started):
                 continue
-            killed = await terminate(task.id, task.pid)
-            logger.warning(
-                "task %s was running under a server that is gone%s; marking it failed",
-                task.id,
-                " (killed its leftover processes)" if killed else "",
-            )
-            if task.log_path:
-                _note(Path(task.log_path), INTERRUPTED)
-            await self.store.finish(task.id, TaskStatus.FAILED, message=INTERRUPTED, only_from=[TaskStatus.WORKING])
+            logger.warning("task %s was running under a server that is gone; marking it failed", task.id)
+            await stop_orphan(self.store, task, TaskStatus.FAILED, INTERRUPTED)
         dead = [o for o in await self.store.queued_owners() if o != self.owner and not owner_alive(*o)]
         if dead:
             adopted = await self.store.adopt_queued(dead)
@@ -124,12 +119,19 @@ class Runner:
             self._tg = tg
             task_status.started()
             try:
+                checked = time.monotonic()
                 while True:
                     since = self.feed.generation
                     await self._honour_cancel_requests()
                     await self.schedule()
+                    # Now and then, look for servers sharing the database that
+                    # died, leaving turns "working" and their slots taken.
+                    if time.monotonic() - checked >= self.reconcile_s:
+                        checked = time.monotonic()
+                        await self.reconcile()
+                        continue
                     # Woken by any write to the database, here or elsewhere.
-                    await self.feed.wait(since, timeout=3600)
+                    await self.feed.wait(since, timeout=checked + self.reconcile_s - time.monotonic())
             finally:
                 with anyio.CancelScope(shield=True):
                     await self._stop_all("interrupted: server stopped")
@@ -160,6 +162,8 @@ class Runner:
                 self._tg.start_soon(self._run_turn, turn)
 
     async def _honour_cancel_requests(self) -> None:
+        if not self._running:
+            return  # nothing here to cancel: spare the read on every change
         for task in await self.store.cancel_requests(self.owner):
             turn = self._running.get(task.id)
             if turn is not None:
@@ -191,10 +195,10 @@ class Runner:
             logger.exception("task %s: the runner failed", task.id)
             await self.store.finish(task.id, TaskStatus.FAILED, message="internal error: see the server log")
         finally:
+            # The store write that ended the turn already woke the scheduler
+            # (slots are counted in the store): nothing more to announce.
             self._running.pop(task.id, None)
             turn.done.set()
-            # A queued turn may be waiting for this slot.
-            self.feed.notify()
 
     async def _execute(self, turn: RunningTurn) -> None:
         task = turn.task
@@ -231,8 +235,14 @@ class Runner:
                 log.note(message)
                 await self.store.finish(task.id, TaskStatus.FAILED, message=message)
                 return
-            await self.store.set_process(task.id, proc.pid, str(log.path))
-            await self._supervise(turn, proc, profile, log)
+            try:
+                await self.store.set_process(task.id, proc.pid, str(log.path))
+                await self._supervise(turn, proc, profile, log)
+            except BaseException:
+                # Whatever went wrong here, the worker must not outlive its turn.
+                with anyio.CancelScope(shield=True):
+                    await terminate(task.id, proc.pid, group_is_ours=True)
+                raise
         finally:
             log.close()
 
@@ -294,7 +304,7 @@ class Runner:
             outcome = await _exit_or_stop(proc, turn, timeout)
             if outcome in ("cancelled", "timed_out"):
                 log.note(_cancel_message(turn.cancel_reason) if outcome == "cancelled" else "timed out")
-                await terminate(task.id, proc.pid)
+                await terminate(task.id, proc.pid, group_is_ours=True)
                 with anyio.CancelScope(shield=True):
                     await proc.wait()
             with anyio.move_on_after(DRAIN_S):
@@ -328,10 +338,10 @@ class Runner:
                 exit_code=code,
                 tail=tail,
             )
-        # The turn is over: nothing it started may outlive it. (The cheap group
-        # check first keeps the full process scan off the common path.)
-        if outcome == "exited" and _group_alive(proc.pid):
-            await terminate(task.id, proc.pid)
+        # The turn is over (and recorded, so waiters are already awake):
+        # nothing it started may outlive it, escapees from its group included.
+        if outcome == "exited":
+            await terminate(task.id, proc.pid, group_is_ours=True)
 
 
 async def _exit_or_stop(proc: Process, turn: RunningTurn, timeout: float | None) -> str:
@@ -358,16 +368,6 @@ async def _exit_or_stop(proc: Process, turn: RunningTurn, timeout: float | None)
     return outcome
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _cancel_message(reason: str | None) -> str:
     return f"cancelled: {reason}" if reason else "cancelled"
 
@@ -380,6 +380,14 @@ def _failure_message(code: int | None, failure: list[str]) -> str:
     else:
         base = "failed"
     return f"{base}: {failure[-1]}" if failure else base
+
+
+async def stop_orphan(store: Store, task: TaskRow, status: TaskStatus, message: str) -> None:
+    """End a turn whose server is gone: kill what it left running, then record it."""
+    await terminate(task.id, task.pid, not_before=task.started_at)
+    if task.log_path:
+        _note(Path(task.log_path), message)
+    await store.finish(task.id, status, message=message, only_from=[TaskStatus.WORKING])
 
 
 def _note(path: Path, text: str) -> None:

@@ -66,7 +66,7 @@ async def open_app(
     try:
         store = await Store.open(db, feed)
         profiles = settings.profiles()
-        runner = Runner(store, feed, profiles, settings.logs_path) if run_workers else None
+        runner = Runner(store, feed, profiles, settings.logs_path, settings.reconcile_s) if run_workers else None
         service = TaskService(store, runner, feed, settings, profiles)
         humans = Humans(store, feed, settings)
         humans.view = service.view

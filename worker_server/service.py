@@ -19,9 +19,8 @@ import anyio
 
 from guard.changes import ChangeFeed
 from worker_server.config import Settings
-from worker_server.process_group import terminate
 from worker_server.profiles import WorkerProfile
-from worker_server.runner import Runner, owner_alive
+from worker_server.runner import Runner, owner_alive, stop_orphan
 from worker_server.store import MessageRow, Store, TaskNotFound, TaskRow
 from worker_server.task import (
     CancelResult,
@@ -288,8 +287,7 @@ class TaskService:
                 return "cancelled" if status == TaskStatus.CANCELLED else "already_terminal"
             raise InvalidArgument("task_id", f"{row.id}: the server running it did not stop it in time")
         # Its server is gone and nobody reconciled it yet.
-        await terminate(row.id, row.pid)
-        await self.store.finish(row.id, TaskStatus.CANCELLED, message=message)
+        await stop_orphan(self.store, row, TaskStatus.CANCELLED, message)
         return "cancelled"
 
     # -- list-tasks / get-task ---------------------------------------------

@@ -393,7 +393,12 @@ class Store:
             _event(c, row["id"], now, "status", {"status": "working"})
             return _task(c, row["id"])
 
-        return await self._write(write)
+        # Wake waiters only for a real claim: a claim that finds no slot
+        # changes nothing, and waking the scheduler for it would loop.
+        claimed = await self.db.write(write)
+        if claimed is not None:
+            self.feed.notify()
+        return claimed
 
     async def set_process(self, task_id: str, pid: int, log_path: str) -> None:
         def write(c: sqlite3.Connection) -> None:

@@ -14,7 +14,6 @@ import hashlib
 import logging
 import os
 import socket
-import tempfile
 from pathlib import Path
 
 import anyio
@@ -22,12 +21,42 @@ import anyio
 logger = logging.getLogger(__name__)
 
 
+# A socket's path must fit in sun_path (108 bytes with its terminator).
+_SOCKET_PATH_MAX = 107
+_SOCKET_NAME_MAX = 24  # "<pid>-<8 hex>.sock"
+
+
 def _bus_dir(db_path: Path) -> Path:
-    # Socket paths are limited to ~100 bytes, so the directory is named by a
-    # digest of the database path rather than by the path itself.
-    digest = hashlib.sha256(str(db_path.resolve()).encode()).hexdigest()[:16]
-    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
-    return base / f"taskwarden-{os.getuid()}" / digest
+    """Where the listeners of one database keep their sockets.
+
+    Derived from the database's path alone — never from the environment,
+    which differs between an MCP client's server, a terminal and the inbox —
+    so every process on the same file finds the same directory: beside the
+    database, or, when that path is too long for a socket, under /tmp by a
+    digest of it.
+    """
+    db = db_path.resolve()
+    beside = db.parent / f".{db.name}.wake"
+    if len(str(beside)) + 1 + _SOCKET_NAME_MAX <= _SOCKET_PATH_MAX:
+        return beside
+    digest = hashlib.sha256(str(db).encode()).hexdigest()[:16]
+    return Path("/tmp") / f"taskwarden-{os.getuid()}" / digest
+
+
+class BusDirectoryError(RuntimeError):
+    """The wake-up directory is not private to this user."""
+
+
+def _private_dir(path: Path) -> None:
+    # Another local user must not own (or be able to fill) the directory.
+    for directory in (path.parent, path) if path.parent.name.startswith("taskwarden-") else (path,):
+        directory.mkdir(exist_ok=True, mode=0o700)
+        info = directory.stat()
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            raise BusDirectoryError(
+                f"{directory} must belong to this user and not be writable by others "
+                "(taskwarden uses it to wake waiting calls)"
+            )
 
 
 class ChangeFeed:
@@ -47,7 +76,8 @@ class ChangeFeed:
         """Listen for changes made by other processes (needs a running asyncio loop)."""
         import asyncio
 
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        _private_dir(self.dir)
         path = self.dir / f"{os.getpid()}-{os.urandom(4).hex()}.sock"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(str(path))

@@ -142,7 +142,9 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def http_server(ws: Workspace, *extra: str, command: str = "serve") -> AsyncIterator[str]:
+async def http_server(
+    ws: Workspace, *extra: str, command: str = "serve", host: str = "127.0.0.1"
+) -> AsyncIterator[str]:
     """Start ``taskwarden serve --http`` (or ``inbox --http``) and yield its base URL.
 
     On the way out it stops the server with SIGTERM and checks it wrote
@@ -152,15 +154,15 @@ async def http_server(ws: Workspace, *extra: str, command: str = "serve") -> Asy
     log = open(ws.root / f"{command}-{port}.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "worker_server", command, "--config", str(ws.config),
-         "--http", f"127.0.0.1:{port}", *extra],
+         "--http", f"{host}:{port}", *extra],
         env=ws.server_env(),
         cwd=ws.work,
         stdout=subprocess.PIPE,
         stderr=log,
     )
     try:
-        await wait_for_port(port, proc)
-        yield f"http://127.0.0.1:{port}"
+        await wait_for_port(port, proc, host=host)
+        yield f"http://{host}:{port}"
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -173,13 +175,15 @@ async def http_server(ws: Workspace, *extra: str, command: str = "serve") -> Asy
         assert out == b"", f"taskwarden {command} wrote to stdout: {out[:200]!r}"
 
 
-async def wait_for_port(port: int, proc: subprocess.Popen[Any] | None = None, timeout: float = 20) -> None:
+async def wait_for_port(
+    port: int, proc: subprocess.Popen[Any] | None = None, timeout: float = 20, host: str = "127.0.0.1"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"server exited with {proc.returncode} before listening")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            with socket.create_connection((host, port), timeout=0.2):
                 return
         except OSError:
             await anyio.sleep(0.05)

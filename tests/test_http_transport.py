@@ -70,3 +70,17 @@ def test_http_without_identities_or_anonymous_is_refused(tmp_path: Path) -> None
     proc = ws.cli("serve", "--http", "127.0.0.1:1", check=False)
     assert proc.returncode == 2
     assert "[identities.NAME]" in proc.stderr
+
+
+async def test_any_loopback_address_refuses_a_foreign_host_header(tmp_path: Path) -> None:
+    # DNS rebinding: a web page on evil.example whose name resolves to the
+    # loopback address must not reach an anonymous MCP endpoint.
+    ws = Workspace(tmp_path)
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
+    accept = {"Accept": "application/json, text/event-stream"}
+    async with http_server(ws, "--allow-anonymous", "--no-inbox", host="127.0.0.2") as base:
+        async with httpx.AsyncClient() as http:
+            evil = await http.post(f"{base}/mcp", json=body, headers={**accept, "Host": "evil.example"})
+            assert evil.status_code == 421
+        async with Client(f"{base}/mcp") as client:
+            assert (await call(client, "list-tasks", {}))["tasks"] == []

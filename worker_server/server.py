@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
+from mcp.server.transport_security import TransportSecuritySettings
 
 from guard.changes import ChangeFeed
 from guard.database import Database
@@ -156,7 +157,7 @@ async def serve_http(settings: Settings, host: str, port: int, *, allow_anonymou
     # streams end, the MCP session manager stops); then open_app stops turns.
     async with open_app(settings) as app:
         mcp = build_mcp(app, token_auth=not allow_anonymous, issuer=f"http://{host}:{port}")
-        starlette_app = mcp.streamable_http_app(host=host)
+        starlette_app = mcp.streamable_http_app(host=host, transport_security=_rebinding_guard(host))
         if with_inbox:
             from worker_server.inbox.app import mount_inbox
 
@@ -204,6 +205,23 @@ async def _stop_on_signals() -> AsyncIterator[anyio.CancelScope]:
             yield scope
         finally:
             tg.cancel_scope.cancel()
+
+
+def _rebinding_guard(host: str) -> TransportSecuritySettings | None:
+    """Host and Origin checks for a loopback listener (DNS rebinding).
+
+    The SDK turns them on by itself only for 127.0.0.1, localhost and ::1;
+    any loopback address gets them here. Elsewhere bearer tokens guard /mcp.
+    """
+    if not _is_loopback(host):
+        return None
+    hosts = sorted({host, "127.0.0.1", "localhost", "[::1]" if host != "::1" else "[::1]"})
+    shown = [f"[{h}]" if ":" in h and not h.startswith("[") else h for h in hosts]
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=[f"{h}:*" for h in shown],
+        allowed_origins=[f"http://{h}:*" for h in shown],
+    )
 
 
 def _is_loopback(host: str) -> bool:

@@ -25,11 +25,10 @@ import logging
 import secrets
 import sqlite3
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 from guard.changes import ChangeFeed, notify_others
-from guard.clock import Clock
+from guard.clock import Clock, iso
 from guard.database import Database
 from guard.redaction import redact
 
@@ -97,14 +96,6 @@ def call_digest(tool: str, args: Any, identity: str) -> str:
     """The sha256 hex digest an approval is bound to."""
     payload = canonical_json({"tool": tool, "args": args, "identity": identity})
     return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def iso(ts: float | None) -> str | None:
-    """``ts`` (seconds since the epoch) as ISO 8601 UTC, e.g. ``2024-05-01T12:00:00Z``."""
-    if ts is None:
-        return None
-    text = datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
-    return text.replace(".000+00:00", "Z").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)

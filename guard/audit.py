@@ -23,7 +23,8 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-from guard.approvals import canonical_json, iso
+from guard.approvals import canonical_json
+from guard.clock import iso
 from guard.clock import Clock
 from guard.database import Database
 from guard.redaction import redact, redact_text
@@ -51,11 +52,8 @@ class Decision(str, enum.Enum):
     # Shadow mode: what enforce mode would have done; the call was allowed.
     SHADOW_DENY = "shadow_deny"
     SHADOW_HIDDEN = "shadow_hidden"
-    SHADOW_INVALID_ARGUMENTS = "shadow_invalid_arguments"
     SHADOW_RATE_LIMITED = "shadow_rate_limited"
     SHADOW_APPROVAL_REQUIRED = "shadow_approval_required"
-    SHADOW_APPROVAL_DENIED = "shadow_approval_denied"
-    SHADOW_APPROVAL_EXPIRED = "shadow_approval_expired"
 
 
 DECISIONS: tuple[str, ...] = tuple(d.value for d in Decision)

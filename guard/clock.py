@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Protocol
 
 
@@ -31,3 +32,10 @@ class FakeClock:
 
     def set(self, value: float) -> None:
         self._now = value
+
+
+def iso(ts: float | None) -> str | None:
+    """``ts`` (seconds since the epoch) as ISO 8601 UTC: ``2026-11-21T00:24:09.426Z``."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -20,9 +20,9 @@ from typing import Any, Protocol, TextIO
 
 import anyio
 
-from guard.approvals import Approval, ApprovalError, Approvals, ReasonRequired, iso
+from guard.approvals import Approval, ApprovalError, Approvals, ReasonRequired
 from guard.audit import AuditEntry, AuditLog, InvalidDecision, parse_decision
-from guard.clock import Clock, SystemClock
+from guard.clock import Clock, SystemClock, iso
 from guard.database import Database
 from guard.schema import open_guard_db
 

@@ -58,8 +58,14 @@ class PolicySource:
         assert self.path is not None
         # Watch the directory: editors often replace the file rather than write it.
         started = False
-        async for changes in awatch(self.path.parent, debounce=50, step=20, yield_on_timeout=True,
-                                    rust_timeout=500):
+        target = self.path
+
+        def this_file(_change: object, path: str) -> bool:
+            # Other files in the directory (a database beside the policy) are not ours.
+            return Path(path).resolve() == target
+
+        async for changes in awatch(self.path.parent, watch_filter=this_file, debounce=50, step=20,
+                                    yield_on_timeout=True, rust_timeout=500):
             if not started:
                 task_status.started()
                 started = True

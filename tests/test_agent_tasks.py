@@ -85,27 +85,32 @@ async def test_message_on_a_busy_session_queues_behind_the_running_turn(ws: Work
 
 async def test_tasks_beyond_max_concurrent_wait_queued_in_order(tmp_path: Path) -> None:
     ws = Workspace(tmp_path, max_concurrent=1)
+    go = ws.work / "go"
     async with stdio_client(ws) as client:
-        ids = []
-        for i in range(3):
-            task = await call(client, "spawn-task", {"prompt": f"sleep 0.6\nsay done {i}", "title": f"job {i}"})
-            ids.append(task["task_id"])
+        first = await call(client, "spawn-task", {"prompt": f"wait-for {go}\nsay done 0"})
+        ids = [first["task_id"]]
+        for i in (1, 2):
+            ids.append((await call(client, "spawn-task", {"prompt": f"say done {i}"}))["task_id"])
 
-        async def statuses() -> list[str]:
-            page = await call(client, "list-tasks", {})
-            by_id = {t["task_id"]: t["status"] for t in page["tasks"]}
-            return [by_id[i] for i in ids]
+        # The first holds the only slot until told to go; the others wait.
+        await wait_until_status(client, ids[0], "working")
+        page = await call(client, "list-tasks", {})
+        by_id = {t["task_id"]: t["status"] for t in page["tasks"]}
+        assert [by_id[i] for i in ids] == ["working", "queued", "queued"]
 
-        # While the first runs, the other two wait.
-        await call(client, "wait-task", {"task_ids": ids[0], "timeout_s": 0})
-        seen = await statuses()
-        assert seen[1:] == ["queued", "queued"]
-        assert seen[0] in ("queued", "working")
-
+        go.touch()
         done = await call(client, "wait-task", {"task_ids": ids, "mode": "all", "timeout_s": 30})
         assert [t["status"] for t in done["tasks"]] == ["completed"] * 3
         finished = [t["updated_at"] for t in done["tasks"]]
         assert finished == sorted(finished), "queued tasks ran in the order they were spawned"
+
+
+async def wait_until_status(client, task_id: str, status: str) -> None:  # noqa: ANN001
+    for _ in range(400):
+        if (await call(client, "get-task", {"task_id": task_id}))["status"] == status:
+            return
+        await anyio.sleep(0.05)
+    raise AssertionError(f"{task_id} never became {status}")
 
 
 async def test_timeout_fails_the_task_as_timed_out(ws: Workspace) -> None:

@@ -157,10 +157,15 @@ async def test_default_policy_limits_writes_and_holds_cancels(tmp_path: Path) ->
     async with stdio_client(ws) as client:
         task = await spawn_and_wait(client, "say under the default policy")
         assert task["status"] == "completed"
-        start = time.monotonic()
+        for i in range(29):  # 30 spawn-task calls per 60 s per session
+            await call(client, "spawn-task", {"prompt": f"say {i}"})
+        limited = await call_error(client, "spawn-task", {"prompt": "say one too many"})
+        assert limited.structured_content["rule"] == "spawn-task#1"
+        assert limited.structured_content["reason"] == "30 calls per 60 s per session"
+        await call(client, "list-tasks", {})  # read-only tools are allowed, unlimited
         held = await call_error(client, "cancel-task", {"task_id": task["task_id"]})
         assert held.structured_content["error"] == "approval_required"
-        assert time.monotonic() - start >= 19, "the default policy waits wait_s (20 s) for a human"
+        assert held.structured_content["reason"] == "Cancelling work needs a human's approval"
 
 
 # -- limits -----------------------------------------------------------------------
@@ -316,8 +321,9 @@ async def test_a_waiting_call_runs_when_a_human_approves_from_another_process(tm
         returned_after = time.monotonic() - approved_at
     assert not results[0].is_error, text_of(results[0])
     assert results[0].structured_content["cancelled"] == [task["task_id"]]
-    # Generous: the contract is 0.5 s; benchmarks measure the real figure.
-    assert returned_after < 10
+    # Woken by the CLI's commit, not by wait_s (30 s) running out; the
+    # benchmarks measure how fast.
+    assert returned_after < 15
 
 
 async def test_an_unanswered_approval_expires(tmp_path: Path) -> None:
@@ -408,57 +414,40 @@ async def test_shadow_mode_logs_what_it_would_deny_and_allows(tmp_path: Path) ->
 
 
 async def test_hot_reload_applies_a_changed_policy_and_keeps_it_on_a_bad_change(tmp_path: Path) -> None:
+    from mcp import Client
+    from mcp.client.stdio import stdio_client as stdio_transport
+
+    from tests.support import stdio_params
+
     ws = policy_ws(tmp_path, "default: allow\n")
     policy = tmp_path / "policy.yaml"
-    async with stdio_client(ws) as client:
-        await call(client, "list-tasks", {})
-        policy.write_text("default: allow\ntools:\n  list-tasks:\n    rules:\n      - action: deny\n        reason: frozen\n")
-
-        async def denied() -> bool:
-            r = await client.call_tool("list-tasks", {})
-            return r.is_error and r.structured_content["reason"] == "frozen"
-
-        deadline = time.monotonic() + 10
-        while not await denied():
-            assert time.monotonic() < deadline, "the changed policy was not applied"
-            await anyio.sleep(0.1)
-
-        policy.write_text("default: allow\ntools:\n  list-tasks:\n    rules:\n      - action: maybe\n")
-        await anyio.sleep(1.5)
-        assert await denied(), "a bad change must keep the policy in force"
-        assert server_process(ws).is_running()
-
-
-async def test_a_bad_reload_is_logged_with_its_line(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    policy = tmp_path / "policy.yaml"
-    policy.write_text("default: allow\n")
-    ws = Workspace(tmp_path, policy=policy)
-    stderr_path = tmp_path / "stderr.log"
+    stderr_path = tmp_path / "server-stderr.log"
     with stderr_path.open("w") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "worker_server", "serve", "--config", str(ws.config)],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr, env=ws.server_env(),
-        )
-        try:
+        async with Client(stdio_transport(stdio_params(ws), errlog=stderr)) as client:
+            await call(client, "list-tasks", {})
+            policy.write_text(
+                "default: allow\ntools:\n  list-tasks:\n    rules:\n      - action: deny\n        reason: frozen\n"
+            )
+
+            async def denied() -> bool:
+                r = await client.call_tool("list-tasks", {})
+                return r.is_error and r.structured_content["reason"] == "frozen"
+
             deadline = time.monotonic() + 20
-            while "serving MCP on stdio" not in stderr_path.read_text():
-                assert time.monotonic() < deadline
+            while not await denied():
+                assert time.monotonic() < deadline, "the changed policy was not applied"
                 await anyio.sleep(0.1)
-            await anyio.sleep(1)
+
             policy.write_text("default: allow\ntools:\n  list-tasks:\n    rules:\n      - action: maybe\n")
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 20
             while "policy reload failed" not in stderr_path.read_text():
-                assert time.monotonic() < deadline, stderr_path.read_text()
+                assert time.monotonic() < deadline, "the bad change was never read"
                 await anyio.sleep(0.1)
-        finally:
-            proc.stdin.close()
-            proc.wait(20)
-    text = stderr_path.read_text()
-    assert "keeping the previous policy" in text
-    assert f"{policy}:5" in text and "action" in text
+            # Read and refused: the policy in force is still the last good one.
+            assert await denied(), "a bad change must keep the policy in force"
+    log = stderr_path.read_text()
+    assert "keeping the previous policy" in log
+    assert f"{policy}:5" in log and "action" in log
 
 
 # -- audit and redaction ------------------------------------------------------------

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     approvals = sub.add_parser("approvals", help="decide calls the guard holds for a human").add_subparsers(
         dest="approvals_command", required=True, metavar="ACTION"
     )
-    a_list = approvals.add_parser("list", help="list approvals, pending first")
+    a_list = approvals.add_parser("list", help="list approvals, newest first")
     _common(a_list)
     a_list.add_argument("--json", action="store_true", help="print JSON")
     a_ok = approvals.add_parser("approve", help="approve a held call")

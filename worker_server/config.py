@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import os
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -99,8 +100,9 @@ class Settings(BaseSettings):
     def logs_path(self) -> Path:
         return (self.log_dir or self.db_path.parent / "logs").expanduser()
 
-    @property
+    @cached_property
     def roots(self) -> list[Path]:
+        # Resolved once: spawn-task checks every cwd against them.
         return [Path(r).expanduser().resolve() for r in self.allowed_roots]
 
     def profiles(self) -> dict[str, WorkerProfile]:

@@ -56,7 +56,11 @@ class Humans:
         message = {"author": "agent", "author_name": caller.identity, "kind": "message", "body": body}
         if task.status == S.INPUT_REQUIRED and (task.pending or {}).get("kind") == "question":
             _, posted = await self._step(
-                task_id, allowed=[S.INPUT_REQUIRED], wanted="", status=S.WORKING, message=message
+                task_id,
+                allowed=[S.INPUT_REQUIRED],
+                wanted="its question was already answered",
+                status=S.WORKING,
+                message=message,
             )
         elif task.status in OPEN:
             posted = await self.store.post_message(task_id, **message)
@@ -97,7 +101,7 @@ class Humans:
                 allowed=[S.INPUT_REQUIRED],
                 wanted="it has nothing to review",
                 status=S.COMPLETED,
-                final=pending.get("text", ""),
+                final_from_pending=True,
                 message={"author": "agent", "author_name": caller.identity, "kind": "review", "body": body},
             )
         else:
@@ -211,9 +215,12 @@ class Humans:
         task_status.started()
         while True:
             since = self.feed.generation
-            expired = await self.store.expire_due()
-            if expired:
-                logger.info("human task(s) expired: %s", ", ".join(expired))
+            # One read per change; a write only when a deadline has passed.
             nxt = await self.store.next_human_deadline()
-            wait = 3600.0 if nxt is None else max(0.0, nxt - self.store.clock.now()) + 0.01
+            if nxt is not None and nxt <= self.store.clock.now():
+                expired = await self.store.expire_due()
+                if expired:
+                    logger.info("human task(s) expired: %s", ", ".join(expired))
+                continue
+            wait = 3600.0 if nxt is None else nxt - self.store.clock.now() + 0.01
             await self.feed.wait(since, min(wait, 3600.0))

@@ -252,15 +252,6 @@ class Store:
 
         return await self.db.read(read)
 
-    async def find_idempotent(self, created_by: str, key: str) -> TaskRow | None:
-        def read(c: sqlite3.Connection) -> TaskRow | None:
-            row = c.execute(
-                f"{_TASK_SELECT} WHERE t.created_by = ? AND t.idempotency_key = ?", (created_by, key)
-            ).fetchone()
-            return TaskRow.from_row(row) if row else None
-
-        return await self.db.read(read)
-
     # -- creating ----------------------------------------------------------
 
     async def create_session(
@@ -517,6 +508,7 @@ class Store:
         pending_kind: str | None = None,
         claimed_by: str | None | type[Ellipsis] = ...,
         final: str | None = None,
+        final_from_pending: bool = False,
         status_message: str | None = None,
         claimer: str | None = None,
     ) -> tuple[TaskRow, MessageRow | None]:
@@ -547,9 +539,11 @@ class Store:
             if claimed_by is not ...:
                 sets.append("claimed_by = ?")
                 args.append(claimed_by)
-            if final is not None:
+            # Read in this transaction: the result is the hand-in pending now.
+            result = (task.pending or {}).get("text", "") if final_from_pending else final
+            if result is not None:
                 sets.append("final = ?")
-                args.append(final)
+                args.append(result)
             if status in TERMINAL:
                 sets.append("ended_at = ?")
                 args.append(now)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, Field
+
+from guard.clock import iso
 
 
 class TaskStatus(StrEnum):
@@ -25,12 +26,6 @@ class TaskStatus(StrEnum):
 TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
 # wait-task returns once every awaited task is in one of these.
 SETTLED = TERMINAL | {TaskStatus.INPUT_REQUIRED}
-
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Pending(BaseModel):

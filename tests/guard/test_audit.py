@@ -45,7 +45,7 @@ async def test_a_record_is_stored_redacted_with_the_digest_of_the_real_arguments
     assert entry.args_digest == args_digest(args)
     assert entry.to_dict() == {
         "id": row_id,
-        "time": "2023-11-14T22:13:20Z",
+        "time": "2023-11-14T22:13:20.000Z",
         "identity": "alice",
         "session": "s1",
         "tool": "spawn-task",

@@ -18,7 +18,7 @@ from guard.schema import open_guard_db
 
 pytestmark = pytest.mark.anyio
 
-NOW = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+NOW = 1_700_000_000.0  # 2023-11-14T22:13:20.000Z
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ async def test_list_shows_pending_approvals_and_how_to_decide(db_path, clock) ->
     lines = out.getvalue().splitlines()
     assert lines[0].split() == ["ID", "STATUS", "TOOL", "IDENTITY", "CREATED", "EXPIRES", "DECIDED", "BY", "ARGS"]
     assert lines[1].split() == [
-        approval.id, "pending", "cancel-task", "alice", "2023-11-14T22:13:20Z", "2023-11-14T22:28:20Z", "-",
+        approval.id, "pending", "cancel-task", "alice", "2023-11-14T22:13:20.000Z", "2023-11-14T22:28:20.000Z", "-",
         '{"task_id":"t_1","token":"[REDACTED]"}',
     ]  # fmt: skip
     assert "taskwarden approvals approve ID" in out.getvalue()
@@ -92,7 +92,7 @@ async def test_list_as_json(db_path, clock) -> None:
     assert item["id"] == approval.id
     assert item["status"] == "pending"
     assert item["args"] == {"task_id": "t_1"}
-    assert item["expires_at"] == "2023-11-14T22:28:20Z"
+    assert item["expires_at"] == "2023-11-14T22:28:20.000Z"
     assert item["how_to_approve"].startswith(f"Ask a human to run `taskwarden approvals approve {approval.id}`")
 
 
@@ -110,7 +110,7 @@ async def test_approve_as_the_os_user_by_default(db_path, clock) -> None:
     assert await commands.approvals_approve(db_path, approval.id, None, None, out, clock=clock) == 0
     assert out.getvalue() == (
         f"approved {approval.id}: cancel-task for alice (by {getpass.getuser()}). "
-        "Its next identical call will run, until 2023-11-14T22:28:20Z.\n"
+        "Its next identical call will run, until 2023-11-14T22:28:20.000Z.\n"
     )
 
 
@@ -129,7 +129,7 @@ async def test_approving_twice_reports_who_decided_first(db_path, clock) -> None
     out = StringIO()
     assert await commands.approvals_approve(db_path, approval.id, "bob", None, out, clock=clock) == 1
     assert out.getvalue() == (
-        f"error: {approval.id} is already denied by carol at 2023-11-14T22:13:20Z; the first answer stands\n"
+        f"error: {approval.id} is already denied by carol at 2023-11-14T22:13:20.000Z; the first answer stands\n"
     )
 
 
@@ -143,7 +143,7 @@ async def test_approve_unknown_or_expired(db_path, clock) -> None:
     out = StringIO()
     assert await commands.approvals_approve(db_path, approval.id, "bob", None, out, clock=clock) == 1
     assert out.getvalue() == (
-        f"error: {approval.id} expired at 2023-11-14T22:14:20Z; it can no longer be decided\n"
+        f"error: {approval.id} expired at 2023-11-14T22:14:20.000Z; it can no longer be decided\n"
     )
 
 
@@ -179,9 +179,9 @@ async def test_audit_table(db_path, clock) -> None:
     assert await commands.audit(db_path, False, None, None, None, False, out) == 0
     lines = out.getvalue().splitlines()
     assert lines[0].split() == ["TIME", "DECISION", "TOOL", "IDENTITY", "OUTCOME", "MS", "RULE", "DETAIL"]
-    assert lines[1].split() == ["2023-11-14T22:13:20Z", "allow", "spawn-task", "alice", "ok", "3.5", "spawn-task#1"]
+    assert lines[1].split() == ["2023-11-14T22:13:20.000Z", "allow", "spawn-task", "alice", "ok", "3.5", "spawn-task#1"]
     assert lines[2].split() == [
-        "2023-11-14T22:13:20Z", "approval_required", "cancel-task", "alice", "-", "-", "-",
+        "2023-11-14T22:13:20.000Z", "approval_required", "cancel-task", "alice", "-", "-", "-",
         "needs", "a", "human", "[apr_abcdefghij]",
     ]  # fmt: skip
 
@@ -209,10 +209,10 @@ async def test_audit_json_lines_with_filters(db_path, clock) -> None:
     assert [r["tool"] for r in await run(decision="deny")] == ["cancel-task"]
     assert [r["decision"] for r in await run(since="10m")] == ["rate_limited", "deny"]
     assert [r["decision"] for r in await run(since="2h")] == ["allow", "rate_limited", "deny"]
-    assert [r["decision"] for r in await run(since="2023-11-14T22:30:00Z")] == ["rate_limited", "deny"]
+    assert [r["decision"] for r in await run(since="2023-11-14T22:30:00.000Z")] == ["rate_limited", "deny"]
     assert [r["decision"] for r in await run(since="2023-11-14T23:30:00+01:00")] == ["rate_limited", "deny"]
     assert await run(since="2023-11-15") == []
-    assert (await run())[0]["time"] == "2023-11-14T22:13:20Z"
+    assert (await run())[0]["time"] == "2023-11-14T22:13:20.000Z"
     # --limit keeps the newest rows.
     assert [r["decision"] for r in await run(limit=2)] == ["rate_limited", "deny"]
 

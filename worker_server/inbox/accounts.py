@@ -21,7 +21,7 @@ from enum import StrEnum
 
 import anyio
 
-from guard.clock import Clock
+from guard.clock import Clock, iso
 from guard.database import Database, Step
 
 logger = logging.getLogger(__name__)
@@ -237,6 +237,4 @@ class Accounts:
 
 
 def _iso(ts: float) -> str:
-    from worker_server.task import iso
-
     return iso(ts) or ""

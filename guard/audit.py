@@ -15,6 +15,7 @@ SQLite triggers make the table append-only: UPDATE and DELETE abort.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hashlib
 import json
@@ -159,21 +160,25 @@ _Row = tuple[Any, ...]
 class AuditLog:
     """Appends audit records to ``db`` through one batching writer per log."""
 
-    def __init__(self, db: Database, clock: Clock, *, max_batch: int = 512) -> None:
+    def __init__(self, db: Database, clock: Clock, *, max_batch: int = 512, linger_s: float = 0.02) -> None:
         self._db = db
         self._clock = clock
         self._max_batch = max_batch
+        self._linger_s = linger_s
         self._queue: list[tuple[_Row, asyncio.Future[int]]] = []
         self._writer: asyncio.Task[None] | None = None
+        self._urgent = asyncio.Event()
         self._closed = False
 
-    def record(self, record: AuditRecord) -> asyncio.Future[int]:
+    def record(self, record: AuditRecord, *, urgent: bool = True) -> asyncio.Future[int]:
         """Queue ``record``; the returned future resolves to its row id once committed.
 
         Redaction and validation happen here, synchronously: a bad decision
         raises ``InvalidDecision`` at once. A write failure sets
         ``AuditWriteFailed`` on the future. Cancelling the future does not
-        un-record the call.
+        un-record the call. An urgent record (someone awaits it) is committed
+        at once, with whatever else is queued; records that are not urgent
+        wait up to ``linger_s`` for company, so a burst shares one commit.
         """
         if self._closed:
             raise AuditLogClosed("the audit log is closed")
@@ -181,18 +186,22 @@ class AuditLog:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
         self._queue.append((row, future))
+        if urgent:
+            self._urgent.set()
         if self._writer is None:
             self._writer = loop.create_task(self._drain(), name="guard-audit-writer")
         return future
 
     async def flush(self) -> None:
         """Wait until everything recorded so far is committed (or has failed)."""
+        self._urgent.set()
         while self._writer is not None:
             await asyncio.shield(self._writer)
 
     async def aclose(self) -> None:
         """Flush and refuse further records. Call before closing the database."""
         self._closed = True
+        self._urgent.set()
         await self.flush()
 
     async def query(
@@ -257,6 +266,11 @@ class AuditLog:
         try:
             # Records queued while a batch commits go into the next batch.
             while self._queue:
+                if not self._urgent.is_set() and len(self._queue) < self._max_batch and not self._closed:
+                    # Nobody waits on these yet: let a few more join this commit.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._urgent.wait(), self._linger_s)
+                self._urgent.clear()
                 batch = self._queue[: self._max_batch]
                 del self._queue[: self._max_batch]
                 await self._commit(batch)

@@ -119,7 +119,11 @@ class Guard:
         self.approvals = Approvals(db, self.clock, feed)
         self.audit = AuditLog(db, self.clock)
         self._checker: ArgumentChecker | None = None
-        self._tool_source: Callable[[], Awaitable[Mapping[str, Mapping[str, Any]]]] | None = None
+        self._tool_source: Callable[[], Awaitable[list[Any]]] | None = None
+        # Tools whose annotations say they change nothing (see settle()).
+        self._read_only: frozenset[str] = frozenset()
+        # Verdicts that cannot depend on the arguments, per policy, tool and identity.
+        self._verdicts: dict[tuple[int, str, str], tuple[Policy, Verdict]] = {}
 
     @classmethod
     async def open(
@@ -148,15 +152,19 @@ class Guard:
     def set_tools(self, server: Any) -> None:
         """Learn the server's tools (names and input schemas) on first use."""
 
-        async def load() -> Mapping[str, Mapping[str, Any]]:
-            return {t.name: t.input_schema for t in await server.list_tools()}
+        async def load() -> list[Any]:
+            return list(await server.list_tools())
 
         self._tool_source = load
         self._checker = None
 
     async def tools(self) -> ArgumentChecker:
         if self._checker is None:
-            self._checker = ArgumentChecker(await self._tool_source() if self._tool_source else {})
+            tools = await self._tool_source() if self._tool_source else []
+            self._checker = ArgumentChecker({t.name: t.input_schema for t in tools})
+            self._read_only = frozenset(
+                t.name for t in tools if t.annotations is not None and t.annotations.read_only_hint
+            )
         return self._checker
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -187,7 +195,7 @@ class Guard:
             await self._record(call, Decision.HIDDEN, "unknown", "no such tool", started, Outcome.REFUSED)
             raise Unknown(call.tool)
 
-        verdict = decide(policy, call.tool, call.args, call.identity, await self._counters(policy, call))
+        verdict = await self._decide(policy, call)
         if verdict.hidden:
             if not shadow:
                 await self._record(call, Decision.HIDDEN, verdict.rule_id, verdict.reason, started, Outcome.REFUSED)
@@ -248,11 +256,25 @@ class Guard:
         rule = verdict.rule_id
         return Admission(call, Decision.ALLOW, rule, verdict.reason, reservation, approval_id, started)
 
-    async def _counters(self, policy: Policy, call: Call) -> CounterLookup:
+    async def _decide(self, policy: Policy, call: Call) -> Verdict:
+        """decide(), remembered when the tool's rules cannot depend on the arguments."""
+        key = (id(policy), call.tool, call.identity)
+        cached = self._verdicts.get(key)
+        if cached is not None and cached[0] is policy:
+            return cached[1]
+        rules = (*policy.tools.get(call.tool, ()), *policy.tools.get("*", ()))
+        verdict = decide(policy, call.tool, call.args, call.identity, await self._counters(policy, call, rules))
+        if not any(r.conditions or (r.rate_limit and r.rate_limit.cost_from) for r in rules):
+            if len(self._verdicts) > 4096:  # identities are few; bound it anyway
+                self._verdicts.clear()
+            self._verdicts[key] = (policy, verdict)
+        return verdict
+
+    async def _counters(self, policy: Policy, call: Call, rules: tuple[Any, ...]) -> CounterLookup:
         """Current values of the counters this tool's conditions read (``state.<name>``)."""
         names = {
             cond.path[len(STATE_PREFIX) :]
-            for rule in (*policy.tools.get(call.tool, ()), *policy.tools.get("*", ()))
+            for rule in rules
             for cond in rule.conditions
             if cond.path.startswith(STATE_PREFIX)
         }
@@ -270,6 +292,12 @@ class Guard:
             await self.limiter.release(admission.reservation)
         if not self.enabled:
             return
+        # The audit guarantee: a refusal, and any call to a tool that may change
+        # something, is committed before its result returns. An allowed call
+        # to a read-only tool is queued and committed right after by the same
+        # batched writer, off the critical path of the cheapest, most frequent
+        # calls; a crash in those few milliseconds can lose its record.
+        durable = not (outcome == Outcome.OK and admission.call.tool in self._read_only)
         await self._record(
             admission.call,
             admission.decision,
@@ -278,6 +306,7 @@ class Guard:
             admission.started,
             outcome,
             admission.approval_id,
+            durable=durable,
         )
 
     # -- approvals -------------------------------------------------------------
@@ -429,9 +458,10 @@ class Guard:
         started: float,
         outcome: Outcome | None,
         approval_id: str | None = None,
+        *,
+        durable: bool = True,
     ) -> None:
-        # Awaited: the record is committed before the result reaches the client.
-        await self.audit.record(
+        committed = self.audit.record(
             AuditRecord(
                 identity=call.identity,
                 session=call.session,
@@ -443,5 +473,15 @@ class Guard:
                 approval_id=approval_id,
                 duration_ms=round((time.monotonic() - started) * 1000, 3),
                 outcome=outcome,
-            )
+            ),
+            urgent=durable,
         )
+        if durable:
+            await committed  # the record is committed before the result reaches the client
+        else:
+            committed.add_done_callback(_log_lost_record)
+
+
+def _log_lost_record(future: Any) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.error("an audit record could not be written: %s", future.exception())

@@ -25,7 +25,7 @@ class ArgumentChecker:
     def check(self, tool: str, args: Any) -> tuple[str, str] | None:
         """``(field, message)`` for the most relevant problem, or None if the arguments fit."""
         validator = self._validators.get(tool)
-        if validator is None:
+        if validator is None or validator.is_valid(args):
             return None
         error = best_match(validator.iter_errors(args))
         if error is None:

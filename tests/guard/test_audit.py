@@ -134,3 +134,14 @@ async def test_query_filters(db) -> None:
     assert len(await log.query(identity="alice")) == 4
     with pytest.raises(InvalidDecision):
         await log.query(decision="nope")
+
+
+async def test_records_nobody_waits_for_share_a_commit_and_are_still_written(db) -> None:
+    log = AuditLog(db, FakeClock(1000.0), linger_s=0.05)
+    lazy = [log.record(call("get-task", "allow", outcome="ok"), urgent=False) for _ in range(5)]
+    assert not any(f.done() for f in lazy)
+    ids = [await f for f in lazy]
+    assert len(set(ids)) == 5
+    urgent = log.record(call("cancel-task", "deny", outcome="refused"))
+    await urgent
+    assert [e.tool for e in await log.query()] == ["get-task"] * 5 + ["cancel-task"]

@@ -40,6 +40,7 @@ def task_processes(
     knows it (``group_is_ours``: the runner that started it), when a member
     carries our marker, or when a member started after the turn did
     (``not_before``) — a descendant may have cleaned its environment.
+    Outside the group, only processes newer than ``not_before`` are looked at.
     """
     me = os.getpid()
     grouped: list[psutil.Process] = []
@@ -48,9 +49,13 @@ def task_processes(
         if proc.pid == me:
             continue
         try:
+            in_group = pgid is not None and os.getpgid(proc.pid) == pgid
+            # Anything the turn started was created after it began; psutil
+            # caches create_time, so older processes cost no further reads.
+            if not in_group and not_before is not None and not _started_after(proc, not_before):
+                continue
             if proc.status() == psutil.STATUS_ZOMBIE:
                 continue
-            in_group = pgid is not None and os.getpgid(proc.pid) == pgid
         except (psutil.Error, OSError):
             continue
         if in_group:

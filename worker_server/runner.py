@@ -210,6 +210,7 @@ class Runner:
         argv = profile.argv(cwd=cwd, prompt=task.prompt, session=task.worker_session)
         env = {**os.environ, **profile.env, MARKER_ENV: task.id}
         log = LogFile(self.logs_dir / f"{task.id}.log")
+        started = time.time()  # whatever this turn starts is created after this
         try:
             try:
                 proc = await anyio.open_process(
@@ -237,16 +238,18 @@ class Runner:
                 return
             try:
                 await self.store.set_process(task.id, proc.pid, str(log.path))
-                await self._supervise(turn, proc, profile, log)
+                await self._supervise(turn, proc, profile, log, started)
             except BaseException:
                 # Whatever went wrong here, the worker must not outlive its turn.
                 with anyio.CancelScope(shield=True):
-                    await terminate(task.id, proc.pid, group_is_ours=True)
+                    await terminate(task.id, proc.pid, group_is_ours=True, not_before=started)
                 raise
         finally:
             log.close()
 
-    async def _supervise(self, turn: RunningTurn, proc: Process, profile: WorkerProfile, log: LogFile) -> None:
+    async def _supervise(
+        self, turn: RunningTurn, proc: Process, profile: WorkerProfile, log: LogFile, started: float
+    ) -> None:
         task = turn.task
         reader = reader_for(profile.events)
         failure: list[str] = []
@@ -304,7 +307,7 @@ class Runner:
             outcome = await _exit_or_stop(proc, turn, timeout)
             if outcome in ("cancelled", "timed_out"):
                 log.note(_cancel_message(turn.cancel_reason) if outcome == "cancelled" else "timed out")
-                await terminate(task.id, proc.pid, group_is_ours=True)
+                await terminate(task.id, proc.pid, group_is_ours=True, not_before=started)
                 with anyio.CancelScope(shield=True):
                     await proc.wait()
             with anyio.move_on_after(DRAIN_S):
@@ -341,7 +344,7 @@ class Runner:
         # The turn is over (and recorded, so waiters are already awake):
         # nothing it started may outlive it, escapees from its group included.
         if outcome == "exited":
-            await terminate(task.id, proc.pid, group_is_ours=True)
+            await terminate(task.id, proc.pid, group_is_ours=True, not_before=started)
 
 
 async def _exit_or_stop(proc: Process, turn: RunningTurn, timeout: float | None) -> str:

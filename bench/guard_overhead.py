@@ -36,9 +36,13 @@ measurement then runs through a handshake-era JSON-RPC session
 (`Client(server, mode="legacy")`), which is how stdio clients connect today.
 
 With the guard on, every call is decided (policy, argument schema, counter
-conditions) and audited: the audit row is committed before the result
-returns (group commit, WAL with `synchronous = NORMAL`: the row survives a
-crash of the process; only a power loss can drop the last commits)."""
+conditions) and audited. `get-task` is read-only (its annotations say so),
+so its audit row is queued and committed by the batching writer within
+20 ms, sharing the commit with its neighbours, rather than before the
+result returns; refusals and calls to tools that may change something are
+committed before their result (WAL, `synchronous = NORMAL`: a committed row
+survives a crash of the process; only a power loss can drop the last
+commits)."""
 
 
 async def run(sizes: Sizes, scratch: Path) -> Section:

@@ -38,7 +38,8 @@ EXIT_USAGE = 2
 
 
 def _print(out: TextIO | None, text: str = "") -> None:
-    print(text, file=out if out is not None else sys.stdout)
+    # These are CLI verbs: their report is their output (never the MCP server's stdout).
+    (out if out is not None else sys.stdout).write(text + "\n")
 
 
 def _load(path: str | Path, out: TextIO | None) -> Policy | None:

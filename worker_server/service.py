@@ -110,42 +110,35 @@ class TaskService:
         worker = worker or self.settings.default_worker
         labels = list(labels or [])
         title = (title or _title_from(prompt)).strip() or _title_from(prompt)
+        common = {
+            "worker": worker,
+            "title": title,
+            "prompt": prompt,
+            "labels": labels,
+            "created_by": caller.identity,
+            "idempotency_key": idempotency_key,
+        }
         if worker == HUMAN:
             if self.humans is None:
                 raise InvalidArgument("worker", "human workers are not configured on this server")
             timeout = float(timeout_s or self.settings.human_timeout_s)
             row, _ = await self.store.create_session(
-                kind="human",
-                worker=HUMAN,
-                title=title,
-                prompt=prompt,
-                cwd=None,
-                labels=labels,
-                created_by=caller.identity,
-                idempotency_key=idempotency_key,
-                timeout_s=timeout,
-                deadline=self.store.clock.now() + timeout,
-                owner=None,
+                kind="human", cwd=None, timeout_s=timeout, deadline=self.store.clock.now() + timeout, owner=None,
+                **common,
+            )  # fmt: skip
+        else:
+            profile = self.profiles.get(worker)
+            if profile is None:
+                known = ", ".join([*sorted(self.profiles), HUMAN])
+                raise InvalidArgument("worker", f"unknown worker {worker!r}; known workers: {known}")
+            row, _ = await self.store.create_session(
+                kind="agent",
+                cwd=str(self._check_cwd(cwd)),
+                timeout_s=float(timeout_s or profile.timeout_s),
+                deadline=None,  # set when a worker slot is claimed
+                owner=self.runner.owner if self.runner else None,
+                **common,
             )
-            return await self.view(row)
-        profile = self.profiles.get(worker)
-        if profile is None:
-            known = ", ".join([*sorted(self.profiles), HUMAN])
-            raise InvalidArgument("worker", f"unknown worker {worker!r}; known workers: {known}")
-        workdir = self._check_cwd(cwd)
-        row, _ = await self.store.create_session(
-            kind="agent",
-            worker=worker,
-            title=title,
-            prompt=prompt,
-            cwd=str(workdir),
-            labels=labels,
-            created_by=caller.identity,
-            idempotency_key=idempotency_key,
-            timeout_s=float(timeout_s or profile.timeout_s),
-            deadline=None,
-            owner=self.runner.owner if self.runner else None,
-        )
         return await self.view(row)
 
     def _check_cwd(self, cwd: str | None) -> Path:

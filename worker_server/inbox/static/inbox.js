@@ -83,6 +83,9 @@
     if (status) {
       status.hidden = false;
     }
+    // A change made after this page was rendered but before the stream opened
+    // (or while it was reconnecting) sent no event here: look once now.
+    refresh();
   });
   source.addEventListener("change", refresh);
   source.addEventListener("signed-out", function () {

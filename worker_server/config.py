@@ -110,7 +110,8 @@ class Settings(BaseSettings):
         merged = dict(BUILTIN_PROFILES)
         for name, override in self.workers.items():
             if name == "human":
-                raise ConfigError("workers.human: 'human' is reserved for human workers")
+                where = f"{self.config_file}: " if self.config_file else ""
+                raise ConfigError(f"{where}workers.human: 'human' is reserved for human workers")
             try:
                 merged[name] = merge_profile(merged.get(name), override)
             except ValidationError as exc:
@@ -151,8 +152,9 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
     # Check profile overrides and the default worker now, not at first spawn.
     profiles = settings.profiles()
     if settings.default_worker != "human" and settings.default_worker not in profiles:
+        where = f"{path}: " if path else ""
         raise ConfigError(
-            f"default_worker: unknown worker {settings.default_worker!r}; "
+            f"{where}default_worker: unknown worker {settings.default_worker!r}; "
             f"known: {', '.join(sorted(profiles))}, human"
         )
     return settings

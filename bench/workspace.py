@@ -63,9 +63,7 @@ class Workspace:
             'log_level = "WARNING"',
         ]
         if self.policy is not None:
-            # The policy gets a directory of its own: the reloader watches the
-            # file's directory, and a database beside it would wake it on
-            # every write (see docs/BENCHMARKS.md).
+            # The policy gets a directory of its own, as an operator's would.
             policy_file = self.root / "policy" / "policy.yaml"
             policy_file.parent.mkdir(exist_ok=True)
             policy_file.write_text(self.policy)

@@ -130,9 +130,6 @@ class Approval:
                 return ApprovalStatus.EXPIRED
         return self.status
 
-    def usable_at(self, now: float) -> bool:
-        return self.status is ApprovalStatus.APPROVED and self.used_at is None and now < self.expires_at
-
     def summary(self) -> dict[str, Any]:
         """The ``approval`` object of an approval outcome's structured content."""
         return {

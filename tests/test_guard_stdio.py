@@ -13,7 +13,7 @@ import pytest
 from mcp.shared.exceptions import MCPError
 from mcp_types import ElicitResult
 
-from tests.support import FIXTURES, Workspace, call, call_error, server_process, spawn_and_wait, stdio_client, text_of
+from tests.support import FIXTURES, Workspace, call, call_error, spawn_and_wait, stdio_client, text_of
 
 pytestmark = pytest.mark.anyio
 

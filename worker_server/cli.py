@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence

@@ -28,7 +28,7 @@ from worker_server.process_group import MARKER_ENV, terminate
 from worker_server.profiles import WorkerProfile
 from worker_server.store import Store, TaskRow
 from worker_server.task import TaskStatus
-from worker_server.turn_output import LogFile, Tail, pump_lines
+from worker_server.turn_output import LogFile, Tail, append_note, pump_lines
 
 logger = logging.getLogger(__name__)
 
@@ -389,13 +389,6 @@ async def stop_orphan(store: Store, task: TaskRow, status: TaskStatus, message: 
     """End a turn whose server is gone: kill what it left running, then record it."""
     await terminate(task.id, task.pid, not_before=task.started_at)
     if task.log_path:
-        _note(Path(task.log_path), message)
+        append_note(Path(task.log_path), message)
     await store.finish(task.id, status, message=message, only_from=[TaskStatus.WORKING])
 
-
-def _note(path: Path, text: str) -> None:
-    try:
-        with path.open("ab") as f:
-            f.write(f"\n[taskwarden] {text}\n".encode())
-    except OSError:
-        pass

@@ -18,6 +18,7 @@ from pathlib import Path
 import anyio
 
 from guard.changes import ChangeFeed
+from guard.clock import iso
 from worker_server.config import Settings
 from worker_server.profiles import WorkerProfile
 from worker_server.runner import Runner, owner_alive, stop_orphan
@@ -34,7 +35,6 @@ from worker_server.task import (
     TaskView,
     Turn,
     WaitResult,
-    iso,
 )
 from worker_server.turn_output import read_log_tail
 

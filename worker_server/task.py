@@ -7,8 +7,6 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from guard.clock import iso
-
 
 class TaskStatus(StrEnum):
     QUEUED = "queued"  # accepted; waiting for a worker slot, or for a human to claim it

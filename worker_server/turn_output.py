@@ -56,7 +56,7 @@ class LogFile:
 
     def note(self, text: str) -> None:
         """A line from taskwarden itself, set apart from the worker's output."""
-        self._file.write(f"\n[taskwarden] {text}\n".encode())
+        self._file.write(_note_line(text))
 
     def close(self) -> None:
         self._file.close()
@@ -92,6 +92,19 @@ async def pump_lines(stream: ByteReceiveStream, log: LogFile, on_line: Callable[
                 overlong = True
     if pending and not overlong:
         on_line(pending.decode("utf-8", errors="replace"))
+
+
+def append_note(path: Path, text: str) -> None:
+    """``LogFile.note`` for a log no turn holds open (one left by a stopped server)."""
+    try:
+        with path.open("ab") as f:
+            f.write(_note_line(text))
+    except OSError:
+        pass
+
+
+def _note_line(text: str) -> bytes:
+    return f"\n[taskwarden] {text}\n".encode()
 
 
 def read_log_tail(path: Path, max_bytes: int) -> tuple[str, bool]:

@@ -171,9 +171,6 @@ class Node:
     def child_key(self, name: str) -> str:
         return f"{self.key}.{name}" if self.key else name
 
-    def item_key(self, index: int) -> str:
-        return f"{self.key}[{index}]"
-
 
 def _kind(value: object) -> str:
     if value is None:

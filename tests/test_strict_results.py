@@ -175,3 +175,37 @@ async def test_approval_required_denied_and_expired_fit_every_schema(tmp_path: P
             assert data["approval"]["id"] == held[tool]
             if decision == "deny":
                 assert data["reason"] == "not today"
+
+
+JUNK: list[Any] = [
+    None, True, 1.5, -1, 0, 2**63, -(2**70), [], {}, {"a": [{}]}, [[["x"]]], "", " ", "\x00",
+    "x" * 70_000, "tsk_" + "a" * 70, "\u202e\uffff\U0001f600", "${HOME}`id`$(id)",
+]  # fmt: skip
+
+
+async def test_junk_in_every_argument_is_refused_by_name_or_accepted_never_a_crash(tmp_path: Path) -> None:
+    ws = _ws(tmp_path, None)
+    async with stdio_client(ws) as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+        refused = 0
+        for name, tool in sorted(tools.items()):
+            for prop in tool.input_schema["properties"]:
+                for junk in JUNK:
+                    args = {**VALID_ARGS[name], prop: junk}
+                    result = await client.call_tool(name, args)  # validated by StrictClient
+                    if not result.is_error:
+                        continue
+                    refused += 1
+                    data = result.structured_content
+                    assert data is not None, (name, prop, junk, text_of(result)[:300])
+                    assert data["error"] == "invalid_arguments", (name, prop, junk, data)
+                    # The field at fault is the junk one, or the unknown task the valid arguments name.
+                    assert data["field"].split(".")[0] in (prop, "task_id", "task_ids"), (name, prop, junk, data)
+                    assert "Error executing tool" not in text_of(result)
+        assert refused > 300
+        spawned = (await client.call_tool("list-tasks", {"limit": 200})).structured_content["tasks"]
+        assert spawned, "no junk was a valid prompt"
+        ids = [t["task_id"] for t in spawned]
+        done = (await client.call_tool("wait-task", {"task_ids": ids[:50], "mode": "all", "timeout_s": 50}))
+        assert not done.structured_content["timed_out"]
+        assert {t["status"] for t in done.structured_content["tasks"]} == {"completed"}

@@ -100,7 +100,7 @@ class GuardMiddleware:
         except AskLater as later:
             return later.result
         if isinstance(decided, Refusal):
-            return _refusal_result(decided)
+            return refusal_result(decided)
         return await self._run(ctx, call_next, decided)
 
     async def _run(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext, admission: Admission) -> HandlerResult:
@@ -136,7 +136,8 @@ class GuardMiddleware:
         return result
 
 
-def _refusal_result(refusal: Refusal) -> CallToolResult:
+def refusal_result(refusal: Refusal) -> CallToolResult:
+    """The ``isError`` result for a refusal; its structured content fits ``admit_refusals`` schemas."""
     return CallToolResult(
         content=[TextContent(type="text", text=refusal.text())],
         structured_content=refusal.structured(),

@@ -24,10 +24,11 @@ from worker_server import __version__
 from worker_server.config import ConfigError, Settings
 from worker_server.humans import Humans
 from worker_server.identity import CallerResolver, TokenIdentities
+from worker_server.protocol import ProtocolEdges
 from worker_server.runner import Runner
 from worker_server.service import TaskService
 from worker_server.store import Store
-from worker_server.tools import register_resources, register_tools
+from worker_server.tools import build_tools, register_resources
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +104,11 @@ def build_mcp(app: App, *, token_auth: bool = False, issuer: str = "http://127.0
         log_level=app.settings.log_level,
         # The guard is the single way in: every tools/call passes it first.
         middleware=[app.guard.middleware],
+        tools=build_tools(app.service, app.callers),
         **kwargs,
     )
-    register_tools(mcp, app.service, app.callers)
     register_resources(mcp, app.service)
+    mcp.middleware.append(ProtocolEdges(mcp.list_prompts))
     app.guard.set_tools(mcp)
     return mcp
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 import anyio
@@ -333,6 +333,7 @@ class TasksExtension(Extension):
             return {}
 
     async def _answer(self, ctx: ServerRequestContext[Any, Any], row: TaskRow, kind: str, raw: dict[str, Any]) -> None:
+        """The answer goes where send-task-message or review-task would put it, decided as that tool."""
         try:
             answer = ElicitResult.model_validate(raw)
         except ValidationError:
@@ -344,24 +345,42 @@ class TasksExtension(Extension):
         humans = self.service.humans
         if humans is None:
             raise MCPError(code=INVALID_PARAMS, message="human workers are not configured on this server")
+        if kind == QUESTION:
+            text = content.get("answer")
+            if not isinstance(text, str) or not text.strip() or len(text) > 20_000:
+                raise MCPError(code=INVALID_PARAMS, message="invalid_arguments: answer: must be a string of 1..20000 characters")
+            call = Call("send-task-message", {"task_id": row.id, "body": text}, caller.identity, caller.session, via="tasks/update")
+            await self._run_guarded(call, lambda: humans.send(caller, row.id, text))
+            return
+        decision = content.get("decision")
+        feedback = content.get("feedback")
+        if decision not in ("accept", "request_changes"):
+            raise MCPError(code=INVALID_PARAMS, message="invalid_arguments: decision: must be accept or request_changes")
+        if feedback is not None and (not isinstance(feedback, str) or len(feedback) > 20_000):
+            raise MCPError(code=INVALID_PARAMS, message="invalid_arguments: feedback: must be a string of at most 20000 characters")
+        args = {"task_id": row.id, "decision": decision, **({"feedback": feedback} if feedback is not None else {})}
+        call = Call("review-task", args, caller.identity, caller.session, via="tasks/update")
+        await self._run_guarded(call, lambda: humans.review(caller, row.id, decision, feedback))
+
+    async def _run_guarded(self, call: Call, run: Callable[[], Awaitable[Any]]) -> Any:
+        """Run ``run`` as the guard decides ``call``; a refusal is the ``GUARD_REFUSED`` error."""
         try:
-            if kind == QUESTION:
-                text = content.get("answer")
-                if not isinstance(text, str) or not text.strip():
-                    raise InvalidArgument("answer", "must be a non-empty string (1..20000 characters)")
-                if len(text) > 20_000:
-                    raise InvalidArgument("answer", f"must be at most 20000 characters (got {len(text)})")
-                await humans.send(caller, row.id, text)
-            else:
-                decision = content.get("decision")
-                if decision not in ("accept", "request_changes"):
-                    raise InvalidArgument("decision", "must be accept or request_changes")
-                feedback = content.get("feedback")
-                if feedback is not None and (not isinstance(feedback, str) or len(feedback) > 20_000):
-                    raise InvalidArgument("feedback", "must be a string of at most 20000 characters")
-                await humans.review(caller, row.id, decision, feedback)
+            decided = await self.guard.admit(call)
+        except Unknown:
+            raise MCPError(code=METHOD_NOT_FOUND, message=f"Method not found: {call.tool} is not available") from None
+        if isinstance(decided, Refusal):
+            raise MCPError(code=GUARD_REFUSED, message=decided.first_line(), data=decided.structured())
+        try:
+            result = await run()
         except InvalidArgument as exc:
+            await self.guard.settle(decided, Outcome.TOOL_ERROR)
             raise MCPError(code=INVALID_PARAMS, message=f"invalid_arguments: {exc.field}: {exc.message}") from None
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.guard.settle(decided, Outcome.ERROR)
+            raise
+        await self.guard.settle(decided, Outcome.OK)
+        return result
 
     async def _cancel(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
         """Decided as ``cancel-task {task_id}``: the same rules, limits and approval."""
@@ -377,22 +396,7 @@ class TasksExtension(Extension):
         except MCPError as exc:
             await self.guard.record_request(call, Outcome.PROTOCOL_ERROR, started, reason=exc.error.message)
             raise
-        try:
-            decided = await self.guard.admit(call)
-        except Unknown:
-            raise MCPError(code=METHOD_NOT_FOUND, message="Method not found: cancel-task is not available") from None
-        if isinstance(decided, Refusal):
-            raise MCPError(code=GUARD_REFUSED, message=decided.first_line(), data=decided.structured())
-        try:
-            await self.service.cancel([row.id], "cancelled through tasks/cancel")
-        except InvalidArgument as exc:
-            await self.guard.settle(decided, Outcome.TOOL_ERROR)
-            raise MCPError(code=INVALID_PARAMS, message=f"{exc.field}: {exc.message}") from None
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self.guard.settle(decided, Outcome.ERROR)
-            raise
-        await self.guard.settle(decided, Outcome.OK)
+        await self._run_guarded(call, lambda: self.service.cancel([row.id], "cancelled through tasks/cancel"))
         if modern:
             return {}  # an ack; the state shows on the next tasks/get
         return self.views.base(await self.views.row(row.id), modern=False)

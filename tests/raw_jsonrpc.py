@@ -127,6 +127,11 @@ async def stdio_peer(ws: Workspace, *extra: str) -> AsyncIterator[StdioPeer]:
             finally:
                 tg.cancel_scope.cancel()
     finally:
+        # End the session as a client does: close the server's stdin.
+        if proc.stdin is not None:
+            await proc.stdin.aclose()
+        with anyio.move_on_after(10):
+            await proc.wait()
         if proc.returncode is None:
             proc.terminate()
             with anyio.move_on_after(15):

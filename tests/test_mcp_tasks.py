@@ -270,6 +270,7 @@ async def test_tasks_cancel_refusal_is_a_readable_error_and_limits_apply_over_ht
         assert error["data"]["error"] == "approval_required" and error["data"]["tool"] == "cancel-task"
         assert error["message"].startswith("approval_required: cancel-task needs a human's approval")
         assert approval["id"] in error["message"] and "taskwarden approvals approve" in error["message"]
+        assert error["message"].endswith("(Here: send tasks/cancel again.)")
 
         await cli(ws, "approvals", "approve", approval["id"])
         ack = await peer.request("tasks/cancel", {"taskId": task_id, "_meta": envelope()})

@@ -369,7 +369,10 @@ class TasksExtension(Extension):
         except Unknown:
             raise MCPError(code=METHOD_NOT_FOUND, message=f"Method not found: {call.tool} is not available") from None
         if isinstance(decided, Refusal):
-            raise MCPError(code=GUARD_REFUSED, message=decided.first_line(), data=decided.structured())
+            message = decided.first_line()
+            if decided.error == "approval_required":
+                message += f" (Here: send {call.via} again.)"
+            raise MCPError(code=GUARD_REFUSED, message=message, data=decided.structured())
         try:
             result = await run()
         except InvalidArgument as exc:

@@ -346,6 +346,7 @@ async def _legacy_flow(peer: Any, init: dict[str, Any], notifications: list[dict
                 if n["method"] == "notifications/tasks/status"]
 
     await wait_until(lambda: (task_id, "completed") in pushed() and (running, "cancelled") in pushed())
+    assert all(n["params"]["ttl"] is None for n in notifications if n["method"] == "notifications/tasks/status")
 
 
 async def test_legacy_client_uses_tasks_methods_over_stdio(ws: Workspace) -> None:

@@ -57,8 +57,6 @@ from mcp_types import (
     SubscriptionFilter,
     SubscriptionsAcknowledgedNotification,
     SubscriptionsAcknowledgedNotificationParams,
-    TaskStatusNotification,
-    TaskStatusNotificationParams,
     TextContent,
 )
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
@@ -98,10 +96,12 @@ class UpdateParams(TaskIdParams):
     input_responses: dict[str, dict[str, Any]] = Field(max_length=16)
 
 
-class TasksNotification(BaseModel):
-    """``notifications/tasks`` (2026-07-28 extension; not in the SDK's vocabulary)."""
+class TaskNotification(BaseModel):
+    """``notifications/tasks`` (2026-07-28 extension, not in the SDK's vocabulary) or
+    ``notifications/tasks/status`` (2025-11-25). Params stay a plain dict so a
+    ``null`` TTL is sent as ``null`` (the SDK's typed notification drops it)."""
 
-    method: Literal["notifications/tasks"] = "notifications/tasks"
+    method: Literal["notifications/tasks", "notifications/tasks/status"]
     params: dict[str, Any]
 
 
@@ -494,7 +494,8 @@ class LegacyWatchers:
                 shown = self.views.base(row, modern=False)
                 key = (shown["status"], shown.get("statusMessage"))
                 if last is not None and key != last:
-                    await session.send_notification(TaskStatusNotification(params=TaskStatusNotificationParams.model_validate(shown)))
+                    notification = TaskNotification(method="notifications/tasks/status", params=shown)
+                    await session.send_notification(notification)  # type: ignore[arg-type]
                 last = key
                 if row.terminal:
                     return
@@ -577,7 +578,7 @@ class TaskMiddleware:
                     last[row.id] = key
                     params = {**await self.views.detailed(row), "_meta": meta}
                     await ctx.session.send_notification(
-                        TasksNotification(params=params),  # type: ignore[arg-type]
+                        TaskNotification(method="notifications/tasks", params=params),  # type: ignore[arg-type]
                         related_request_id=subscription_id,
                     )
                 if row.terminal:

@@ -46,6 +46,9 @@ class Call:
     args: Mapping[str, Any]
     identity: str
     session: str
+    #: The request that made this call when it is not ``tools/call`` (e.g.
+    #: ``tasks/cancel``, decided as ``cancel-task``); the audit names it.
+    via: str | None = None
 
 
 class Caller(Protocol):
@@ -309,6 +312,19 @@ class Guard:
             durable=durable,
         )
 
+    async def record_request(self, call: Call, outcome: Outcome | str, started: float, *, reason: str | None = None,
+                             read_only: bool = False) -> None:
+        """Audit a request that is not a tool call (``call.via``, e.g. ``tasks/get``).
+
+        Such requests carry no policy of their own (what they touch is decided
+        when the task is made or, for ``tasks/cancel``, by ``admit``); they are
+        recorded as allowed with their outcome, read-only ones batched.
+        """
+        if not self.enabled:
+            return
+        durable = not (read_only and outcome == Outcome.OK)
+        await self._record(call, Decision.ALLOW, None, reason, started, outcome, durable=durable)
+
     # -- approvals -------------------------------------------------------------
 
     async def _approval(
@@ -465,7 +481,7 @@ class Guard:
             AuditRecord(
                 identity=call.identity,
                 session=call.session,
-                tool=call.tool,
+                tool=call.via or call.tool,
                 args=dict(call.args),
                 decision=decision,
                 rule=rule,

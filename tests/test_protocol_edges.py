@@ -119,6 +119,10 @@ def test_discover_and_initialize_advertise_the_same_capabilities(ws: Workspace) 
         discovered = new.opening["result"]["capabilities"]
         # The modern era still serves subscriptions/listen (for extensions such as tasks).
         assert "2026-07-28" in new.opening["result"]["supportedVersions"]
+    # MCP Tasks is the one capability each era spells its own way: the
+    # 2026-07-28 extension, the 2025-11-25 `tasks` capability.
+    assert discovered.pop("extensions") == {"io.modelcontextprotocol/tasks": {}}
+    assert initialized.pop("tasks")["requests"] == {"tools": {"call": {}}}
     assert discovered == initialized
     # taskwarden sends no list_changed or resources/updated notifications in either era.
     assert initialized["tools"] == {"listChanged": False}

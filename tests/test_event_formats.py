@@ -21,12 +21,16 @@ def test_codex_jsonl_session_activity_final_and_failure() -> None:
     reader = CodexReader()
     events = feed(reader, [
         {"type": "thread.started", "thread_id": "0199a213-81c0-7800-8aa1-bbab2a035a53"},
+        # A start-up warning (codex 0.171.0 with a model it has no metadata for): log only.
+        {"type": "item.completed", "item": {"id": "item_0", "type": "error",
+                                            "message": "Model metadata for `m` not found."}},
         {"type": "turn.started"},
         {"type": "item.completed", "item": {"id": "item_0", "type": "reasoning", "text": "**Scanning**"}},
         {"type": "item.completed", "item": {"id": "item_1", "type": "command_execution",
                                             "command": "bash -lc ls", "aggregated_output": "a\nb", "exit_code": 0}},
         {"type": "item.completed", "item": {"id": "item_2", "type": "agent_message", "text": "First look done."}},
         "a stray line that is not JSON",
+        {"type": "item.completed", "item": {"id": "item_4", "type": "error", "message": "patch rejected"}},
         {"type": "item.completed", "item": {"id": "item_3", "type": "agent_message", "text": "All tests pass."}},
         {"type": "turn.completed", "usage": {"input_tokens": 24763, "output_tokens": 122}},
     ])  # fmt: skip
@@ -36,6 +40,7 @@ def test_codex_jsonl_session_activity_final_and_failure() -> None:
         "$ bash -lc ls (exit 0)",
         "First look done.",
         "a stray line that is not JSON",
+        "error: patch rejected",
         "All tests pass.",
     ]
     assert reader.final() == "All tests pass."

@@ -12,7 +12,6 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import anyio
 import psutil
 import pytest
 
@@ -71,6 +70,12 @@ async def test_a_turn_answers_with_usage(cli: str, ws: Workspace, model: FakeMod
             assert usage["cost_usd"] is None and usage["reasoning_tokens"] == 5
         listed = await call(client, "list-tasks", {})
         assert listed["tasks"][0]["usage"] == usage
+        # The work comes first in the tail, not Codex's start-up warnings.
+        assert done["output"]["tail"].splitlines()[0] == "turn 1: say hello"
+    shown = ws.cli("tasks", "show", done["task_id"]).stdout
+    assert f"input_tokens {usage['input_tokens']}" in shown and "worker_s" in shown
+    table = ws.cli("tasks", "list").stdout
+    assert "tok" in table and done["task_id"] in table
     assert len(model.scripted("hello")) == 1
 
 
@@ -115,7 +120,7 @@ async def test_a_turn_writes_inside_cwd_and_reports_the_change(
             "deletions": 1,
             "truncated": False,
         }
-        assert done["options"] == {}
+        assert done["options"] == {"sandbox": "workspace-write"}  # the default
 
         # sandbox=read-only: the same turn cannot write.
         (repo / "notes.txt").unlink()
@@ -208,7 +213,7 @@ async def test_model_and_effort_reach_the_model(cli: str, ws: Workspace, model: 
             client, f"{mark} go", worker=cli, cwd=str(ws.work), model="my-model-7", effort="high"
         )
         assert done["status"] == "completed", done
-        assert done["options"] == {"model": "my-model-7", "effort": "high"}
+        assert done["options"] == {"model": "my-model-7", "effort": "high", "sandbox": "workspace-write"}
     body = model.scripted("opts")[0].body
     assert body["model"] == "my-model-7"
     if cli == "codex":
@@ -247,11 +252,7 @@ async def test_worktree_isolation_runs_every_turn_in_its_own_worktree(
 ) -> None:
     repo = git_repo(ws.work / "repo")
     name = "wt.txt"
-    if cli == "codex":
-        steps = [{"shell": f"pwd > {name}"}, {"reply": "done"}]
-    else:
-        steps = [{"shell": f"pwd > {name}"}, {"reply": "done"}]
-    mark = model.script("wt", steps)
+    mark = model.script("wt", [{"shell": f"pwd > {name}"}, {"reply": "done"}])
     async with stdio_client(ws) as client:
         first = await spawn_and_wait(client, f"{mark} go", worker=cli, cwd=str(repo), isolation="worktree")
         assert first["status"] == "completed", first
@@ -267,8 +268,8 @@ async def test_worktree_isolation_runs_every_turn_in_its_own_worktree(
         done = (await call(client, "wait-task", {"task_ids": second["task_id"], "timeout_s": 40}))["tasks"][0]
         assert done["worktree"] == str(worktree) and done["status"] == "completed"
 
-        plain = tmp_path_dir = ws.work / "plain"
-        tmp_path_dir.mkdir()
+        plain = ws.work / "plain"
+        plain.mkdir()
         refused = await call_error(
             client, "spawn-task", {"prompt": "go", "worker": cli, "cwd": str(plain), "isolation": "worktree"}
         )
@@ -276,5 +277,25 @@ async def test_worktree_isolation_runs_every_turn_in_its_own_worktree(
         assert "git work tree" in text_of(refused)
 
 
-async def _never() -> None:  # pragma: no cover - keeps anyio imported for wait helpers
-    await anyio.sleep(0)
+
+async def test_a_policy_can_narrow_the_worker_options(tmp_path: Path, model: FakeModel) -> None:
+    policy = tmp_path / "read-only.yaml"
+    policy.write_text(
+        'version: "1"\n'
+        "default: allow\n"
+        "tools:\n"
+        "  spawn-task:\n"
+        "    rules:\n"
+        "      - action: deny\n"
+        "        reason: workers here may only read\n"
+        "        conditions:\n"
+        "          - {path: args.sandbox, op: neq, value: read-only}\n"
+    )
+    ws = cli_workspace(tmp_path, model, policy=policy)
+    mark = model.script("narrow", [{"reply": "looked"}])
+    async with stdio_client(ws) as client:
+        denied = await call_error(client, "spawn-task", {"prompt": f"{mark} go", "worker": "codex"})
+        assert denied.structured_content["error"] == "policy_denied"
+        assert "workers here may only read" in text_of(denied)
+        done = await spawn_and_wait(client, f"{mark} go", worker="codex", sandbox="read-only")
+        assert done["status"] == "completed" and done["options"] == {"sandbox": "read-only"}

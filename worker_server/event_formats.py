@@ -83,6 +83,9 @@ class CodexReader:
     def __init__(self) -> None:
         self._final: str | None = None
         self._usage: list[dict[str, Any]] = []
+        # Error items before the turn starts are start-up warnings ("Model
+        # metadata … not found"): the log keeps them, the tail shows the work.
+        self._started = False
 
     def feed(self, line: str) -> list[WorkerEvent]:
         event = _json_object(line)
@@ -91,6 +94,8 @@ class CodexReader:
         kind = event.get("type")
         if kind == "thread.started" and isinstance(event.get("thread_id"), str):
             return [WorkerEvent("session", event["thread_id"])]
+        if kind == "turn.started":
+            self._started = True
         if kind == "item.completed" and isinstance(event.get("item"), dict):
             return self._item(event["item"])
         if kind == "turn.completed" and isinstance(event.get("usage"), dict):
@@ -116,6 +121,8 @@ class CodexReader:
         if item_type == "file_change" and isinstance(item.get("changes"), list):
             paths = [c.get("path", "?") for c in item["changes"] if isinstance(c, dict)]
             return [WorkerEvent("activity", _clip("edited " + ", ".join(paths)))]
+        if item_type == "error" and self._started and isinstance(item.get("message"), str):
+            return [WorkerEvent("activity", _clip("error: " + item["message"]))]
         return []
 
     def final(self) -> str | None:

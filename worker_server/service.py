@@ -24,7 +24,7 @@ from guard.clock import iso
 from worker_server.config import Settings
 from worker_server import git_work
 from worker_server import usage as usage_
-from worker_server.profiles import EFFORTS, SANDBOXES, WorkerProfile
+from worker_server.profiles import DEFAULT_SANDBOX, EFFORTS, SANDBOXES, WorkerProfile
 from worker_server.runner import Runner, owner_alive, stop_orphan
 from worker_server.store import MessageRow, Store, TaskNotFound, TaskRow, new_id
 from worker_server.task import (
@@ -136,7 +136,7 @@ class TaskService:
             if self.humans is None:
                 raise InvalidArgument("worker", "human workers are not configured on this server")
             for name, value in (("model", model), ("effort", effort), ("sandbox", sandbox)):
-                if value is not None:
+                if value is not None and not (name == "sandbox" and value == DEFAULT_SANDBOX):
                     raise InvalidArgument(name, f"{name} is for agent workers, not human tasks")
             if isolation not in (None, "none"):
                 raise InvalidArgument("isolation", "worktree isolation is for agent workers, not human tasks")
@@ -150,7 +150,9 @@ class TaskService:
             if profile is None:
                 known = ", ".join([*sorted(self.profiles), HUMAN])
                 raise InvalidArgument("worker", f"unknown worker {worker!r}; known workers: {known}")
-            options = _check_options(worker, profile, model=model, effort=effort, sandbox=sandbox)
+            options = _check_options(
+                worker, profile, model=model, effort=effort, sandbox=sandbox or DEFAULT_SANDBOX
+            )
             if isolation not in (None, *ISOLATIONS):
                 raise InvalidArgument("isolation", f"must be one of {', '.join(ISOLATIONS)}, got {isolation!r}")
             _check_installed(worker, profile)
@@ -486,8 +488,12 @@ def _check_options(
     worker: str, profile: WorkerProfile, *, model: str | None, effort: str | None, sandbox: str | None
 ) -> dict[str, str]:
     """The session's worker options, each one the profile takes and a value it accepts."""
-    given = {"model": model, "effort": effort, "sandbox": sandbox}
     supported = profile.supported_options()
+    if sandbox == DEFAULT_SANDBOX and "sandbox" not in supported:
+        # Writing inside cwd is what every worker may do (a shell script does);
+        # only narrowing it needs the worker's support.
+        sandbox = None
+    given = {"model": model, "effort": effort, "sandbox": sandbox}
     for name, value in given.items():
         if value is not None and name not in supported:
             takes = ", ".join(supported) or "no options"

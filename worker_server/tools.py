@@ -95,16 +95,16 @@ def register_tools(mcp: MCPServer[Any], service: TaskService, callers: CallerRes
             Field(description="Agent workers: reasoning effort (Codex model_reasoning_effort, Claude --effort)"),
         ] = None,
         sandbox: Annotated[
-            Literal["read-only", "workspace-write"] | None,
-            Field(description="Agent workers: may the worker write inside cwd? Default workspace-write"),
-        ] = None,
+            Literal["read-only", "workspace-write"],
+            Field(description="workspace-write: the worker may write inside cwd; read-only: it may not"),
+        ] = "workspace-write",
         isolation: Annotated[
-            Literal["none", "worktree"] | None,
+            Literal["none", "worktree"],
             Field(
                 description="worktree: run the session in a new git worktree of cwd on branch "
-                "taskwarden/<session_id> (cwd must be in a git work tree). Default none"
+                "taskwarden/<session_id> (cwd must be in a git work tree)"
             ),
-        ] = None,
+        ] = "none",
     ) -> TaskView:
         """Start work in the background: an agent CLI turn (Codex, Claude Code, a shell script) or a task
         for a person. Returns at once with the task (status queued or working). Then call wait-task with

@@ -291,6 +291,9 @@ class Runner:
                     activity(f"error: {event.text}")
                 elif event.kind == "usage":
                     turn.usage = event.usage
+                    if self._tg is not None and event.usage is not None:
+                        # Readable (and countable) while the turn still runs.
+                        self._tg.start_soon(self.store.set_usage, task.id, event.usage)
                 elif event.kind == "activity":
                     activity(event.text)
 

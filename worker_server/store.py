@@ -438,7 +438,8 @@ class Store:
         """A running turn's usage so far (what the worker reported until now)."""
 
         def write(c: sqlite3.Connection) -> None:
-            c.execute("UPDATE tasks SET usage = ? WHERE id = ?", (json.dumps(usage), task_id))
+            # Only while it runs: a late write must not replace the final usage.
+            c.execute("UPDATE tasks SET usage = ? WHERE id = ? AND status = 'working'", (json.dumps(usage), task_id))
 
         await self.db.write(write)
 

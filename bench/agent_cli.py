@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
-
 
 
 from bench.core import Metric, Section, Sizes, fmt, progress, rounded
 from bench.spawn import _cpu
 from bench.workspace import SHELL, Workspace, structured
 from fixtures.fake_model import FakeModel
+from tests.npm_tools import BIN
 from tests.real_cli import cli_env
 
 TITLE = "Agent CLI turns"
@@ -36,6 +37,9 @@ WORKERS = ("shell", "codex", "claude")
 async def run(sizes: Sizes, scratch: Path) -> Section:
     section = Section("agent_cli", TITLE, METHOD)
     turns = 3 if sizes.quick else 20
+    missing = [name for name in ("codex", "claude") if not (BIN / name).exists()]
+    if missing:
+        raise RuntimeError(f"{', '.join(missing)} not installed: npm ci --prefix tests/js")
     with FakeModel() as model:
         mark = model.script("bench", [{"reply": "done"}])
         ws = Workspace(scratch, workers={"shell": SHELL})
@@ -69,8 +73,6 @@ async def run(sizes: Sizes, scratch: Path) -> Section:
 
 
 def _git_init(path: Path) -> None:
-    import subprocess
-
     subprocess.run(["git", "init", "-q"], cwd=path, check=True)
     (path / "README").write_text("bench\n")
     subprocess.run(["git", "add", "."], cwd=path, check=True)
@@ -95,6 +97,3 @@ async def _turn(client: object, ws: Workspace, worker: str, mark: str) -> None:
             if task["status"] != "completed":
                 raise RuntimeError(f"{worker} turn ended {task['status']}: {task['status_message']}")
             return
-
-
-

@@ -51,7 +51,9 @@ def codex_config(model: FakeModel) -> str:
 
 def cli_env(root: Path, model: FakeModel) -> dict[str, str]:
     """The environment for a server whose workers are the real CLIs."""
-    npm_bin("codex"), npm_bin("claude")  # a missing CLI fails the test, with how to install it
+    # A missing CLI fails the test, saying how to install it.
+    npm_bin("codex")
+    npm_bin("claude")
     codex_home = root / "codex-home"
     codex_home.mkdir(exist_ok=True)
     (codex_home / "config.toml").write_text(codex_config(model))

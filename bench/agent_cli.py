@@ -6,7 +6,6 @@ import subprocess
 import time
 from pathlib import Path
 
-
 from bench.core import Metric, Section, Sizes, fmt, progress, rounded
 from bench.spawn import _cpu
 from bench.workspace import SHELL, Workspace, structured

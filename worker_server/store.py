@@ -13,7 +13,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from guard.changes import ChangeFeed
@@ -95,6 +95,14 @@ SCHEMA: list[str] = [
     );
     CREATE INDEX messages_task ON messages(task_id, seq);
     """,
+    # 2: per-session worker options and worktree; per-turn usage and changes
+    """
+    ALTER TABLE sessions ADD COLUMN options TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE sessions ADD COLUMN worktree TEXT;
+    ALTER TABLE sessions ADD COLUMN branch TEXT;
+    ALTER TABLE tasks ADD COLUMN usage TEXT;
+    ALTER TABLE tasks ADD COLUMN changes TEXT;
+    """,
 ]
 
 
@@ -136,7 +144,14 @@ class TaskRow:
     updated_at: float
     started_at: float | None
     ended_at: float | None
-    worker_session: str | None = None  # from the session row
+    usage: dict[str, Any] | None = None
+    changes: dict[str, Any] | None = None
+    # From the session row: the worker's own session id, the options every
+    # turn runs with (model, effort, sandbox), and its git worktree if any.
+    worker_session: str | None = None
+    options: dict[str, str] = field(default_factory=dict)
+    worktree: str | None = None
+    branch: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> TaskRow:
@@ -144,7 +159,15 @@ class TaskRow:
         data["status"] = TaskStatus(data["status"])
         data["pending"] = json.loads(data["pending"]) if data["pending"] else None
         data["labels"] = json.loads(data["labels"])
+        for key in ("usage", "changes"):
+            data[key] = json.loads(data[key]) if data.get(key) else None
+        data["options"] = json.loads(data.get("options") or "{}")
         return cls(**data)
+
+    @property
+    def run_dir(self) -> str | None:
+        """Where the worker runs: the session's worktree, else its cwd."""
+        return self.worktree or self.cwd
 
     @property
     def terminal(self) -> bool:
@@ -168,7 +191,10 @@ class MessageRow:
     read_at: float | None
 
 
-_TASK_SELECT = "SELECT t.*, s.worker_session AS worker_session FROM tasks t JOIN sessions s ON s.id = t.session_id"
+_TASK_SELECT = (
+    "SELECT t.*, s.worker_session AS worker_session, s.options AS options, s.worktree AS worktree,"
+    " s.branch AS branch FROM tasks t JOIN sessions s ON s.id = t.session_id"
+)
 
 
 class TaskNotFound(Exception):
@@ -268,11 +294,15 @@ class Store:
         timeout_s: float | None,
         deadline: float | None,
         owner: tuple[int, float] | None,
+        session_id: str | None = None,
+        options: dict[str, str] | None = None,
+        worktree: str | None = None,
+        branch: str | None = None,
     ) -> tuple[TaskRow, bool]:
         """Open a session with its first task. Returns (task, created); an
         idempotency key already used by this caller returns the earlier task."""
         now = self.clock.now()
-        session_id, task_id = new_id("ses"), new_id("tsk")
+        session_id, task_id = session_id or new_id("ses"), new_id("tsk")
 
         def write(c: sqlite3.Connection) -> tuple[TaskRow, bool]:
             if idempotency_key is not None:
@@ -283,9 +313,10 @@ class Store:
                 if row:
                     return TaskRow.from_row(row), False
             c.execute(
-                "INSERT INTO sessions (id, kind, worker, title, cwd, labels, created_by, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (session_id, kind, worker, title, cwd, json.dumps(labels), created_by, now),
+                "INSERT INTO sessions (id, kind, worker, title, cwd, labels, created_by, created_at, options,"
+                " worktree, branch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (session_id, kind, worker, title, cwd, json.dumps(labels), created_by, now,
+                 json.dumps(options or {}), worktree, branch),
             )
             _insert_task(
                 c,
@@ -403,6 +434,15 @@ class Store:
 
         await self.db.write(write)
 
+    async def set_usage(self, task_id: str, usage: dict[str, Any]) -> None:
+        """A running turn's usage so far (what the worker reported until now)."""
+
+        def write(c: sqlite3.Connection) -> None:
+            # Only while it runs: a late write must not replace the final usage.
+            c.execute("UPDATE tasks SET usage = ? WHERE id = ? AND status = 'working'", (json.dumps(usage), task_id))
+
+        await self.db.write(write)
+
     async def set_activity(self, task_id: str, line: str, tail: str) -> None:
         """Record the latest activity (throttled by the caller); no wake-up needed."""
 
@@ -420,19 +460,25 @@ class Store:
         final: str | None = None,
         exit_code: int | None = None,
         tail: str | None = None,
+        usage: dict[str, Any] | None = None,
+        changes: dict[str, Any] | None = None,
         only_from: Iterable[TaskStatus] = (TaskStatus.WORKING, TaskStatus.QUEUED, TaskStatus.INPUT_REQUIRED),
     ) -> bool:
         """Move a task to a terminal status; False if it was no longer in ``only_from``."""
         now = self.clock.now()
         allowed = [s.value for s in only_from]
+        usage_json = json.dumps(usage) if usage is not None else None
+        changes_json = json.dumps(changes) if changes is not None else None
 
         def write(c: sqlite3.Connection) -> bool:
             marks = ",".join("?" * len(allowed))
             cur = c.execute(
                 f"UPDATE tasks SET status = ?, status_message = ?, final = COALESCE(?, final),"
                 f" exit_code = COALESCE(?, exit_code), tail = COALESCE(?, tail), pending = NULL,"
+                f" usage = COALESCE(?, usage), changes = COALESCE(?, changes),"
                 f" updated_at = ?, ended_at = ? WHERE id = ? AND status IN ({marks})",
-                (status.value, message, final, exit_code, tail, now, now, task_id, *allowed),
+                (status.value, message, final, exit_code, tail, usage_json, changes_json, now, now, task_id,
+                 *allowed),
             )
             if cur.rowcount:
                 _event(c, task_id, now, "status", {"status": status.value, "message": message})

@@ -1,7 +1,7 @@
 """Approvals: a human's yes or no for one exact call, used at most once.
 
 An approval is bound to a *digest* of the call — tool, canonical arguments
-and caller identity — so approving ``cancel-task {"task_id": "t1"}`` for alice
+and caller identity, HMAC-keyed per database (``guard.digests``) — so approving ``cancel-task {"task_id": "t1"}`` for alice
 approves nothing else. Its life::
 
     pending ──decide(approve)──▶ approved ──consume──▶ (used_at set)
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import builtins
 import enum
-import hashlib
 import json
 import logging
 import secrets
@@ -30,6 +29,7 @@ from typing import Any
 from guard.changes import ChangeFeed, notify_others
 from guard.clock import Clock, iso
 from guard.database import Database
+from guard.digests import Digester
 from guard.redaction import redact
 
 logger = logging.getLogger(__name__)
@@ -85,17 +85,6 @@ class ApprovalExpired(ApprovalError):
 class ReasonRequired(ApprovalError, ValueError):
     def __init__(self) -> None:
         super().__init__("a reason is required to deny an approval")
-
-
-def canonical_json(value: Any) -> str:
-    """One spelling per JSON value: sorted keys, no whitespace, Unicode kept."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-def call_digest(tool: str, args: Any, identity: str) -> str:
-    """The sha256 hex digest an approval is bound to."""
-    payload = canonical_json({"tool": tool, "args": args, "identity": identity})
-    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -199,12 +188,24 @@ def _new_id() -> str:
 
 
 class Approvals:
-    """The approvals stored in ``db``; ``feed`` (if given) is told about every change."""
+    """The approvals stored in ``db``; ``feed`` (if given) is told about every change.
 
-    def __init__(self, db: Database, clock: Clock, feed: ChangeFeed | None = None) -> None:
+    ``digester`` keys the call digests (default: the database's own key file).
+    """
+
+    def __init__(
+        self, db: Database, clock: Clock, feed: ChangeFeed | None = None, digester: Digester | None = None
+    ) -> None:
         self._db = db
         self._clock = clock
         self._feed = feed
+        self._digester = digester
+
+    def digest(self, tool: str, args: Any, identity: str) -> str:
+        """The digest an approval for this call is bound to (keyed: see ``guard.digests``)."""
+        if self._digester is None:
+            self._digester = Digester.for_database(self._db.path)
+        return self._digester.call(tool, args, identity)
 
     def _notify(self) -> None:
         # Wakes calls waiting for a decision here and in other processes.

@@ -17,17 +17,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import hashlib
 import json
 import logging
 import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-from guard.approvals import canonical_json
 from guard.clock import iso
 from guard.clock import Clock
 from guard.database import Database
+from guard.digests import Digester
 from guard.redaction import redact, redact_text
 
 logger = logging.getLogger(__name__)
@@ -143,9 +142,8 @@ class AuditEntry:
         }
 
 
-def args_digest(args: Any) -> str:
-    """sha256 of the canonical JSON of the unredacted arguments (the approval digest's encoding)."""
-    return hashlib.sha256(canonical_json(args).encode()).hexdigest()
+# Tool names an agent sends are kept at most this long (no real tool's name comes close).
+MAX_TOOL_CHARS = 200
 
 
 _COLUMNS = (
@@ -160,9 +158,19 @@ _Row = tuple[Any, ...]
 class AuditLog:
     """Appends audit records to ``db`` through one batching writer per log."""
 
-    def __init__(self, db: Database, clock: Clock, *, max_batch: int = 512, linger_s: float = 0.02) -> None:
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        *,
+        max_batch: int = 512,
+        linger_s: float = 0.02,
+        digester: Digester | None = None,
+    ) -> None:
         self._db = db
         self._clock = clock
+        # Keyed digests (guard.digests); the key file sits beside the database.
+        self._digester = digester
         self._max_batch = max_batch
         self._linger_s = linger_s
         self._queue: list[tuple[_Row, asyncio.Future[int]]] = []
@@ -253,13 +261,16 @@ class AuditLog:
     def _prepare(self, record: AuditRecord) -> _Row:
         decision = parse_decision(record.decision)
         outcome = record.outcome.value if isinstance(record.outcome, Outcome) else record.outcome
-        digest = args_digest(record.args)  # before redaction: ties the row to the exact call
-        args = json.dumps(
-            redact(record.args), ensure_ascii=False, default=lambda o: redact_text(str(o))
-        )
+        if self._digester is None:
+            self._digester = Digester.for_database(self._db.path)
+        # Before redaction: ties the row to the exact call. Hashing is linear
+        # and cheap; everything else below reads a bounded copy.
+        digest = self._digester.args(record.args)
+        args = json.dumps(redact(record.args), ensure_ascii=False, default=lambda o: redact_text(str(o)))
         reason = redact_text(record.reason) if record.reason else record.reason
+        tool = redact_text(record.tool[:MAX_TOOL_CHARS]) if len(record.tool) >= 8 else record.tool
         when = record.time if record.time is not None else self._clock.now()
-        return (when, record.identity, record.session, record.tool, args, digest, decision,
+        return (when, record.identity, record.session, tool, args, digest, decision,
                 record.rule, reason, record.approval_id, record.duration_ms, outcome)  # fmt: skip
 
     async def _drain(self) -> None:

@@ -21,7 +21,6 @@ from guard.approvals import (
     ApprovalError,
     Approvals,
     ApprovalStatus,
-    call_digest,
 )
 from guard.audit import AuditLog, AuditRecord, Decision, Outcome
 from guard.changes import ChangeFeed
@@ -29,6 +28,7 @@ from guard.clock import Clock, SystemClock
 from guard.database import Database
 from guard.conditions import STATE_PREFIX
 from guard.decision import CounterLookup, Verdict, decide
+from guard.digests import Digester
 from guard.limits import Exhausted, Limiter, Reservation, ScopeKeys
 from guard.outcomes import Refusal
 from guard.policy import ApprovalSettings, Policy
@@ -116,8 +116,9 @@ class Guard:
         self.enabled = enabled
         self.callers = callers
         self.limiter = Limiter(db, self.clock)
-        self.approvals = Approvals(db, self.clock, feed)
-        self.audit = AuditLog(db, self.clock)
+        digester = Digester.for_database(db.path)
+        self.approvals = Approvals(db, self.clock, feed, digester)
+        self.audit = AuditLog(db, self.clock, digester=digester)
         self._checker: ArgumentChecker | None = None
         self._tool_source: Callable[[], Awaitable[list[Any]]] | None = None
         # Tools whose annotations say they change nothing (see settle()).
@@ -195,13 +196,19 @@ class Guard:
             await self._record(call, Decision.HIDDEN, "unknown", "no such tool", started, Outcome.REFUSED)
             raise Unknown(call.tool)
 
-        verdict = await self._decide(policy, call)
-        if verdict.hidden:
+        # A hidden tool reads as absent whatever its arguments; its verdict
+        # is reached before any condition runs.
+        verdict: Verdict | None = None
+        if call.tool in policy.hide or "*" in policy.hide:
+            verdict = await self._decide(policy, call)
             if not shadow:
                 await self._record(call, Decision.HIDDEN, verdict.rule_id, verdict.reason, started, Outcome.REFUSED)
                 raise Unknown(call.tool)
             await self._record(call, Decision.SHADOW_HIDDEN, verdict.rule_id, verdict.reason, started, None)
 
+        # Bounds first: conditions, counters and cost lookups only ever see
+        # arguments that fit the tool's schema (a 200k-character title is
+        # refused here, in time linear in its size).
         problem = checker.check(call.tool, call.args)
         if problem is not None:
             field, message = problem
@@ -209,6 +216,8 @@ class Guard:
                 "invalid_arguments", call.tool, "schema", f"{field}: {message}", extra={"field": field}
             )
             return await self._refuse(call, refusal, Decision.INVALID_ARGUMENTS, started)
+        if verdict is None:
+            verdict = await self._decide(policy, call)
 
         if verdict.action == "deny" and not verdict.hidden:
             refusal = Refusal("policy_denied", call.tool, verdict.rule_id, verdict.reason)
@@ -319,7 +328,7 @@ class Guard:
         settings = verdict.approval or ApprovalSettings()
         if not settings.elicit:
             asker = None  # the policy wants a human in the inbox or CLI, not the client
-        digest = call_digest(call.tool, dict(call.args), call.identity)
+        digest = self.approvals.digest(call.tool, dict(call.args), call.identity)
 
         usable = await self.approvals.find_usable(digest)
         if usable is not None:

@@ -15,10 +15,10 @@ from guard.approvals import (
     Approvals,
     ApprovalStatus,
     ReasonRequired,
-    call_digest,
 )
 from guard.changes import ChangeFeed
 from guard.clock import FakeClock
+from guard.digests import Digester
 from guard.schema import open_guard_db
 
 pytestmark = pytest.mark.anyio
@@ -39,13 +39,14 @@ def clock() -> FakeClock:
 
 
 async def open_for(approvals: Approvals, args: dict = ARGS, identity: str = "alice", expires_s: float = 900):
-    digest = call_digest("cancel-task", args, identity)
+    digest = approvals.digest("cancel-task", args, identity)
     return await approvals.open(
         digest, "cancel-task", args, identity, "s1", "cancel-task#1", "cancelling needs a human", expires_s
     )
 
 
 def test_the_digest_binds_tool_arguments_and_identity() -> None:
+    call_digest = Digester(b"k" * 32).call
     digest = call_digest("cancel-task", {"b": 1, "a": [1, "é"]}, "alice")
     assert re.fullmatch(r"[0-9a-f]{64}", digest)
     # Key order does not matter; anything else does.

@@ -107,9 +107,19 @@ class Approval:
 
     @property
     def how_to_approve(self) -> str:
+        return self.instructions()
+
+    def instructions(self, inbox_url: str | None = None) -> str:
+        """What the agent should ask its person to do: the exact CLI command and, when an
+        inbox address is configured, the page to open. Only a person can approve."""
+        if inbox_url:
+            page = f"open {inbox_url.rstrip('/')}/approvals/{self.id} and approve it there"
+        else:
+            page = f"approve it in the inbox at /inbox/approvals/{self.id}"
         return (
-            f"Ask a human to run `taskwarden approvals approve {self.id}` (or approve it in the "
-            f"inbox at /inbox/approvals/{self.id}), then call the tool again with the same arguments."
+            f"Ask a human to run `taskwarden approvals approve {self.id}` (or {page}), "
+            "then call the tool again with the same arguments. No tool you can call approves it; "
+            f"it stays pending for a person until {iso(self.expires_at)}."
         )
 
     def status_at(self, now: float) -> ApprovalStatus:
@@ -119,13 +129,13 @@ class Approval:
                 return ApprovalStatus.EXPIRED
         return self.status
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, inbox_url: str | None = None) -> dict[str, Any]:
         """The ``approval`` object of an approval outcome's structured content."""
         return {
             "id": self.id,
             "status": self.status.value,
             "expires_at": iso(self.expires_at),
-            "how_to_approve": self.how_to_approve,
+            "how_to_approve": self.instructions(inbox_url),
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -108,8 +108,11 @@ class Guard:
         clock: Clock | None = None,
         enabled: bool = True,
         callers: Callable[[Any], Caller] | None = None,
+        inbox_url: str | None = None,
     ) -> None:
         self.db = db
+        # Where a person approves held calls; named in approval_required results.
+        self.inbox_url = inbox_url
         self.feed = feed
         self.policies = policies
         self.clock = clock or SystemClock()
@@ -136,9 +139,12 @@ class Guard:
         enabled: bool = True,
         callers: Callable[[Any], Caller] | None = None,
         clock: Clock | None = None,
+        inbox_url: str | None = None,
     ) -> Guard:
         await migrate(db)
-        return cls(db, feed, PolicySource(policy_path), clock=clock, enabled=enabled, callers=callers)
+        return cls(
+            db, feed, PolicySource(policy_path), clock=clock, enabled=enabled, callers=callers, inbox_url=inbox_url
+        )
 
     @property
     def policy(self) -> Policy:
@@ -258,7 +264,7 @@ class Guard:
                 await self.limiter.release(reservation)
             refusal = Refusal(
                 "approval_required", call.tool, verdict.rule_id,
-                "the approval was used by another identical call; ask again", approval=approval.summary(),
+                "the approval was used by another identical call; ask again", approval=approval.summary(self.inbox_url),
             )
             return await self._refuse(call, refusal, Decision.APPROVAL_REQUIRED, started, approval.id)
 
@@ -367,7 +373,7 @@ class Guard:
             if told is not None:
                 return told
         refusal = Refusal(
-            "approval_required", call.tool, verdict.rule_id, verdict.reason, approval=approval.summary()
+            "approval_required", call.tool, verdict.rule_id, verdict.reason, approval=approval.summary(self.inbox_url)
         )
         return await self._refuse(call, refusal, Decision.APPROVAL_REQUIRED, started, approval.id)
 
@@ -381,7 +387,7 @@ class Guard:
         # Tell it once; the next identical call opens a new approval.
         if not await self.approvals.acknowledge(latest.id):
             return None
-        summary = {**latest.summary(), "status": status.value}
+        summary = {**latest.summary(self.inbox_url), "status": status.value}
         if status == ApprovalStatus.DENIED:
             reason = latest.decision_note or "denied"
             refusal = Refusal("approval_denied", call.tool, verdict.rule_id, reason, approval=summary)

@@ -345,8 +345,12 @@ async def test_an_unanswered_approval_expires(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("mode", ["auto", "legacy"])
 @pytest.mark.parametrize("answer", ["approve", "refuse", "decline"])
-async def test_elicitation_asks_the_person_in_the_client(tmp_path: Path, mode: str, answer: str) -> None:
-    ws = policy_ws(tmp_path, FAST_APPROVALS.replace("wait_s: 1", "wait_s: 30").replace("EXPIRES", "300"))
+async def test_elicitation_asks_the_person_in_the_client_when_the_rule_opts_in(
+    tmp_path: Path, mode: str, answer: str
+) -> None:
+    ws = policy_ws(
+        tmp_path, FAST_APPROVALS.replace("wait_s: 1", "wait_s: 30, elicit: true").replace("EXPIRES", "300")
+    )
     asked: list[str] = []
 
     async def elicit(ctx, params) -> ElicitResult:  # noqa: ANN001 - the SDK's callback shape
@@ -370,6 +374,62 @@ async def test_elicitation_asks_the_person_in_the_client(tmp_path: Path, mode: s
     else:
         assert result.structured_content["error"] == "approval_denied"
         assert record["status"] == "denied"
+
+
+async def accept_everything(ctx, params) -> ElicitResult:  # noqa: ANN001 - the SDK's callback shape
+    ACCEPTED.append(params.message)
+    return ElicitResult(action="accept", content={"approve": True})
+
+
+ACCEPTED: list[str] = []
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_a_client_that_accepts_every_prompt_cannot_approve_under_the_built_in_policy(
+    tmp_path: Path, mode: str
+) -> None:
+    ws = Workspace(tmp_path, policy=None)
+    ACCEPTED.clear()
+    async with stdio_client(ws, mode=mode, elicitation_callback=accept_everything) as client:
+        task = await call(client, "spawn-task", {"prompt": "sleep 120"})
+        results = []
+
+        async def cancel() -> None:
+            results.append(await client.call_tool("cancel-task", {"task_id": task["task_id"]}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancel)
+            deadline = time.monotonic() + 20
+            while not approvals(ws):
+                assert time.monotonic() < deadline, "no approval was opened"
+                await anyio.sleep(0.1)
+            await anyio.sleep(1.5)
+            # The client was never asked, nothing decided it: the call still waits for a person.
+            [pending] = approvals(ws)
+            assert pending["status"] == "pending" and not results
+            ws.cli("approvals", "approve", pending["id"], "--as", "maria")
+    assert ACCEPTED == []
+    assert not results[0].is_error, text_of(results[0])
+    assert results[0].structured_content["cancelled"] == [task["task_id"]]
+    [record] = approvals(ws)
+    assert record["decided_by"] == "maria"
+
+
+async def test_approval_required_tells_the_agent_what_to_ask_its_person(tmp_path: Path) -> None:
+    ws = policy_ws(tmp_path, FAST_APPROVALS.replace("EXPIRES", "300"))
+    ACCEPTED.clear()
+    async with stdio_client(ws, elicitation_callback=accept_everything) as client:
+        task = await call(client, "spawn-task", {"prompt": "sleep 120"})
+        held = await call_error(client, "cancel-task", {"task_id": task["task_id"]})
+    apr = held.structured_content["approval"]["id"]
+    first_line = text_of(held).splitlines()[0]
+    assert first_line.startswith("approval_required: cancel-task needs a human's approval (Cancelling needs a human).")
+    assert f"`taskwarden approvals approve {apr}`" in first_line
+    assert f"open http://127.0.0.1:8765/inbox/approvals/{apr}" in first_line
+    assert "No tool you can call approves it" in first_line
+    assert ACCEPTED == []
+    [pending] = approvals(ws)
+    assert pending["status"] == "pending", "an unanswered approval waits for a human; nothing denies it"
 
 
 # -- hiding, shadow mode, reload ------------------------------------------------------

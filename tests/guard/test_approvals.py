@@ -62,10 +62,13 @@ async def test_opening_twice_reuses_the_pending_approval(db, clock) -> None:
     assert re.fullmatch(r"apr_[a-z2-7]{10}", first.id)
     assert first.status is ApprovalStatus.PENDING
     assert first.expires_at == clock.now() + 900
-    assert first.how_to_approve == (
+    assert first.how_to_approve.startswith(
         f"Ask a human to run `taskwarden approvals approve {first.id}` (or approve it in the inbox "
         f"at /inbox/approvals/{first.id}), then call the tool again with the same arguments."
     )
+    assert "No tool you can call approves it" in first.how_to_approve
+    linked = first.instructions("http://127.0.0.1:8765/inbox/")
+    assert f"open http://127.0.0.1:8765/inbox/approvals/{first.id} and approve it there" in linked
     clock.advance(10)
     assert (await open_for(approvals)).id == first.id
     # Other arguments are another call, with its own approval.

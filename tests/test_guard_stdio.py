@@ -510,6 +510,89 @@ async def test_hot_reload_applies_a_changed_policy_and_keeps_it_on_a_bad_change(
     assert f"{policy}:5" in log and "action" in log
 
 
+STRICT = """\
+version: "1"
+default: deny
+tools:
+  spawn-task:
+    rules:
+      - action: allow
+  list-tasks:
+    rules:
+      - action: allow
+  cancel-task:
+    rules:
+      - action: require_approval
+        reason: "Cancelling needs a human"
+        approval: {wait_s: 0.5, expires_s: 300}
+"""
+
+
+async def test_a_half_written_policy_never_takes_effect(tmp_path: Path) -> None:
+    from mcp import Client
+    from mcp.client.stdio import stdio_client as stdio_transport
+
+    from tests.support import stdio_params
+
+    ws = policy_ws(tmp_path, STRICT)
+    policy = tmp_path / "policy.yaml"
+    stderr_path = tmp_path / "server-stderr.log"
+
+    async def still_strict(client: Client, task_id: str) -> None:
+        held = await call_error(client, "cancel-task", {"task_id": task_id})
+        assert held.structured_content["error"] == "approval_required"
+        denied = await call_error(client, "get-task", {"task_id": task_id})
+        assert denied.structured_content["error"] == "policy_denied"
+        assert denied.structured_content["rule"] == "default"
+
+    async def refusals_logged() -> int:
+        return stderr_path.read_text().count("policy reload failed")
+
+    with stderr_path.open("w") as stderr:
+        async with Client(stdio_transport(stdio_params(ws), errlog=stderr)) as client:
+            task = await call(client, "spawn-task", {"prompt": "sleep 120"})
+            await still_strict(client, task["task_id"])
+
+            # 1. An editor rewrites the same policy in place and stalls after
+            # its first line, which alone is a valid allow-everything file.
+            with policy.open("w") as f:
+                f.write('version: "1"\n')
+                f.flush()
+                for _ in range(4):  # stalled well past the stability window
+                    await anyio.sleep(0.5)
+                    await still_strict(client, task["task_id"])
+                while await refusals_logged() < 1:
+                    await anyio.sleep(0.1)
+                await still_strict(client, task["task_id"])
+                f.write(STRICT.split("\n", 1)[1])
+
+            # 2. A different policy, written in place, stalls after its header:
+            # parsed, it has no rules and allows everything.
+            with policy.open("w") as f:
+                f.write('version: "1"\ndefault: allow\nmode: enforce\n')
+                f.flush()
+                deadline = time.monotonic() + 20
+                while await refusals_logged() < 2:
+                    assert time.monotonic() < deadline, "the stalled file was never read"
+                    await anyio.sleep(0.1)
+                await still_strict(client, task["task_id"])
+                f.write("tools:\n  get-task:\n    rules:\n      - action: deny\n        reason: finished\n")
+
+            # Once the writer finishes, the change applies.
+            deadline = time.monotonic() + 20
+            while True:
+                r = await client.call_tool("get-task", {"task_id": task["task_id"]})
+                if r.structured_content.get("reason") == "finished":
+                    break
+                assert time.monotonic() < deadline, "the finished policy was never applied"
+                await anyio.sleep(0.1)
+            [pending] = approvals(ws)
+            assert pending["status"] == "pending"  # the held cancel never ran
+    log = stderr_path.read_text()
+    assert "the beginning of the policy in force" in log
+    assert "looks half-written" in log
+
+
 # -- audit and redaction ------------------------------------------------------------
 
 

@@ -117,7 +117,7 @@ async def test_a_client_whose_elicitation_fails_leaves_the_decision_to_a_human(t
         asked.append(params.message)
         return ErrorData(code=INTERNAL_ERROR, message="the client's dialog crashed")
 
-    policy = APPROVE_DROP.replace(" ELICIT", "").replace("wait_s: 0", "wait_s: 0.2")
+    policy = APPROVE_DROP.replace(" ELICIT", ", elicit: true").replace("wait_s: 0", "wait_s: 0.2")
     async with guarded(tmp_path, policy) as (server, guard):
         async with Client(server, mode=mode, elicitation_callback=broken) as client:
             try:
@@ -131,14 +131,15 @@ async def test_a_client_whose_elicitation_fails_leaves_the_decision_to_a_human(t
     assert asked
 
 
-async def test_elicit_false_never_asks_the_client(tmp_path: Path) -> None:
+@pytest.mark.parametrize("setting", [", elicit: false", ""])
+async def test_without_elicit_true_the_client_is_never_asked(tmp_path: Path, setting: str) -> None:
     asked = []
 
     async def yes(ctx: Any, params: Any) -> ElicitResult:
         asked.append(params.message)
         return ElicitResult(action="accept", content={"approve": True})
 
-    policy = APPROVE_DROP.replace(" ELICIT", ", elicit: false")
+    policy = APPROVE_DROP.replace(" ELICIT", setting)
     async with guarded(tmp_path, policy) as (server, guard), Client(server, elicitation_callback=yes) as client:
         result = await client.call_tool("drop", {"what": "t1"})
         assert result.structured_content["error"] == "approval_required"

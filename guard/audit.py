@@ -27,7 +27,7 @@ from guard.clock import iso
 from guard.clock import Clock
 from guard.database import Database
 from guard.digests import Digester
-from guard.redaction import redact, redact_text
+from guard.redaction import redact, redact_text, text_size
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +142,8 @@ class AuditEntry:
         }
 
 
+# Records with at most this much text are redacted inline; more goes to a thread.
+INLINE_TEXT_CHARS = 1024
 # Tool names an agent sends are kept at most this long (no real tool's name comes close).
 MAX_TOOL_CHARS = 200
 
@@ -177,12 +179,15 @@ class AuditLog:
         self._writer: asyncio.Task[None] | None = None
         self._urgent = asyncio.Event()
         self._closed = False
+        # Large records being redacted on a worker thread (see record()).
+        self._preparing: set[asyncio.Task[None]] = set()
 
     def record(self, record: AuditRecord, *, urgent: bool = True) -> asyncio.Future[int]:
         """Queue ``record``; the returned future resolves to its row id once committed.
 
-        Redaction and validation happen here, synchronously: a bad decision
-        raises ``InvalidDecision`` at once. A write failure sets
+        Validation happens here, synchronously: a bad decision raises
+        ``InvalidDecision`` at once. Redaction too, for records with little
+        text; larger ones are redacted on a worker thread first. A write failure sets
         ``AuditWriteFailed`` on the future. Cancelling the future does not
         un-record the call. An urgent record (someone awaits it) is committed
         at once, with whatever else is queued; records that are not urgent
@@ -190,18 +195,41 @@ class AuditLog:
         """
         if self._closed:
             raise AuditLogClosed("the audit log is closed")
-        row = self._prepare(record)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
+        if text_size(record.args, INLINE_TEXT_CHARS + 1) <= INLINE_TEXT_CHARS:
+            self._enqueue(self._prepare(record), future, urgent)
+            return future
+        # Redacting a large record (the secret detector's plugins are
+        # Python) takes milliseconds: do it on a worker thread so the event
+        # loop keeps serving other clients meanwhile.
+        parse_decision(record.decision)  # a bad decision still raises here
+        preparing = loop.create_task(self._prepare_later(record, future, urgent))
+        self._preparing.add(preparing)
+        preparing.add_done_callback(self._preparing.discard)
+        return future
+
+    async def _prepare_later(self, record: AuditRecord, future: asyncio.Future[int], urgent: bool) -> None:
+        try:
+            row = await asyncio.to_thread(self._prepare, record)
+        except Exception as exc:
+            logger.exception("could not prepare an audit record")
+            if not future.done():
+                future.set_exception(AuditWriteFailed(f"audit record not prepared: {exc}"))
+            return
+        self._enqueue(row, future, urgent)
+
+    def _enqueue(self, row: _Row, future: asyncio.Future[int], urgent: bool) -> None:
         self._queue.append((row, future))
         if urgent:
             self._urgent.set()
         if self._writer is None:
-            self._writer = loop.create_task(self._drain(), name="guard-audit-writer")
-        return future
+            self._writer = asyncio.get_running_loop().create_task(self._drain(), name="guard-audit-writer")
 
     async def flush(self) -> None:
         """Wait until everything recorded so far is committed (or has failed)."""
+        while self._preparing:
+            await asyncio.wait(set(self._preparing))
         self._urgent.set()
         while self._writer is not None:
             await asyncio.shield(self._writer)

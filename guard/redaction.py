@@ -82,7 +82,7 @@ MAX_RECORD_CHARS = 16384
 MAX_DEPTH = 32
 MAX_ITEMS = 256
 # How much of a record's text the detect-secrets plugins read (the RE2 rules read all of it).
-DETECTOR_BUDGET = 8192
+DETECTOR_BUDGET = 4096
 
 TRUNCATED = "[…]"
 
@@ -214,6 +214,26 @@ def _bound(value: Any, budget: _Budget, depth: int) -> Any:
     if isinstance(value, (int, float, bool)) or value is None:
         return value
     return budget.take(str(value))
+
+
+def text_size(value: Any, limit: int) -> int:
+    """Characters of text in ``value`` (strings and keys), counted up to ``limit`` (then it stops)."""
+    total = 0
+    stack = [value]
+    while stack and total < limit:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, Mapping):
+            for key, child in item.items():
+                if isinstance(key, str):
+                    total += len(key)
+                stack.append(child)
+                if total >= limit or len(stack) > limit:
+                    break
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item[:limit])
+    return min(total, limit)
 
 
 # -- values -------------------------------------------------------------------

@@ -23,6 +23,7 @@ from guard.approvals import (
     ApprovalStatus,
 )
 from guard.audit import AuditLog, AuditRecord, Decision, Outcome
+from guard import detectors
 from guard.changes import ChangeFeed
 from guard.clock import Clock, SystemClock
 from guard.database import Database
@@ -177,7 +178,11 @@ class Guard:
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Reload the policy when its file changes; flush the audit log on the way out."""
         try:
-            await self.policies.watch(task_status=task_status)
+            async with anyio.create_task_group() as tg:
+                # Load the secret detector's plugins now, off the event loop,
+                # rather than inside the first call that is audited.
+                tg.start_soon(anyio.to_thread.run_sync, detectors.plugins)
+                await self.policies.watch(task_status=task_status)
         finally:
             with anyio.CancelScope(shield=True):
                 await self.audit.flush()

@@ -31,7 +31,8 @@ class ArgumentChecker:
         if error is None:
             return None
         field, message = describe(error)
-        return field or "arguments", message
+        # A field is named by the caller's own keys, which may be huge.
+        return _cap(field, MAX_FIELD_CHARS) if field else "arguments", message
 
 
 def describe(error: ValidationError) -> tuple[str, str]:
@@ -77,6 +78,7 @@ def describe(error: ValidationError) -> tuple[str, str]:
             return path, _cap(error.message)
 
 
+MAX_FIELD_CHARS = 120
 # Messages quote a caller's value at most this long: an agent's megabyte
 # string must not come back (or into the audit trail) inside the reason.
 SHOWN_VALUE_CHARS = 80

@@ -30,7 +30,7 @@ from guard.changes import ChangeFeed, notify_others
 from guard.clock import Clock, iso
 from guard.database import Database
 from guard.digests import Digester
-from guard.redaction import redact
+from guard.redaction import redact_off_loop
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ class Approvals:
         if expires_s <= 0:
             raise ValueError(f"expires_s must be > 0, not {expires_s}")
         # Redacted again: the inbox shows these, and redaction is idempotent.
-        args_json = json.dumps(redact(args_redacted), ensure_ascii=False, default=str)
+        args_json = json.dumps(await redact_off_loop(args_redacted), ensure_ascii=False, default=str)
 
         def tx(c: sqlite3.Connection) -> tuple[Approval, bool]:
             now = self._clock.now()

@@ -27,7 +27,7 @@ from guard.clock import iso
 from guard.clock import Clock
 from guard.database import Database
 from guard.digests import Digester
-from guard.redaction import redact, redact_text, text_size
+from guard.redaction import INLINE_TEXT_CHARS, redact, redact_text, text_size
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +142,6 @@ class AuditEntry:
         }
 
 
-# Records with at most this much text are redacted inline; more goes to a thread.
-INLINE_TEXT_CHARS = 1024
 # Tool names an agent sends are kept at most this long (no real tool's name comes close).
 MAX_TOOL_CHARS = 200
 

@@ -70,6 +70,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import re2
 
 from guard import detectors
@@ -438,6 +439,19 @@ def redact(value: Any) -> Any:
     """
     budget = [DETECTOR_BUDGET]
     return _redact(bound(value), lambda s: redact_text(s, detector_budget=budget))
+
+
+# Values with at most this much text are redacted on the calling thread.
+INLINE_TEXT_CHARS = 1024
+
+
+async def redact_off_loop(value: Any) -> Any:
+    """``redact(value)``, on a worker thread when ``value`` holds much text (the
+    detector's plugins are Python and take milliseconds), so an event loop
+    keeps serving others meanwhile."""
+    if text_size(value, INLINE_TEXT_CHARS + 1) <= INLINE_TEXT_CHARS:
+        return redact(value)
+    return await anyio.to_thread.run_sync(redact, value)
 
 
 def _redact(value: Any, text: Callable[[str], str]) -> Any:

@@ -33,7 +33,7 @@ from guard.digests import Digester
 from guard.limits import Exhausted, Limiter, Reservation, ScopeKeys
 from guard.outcomes import Refusal
 from guard.policy import ApprovalSettings, Policy
-from guard.redaction import redact
+from guard.redaction import redact_off_loop
 from guard.reload import PolicySource
 from guard.schema import migrate
 from guard.validation import ArgumentChecker
@@ -351,7 +351,7 @@ class Guard:
             return told
 
         approval = await self.approvals.open(
-            digest, call.tool, redact(dict(call.args)), call.identity, call.session,
+            digest, call.tool, await redact_off_loop(dict(call.args)), call.identity, call.session,
             verdict.rule_id, verdict.reason, settings.expires_s,
         )
         if asker is not None and asker.rounds:

@@ -1,7 +1,7 @@
 """Approvals: a human's yes or no for one exact call, used at most once.
 
 An approval is bound to a *digest* of the call — tool, canonical arguments
-and caller identity — so approving ``cancel-task {"task_id": "t1"}`` for alice
+and caller identity, HMAC-keyed per database (``guard.digests``) — so approving ``cancel-task {"task_id": "t1"}`` for alice
 approves nothing else. Its life::
 
     pending ──decide(approve)──▶ approved ──consume──▶ (used_at set)
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import builtins
 import enum
-import hashlib
 import json
 import logging
 import secrets
@@ -30,7 +29,8 @@ from typing import Any
 from guard.changes import ChangeFeed, notify_others
 from guard.clock import Clock, iso
 from guard.database import Database
-from guard.redaction import redact
+from guard.digests import Digester
+from guard.redaction import redact_off_loop
 
 logger = logging.getLogger(__name__)
 
@@ -87,17 +87,6 @@ class ReasonRequired(ApprovalError, ValueError):
         super().__init__("a reason is required to deny an approval")
 
 
-def canonical_json(value: Any) -> str:
-    """One spelling per JSON value: sorted keys, no whitespace, Unicode kept."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-def call_digest(tool: str, args: Any, identity: str) -> str:
-    """The sha256 hex digest an approval is bound to."""
-    payload = canonical_json({"tool": tool, "args": args, "identity": identity})
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
 @dataclass(frozen=True)
 class Approval:
     id: str
@@ -118,9 +107,19 @@ class Approval:
 
     @property
     def how_to_approve(self) -> str:
+        return self.instructions()
+
+    def instructions(self, inbox_url: str | None = None) -> str:
+        """What the agent should ask its person to do: the exact CLI command and, when an
+        inbox address is configured, the page to open. Only a person can approve."""
+        if inbox_url:
+            page = f"open {inbox_url.rstrip('/')}/approvals/{self.id} and approve it there"
+        else:
+            page = f"approve it in the inbox at /inbox/approvals/{self.id}"
         return (
-            f"Ask a human to run `taskwarden approvals approve {self.id}` (or approve it in the "
-            f"inbox at /inbox/approvals/{self.id}), then call the tool again with the same arguments."
+            f"Ask a human to run `taskwarden approvals approve {self.id}` (or {page}), "
+            "then call the tool again with the same arguments. No tool you can call approves it; "
+            f"it stays pending for a person until {iso(self.expires_at)}."
         )
 
     def status_at(self, now: float) -> ApprovalStatus:
@@ -130,13 +129,13 @@ class Approval:
                 return ApprovalStatus.EXPIRED
         return self.status
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, inbox_url: str | None = None) -> dict[str, Any]:
         """The ``approval`` object of an approval outcome's structured content."""
         return {
             "id": self.id,
             "status": self.status.value,
             "expires_at": iso(self.expires_at),
-            "how_to_approve": self.how_to_approve,
+            "how_to_approve": self.instructions(inbox_url),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -199,12 +198,24 @@ def _new_id() -> str:
 
 
 class Approvals:
-    """The approvals stored in ``db``; ``feed`` (if given) is told about every change."""
+    """The approvals stored in ``db``; ``feed`` (if given) is told about every change.
 
-    def __init__(self, db: Database, clock: Clock, feed: ChangeFeed | None = None) -> None:
+    ``digester`` keys the call digests (default: the database's own key file).
+    """
+
+    def __init__(
+        self, db: Database, clock: Clock, feed: ChangeFeed | None = None, digester: Digester | None = None
+    ) -> None:
         self._db = db
         self._clock = clock
         self._feed = feed
+        self._digester = digester
+
+    def digest(self, tool: str, args: Any, identity: str) -> str:
+        """The digest an approval for this call is bound to (keyed: see ``guard.digests``)."""
+        if self._digester is None:
+            self._digester = Digester.for_database(self._db.path)
+        return self._digester.call(tool, args, identity)
 
     def _notify(self) -> None:
         # Wakes calls waiting for a decision here and in other processes.
@@ -270,7 +281,7 @@ class Approvals:
         if expires_s <= 0:
             raise ValueError(f"expires_s must be > 0, not {expires_s}")
         # Redacted again: the inbox shows these, and redaction is idempotent.
-        args_json = json.dumps(redact(args_redacted), ensure_ascii=False, default=str)
+        args_json = json.dumps(await redact_off_loop(args_redacted), ensure_ascii=False, default=str)
 
         def tx(c: sqlite3.Connection) -> tuple[Approval, bool]:
             now = self._clock.now()

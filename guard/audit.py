@@ -17,18 +17,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import hashlib
 import json
 import logging
 import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-from guard.approvals import canonical_json
 from guard.clock import iso
 from guard.clock import Clock
 from guard.database import Database
-from guard.redaction import redact, redact_text
+from guard.digests import Digester
+from guard.redaction import INLINE_TEXT_CHARS, redact, redact_text, text_size
 
 logger = logging.getLogger(__name__)
 
@@ -143,9 +142,8 @@ class AuditEntry:
         }
 
 
-def args_digest(args: Any) -> str:
-    """sha256 of the canonical JSON of the unredacted arguments (the approval digest's encoding)."""
-    return hashlib.sha256(canonical_json(args).encode()).hexdigest()
+# Tool names an agent sends are kept at most this long (no real tool's name comes close).
+MAX_TOOL_CHARS = 200
 
 
 _COLUMNS = (
@@ -160,21 +158,34 @@ _Row = tuple[Any, ...]
 class AuditLog:
     """Appends audit records to ``db`` through one batching writer per log."""
 
-    def __init__(self, db: Database, clock: Clock, *, max_batch: int = 512, linger_s: float = 0.02) -> None:
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        *,
+        max_batch: int = 512,
+        linger_s: float = 0.02,
+        digester: Digester | None = None,
+    ) -> None:
         self._db = db
         self._clock = clock
+        # Keyed digests (guard.digests); the key file sits beside the database.
+        self._digester = digester
         self._max_batch = max_batch
         self._linger_s = linger_s
         self._queue: list[tuple[_Row, asyncio.Future[int]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._urgent = asyncio.Event()
         self._closed = False
+        # Large records being redacted on a worker thread (see record()).
+        self._preparing: set[asyncio.Task[None]] = set()
 
     def record(self, record: AuditRecord, *, urgent: bool = True) -> asyncio.Future[int]:
         """Queue ``record``; the returned future resolves to its row id once committed.
 
-        Redaction and validation happen here, synchronously: a bad decision
-        raises ``InvalidDecision`` at once. A write failure sets
+        Validation happens here, synchronously: a bad decision raises
+        ``InvalidDecision`` at once. Redaction too, for records with little
+        text; larger ones are redacted on a worker thread first. A write failure sets
         ``AuditWriteFailed`` on the future. Cancelling the future does not
         un-record the call. An urgent record (someone awaits it) is committed
         at once, with whatever else is queued; records that are not urgent
@@ -182,18 +193,41 @@ class AuditLog:
         """
         if self._closed:
             raise AuditLogClosed("the audit log is closed")
-        row = self._prepare(record)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
+        if text_size(record.args, INLINE_TEXT_CHARS + 1) <= INLINE_TEXT_CHARS:
+            self._enqueue(self._prepare(record), future, urgent)
+            return future
+        # Redacting a large record (the secret detector's plugins are
+        # Python) takes milliseconds: do it on a worker thread so the event
+        # loop keeps serving other clients meanwhile.
+        parse_decision(record.decision)  # a bad decision still raises here
+        preparing = loop.create_task(self._prepare_later(record, future, urgent))
+        self._preparing.add(preparing)
+        preparing.add_done_callback(self._preparing.discard)
+        return future
+
+    async def _prepare_later(self, record: AuditRecord, future: asyncio.Future[int], urgent: bool) -> None:
+        try:
+            row = await asyncio.to_thread(self._prepare, record)
+        except Exception as exc:
+            logger.exception("could not prepare an audit record")
+            if not future.done():
+                future.set_exception(AuditWriteFailed(f"audit record not prepared: {exc}"))
+            return
+        self._enqueue(row, future, urgent)
+
+    def _enqueue(self, row: _Row, future: asyncio.Future[int], urgent: bool) -> None:
         self._queue.append((row, future))
         if urgent:
             self._urgent.set()
         if self._writer is None:
-            self._writer = loop.create_task(self._drain(), name="guard-audit-writer")
-        return future
+            self._writer = asyncio.get_running_loop().create_task(self._drain(), name="guard-audit-writer")
 
     async def flush(self) -> None:
         """Wait until everything recorded so far is committed (or has failed)."""
+        while self._preparing:
+            await asyncio.wait(set(self._preparing))
         self._urgent.set()
         while self._writer is not None:
             await asyncio.shield(self._writer)
@@ -253,13 +287,16 @@ class AuditLog:
     def _prepare(self, record: AuditRecord) -> _Row:
         decision = parse_decision(record.decision)
         outcome = record.outcome.value if isinstance(record.outcome, Outcome) else record.outcome
-        digest = args_digest(record.args)  # before redaction: ties the row to the exact call
-        args = json.dumps(
-            redact(record.args), ensure_ascii=False, default=lambda o: redact_text(str(o))
-        )
+        if self._digester is None:
+            self._digester = Digester.for_database(self._db.path)
+        # Before redaction: ties the row to the exact call. Hashing is linear
+        # and cheap; everything else below reads a bounded copy.
+        digest = self._digester.args(record.args)
+        args = json.dumps(redact(record.args), ensure_ascii=False, default=lambda o: redact_text(str(o)))
         reason = redact_text(record.reason) if record.reason else record.reason
+        tool = redact_text(record.tool[:MAX_TOOL_CHARS]) if len(record.tool) >= 8 else record.tool
         when = record.time if record.time is not None else self._clock.now()
-        return (when, record.identity, record.session, record.tool, args, digest, decision,
+        return (when, record.identity, record.session, tool, args, digest, decision,
                 record.rule, reason, record.approval_id, record.duration_ms, outcome)  # fmt: skip
 
     async def _drain(self) -> None:

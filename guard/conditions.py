@@ -1,4 +1,4 @@
-"""Conditions on a call: resolve a path, compare its value with an operator.
+r"""Conditions on a call: resolve a path, compare its value with an operator.
 
 Paths are ``args.a.b`` (dots descend into objects; a whole-number segment
 indexes a list: ``args.files.0.path``) or ``state.<counter>`` (the current
@@ -9,19 +9,23 @@ every other operator is false on it. A type mismatch (``lt`` on a string,
 ``regex`` on a number) is false. Booleans are not numbers: ``eq 1`` does not
 match ``true``. ``exists`` treats ``null`` as absent, as Intercept does.
 
-Regular expressions use Python's ``re`` with search semantics (a match
-anywhere, like Go's ``MatchString``); they are compiled once, when the policy
-is read (``check`` reports a bad one), and cached.
+Regular expressions run on RE2 (``google-re2``): its syntax is Go's, and its
+time is linear in the text, so no pattern and no argument can stall the
+server (Python's ``re`` backtracks: ``^(\w+\s?)+$`` on 27 characters took
+seconds). Patterns RE2 cannot take (look-arounds, back-references) are
+refused when the policy is read. Matching has search semantics (a match
+anywhere, like Go's ``MatchString``); patterns are compiled once and cached.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any, Final
+
+import re2
 
 from guard.policy import Condition
 
@@ -56,10 +60,29 @@ REGEX_OPS = frozenset({"regex", "not_regex"})
 StateReader = Callable[[str], int | float]
 
 
+class PatternError(ValueError):
+    """A pattern RE2 cannot compile; the message is RE2's reason."""
+
+
+def _re2_options() -> re2.Options:
+    options = re2.Options()
+    options.log_errors = False  # a bad pattern is reported to the policy's author, not to stderr
+    return options
+
+
+_OPTIONS = _re2_options()
+
+
 @lru_cache(maxsize=1024)
-def compile_pattern(pattern: str) -> re.Pattern[str]:
-    """The compiled regex; raises ``re.error`` for a bad one."""
-    return re.compile(pattern)
+def compile_pattern(pattern: str) -> Any:
+    """The compiled RE2 pattern; raises ``PatternError`` for one RE2 cannot take."""
+    try:
+        return re2.compile(pattern, _OPTIONS)
+    except re2.error as exc:
+        detail = exc.args[0] if exc.args else exc
+        if isinstance(detail, bytes):
+            detail = detail.decode("utf-8", "replace")
+        raise PatternError(str(detail)) from None
 
 
 def is_number(value: object) -> bool:
@@ -84,8 +107,11 @@ def check(op: str, value: object) -> str | None:
             return f"operator {op!r} needs a string pattern"
         try:
             compile_pattern(value)
-        except re.error as exc:
-            return f"invalid regular expression {value!r}: {exc}"
+        except PatternError as exc:
+            return (
+                f"invalid regular expression {value!r} for RE2 (Go syntax; no look-arounds"
+                f" or back-references): {exc}"
+            )
     elif op == "exists":
         if not isinstance(value, bool):
             return "operator 'exists' needs true or false"

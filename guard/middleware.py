@@ -96,7 +96,7 @@ class GuardMiddleware:
         try:
             decided = await self.guard.admit(call, asker)
         except Unknown:
-            raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {name}") from None
+            raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {_shown_name(name)}") from None
         except AskLater as later:
             return later.result
         if isinstance(decided, Refusal):
@@ -134,6 +134,14 @@ class GuardMiddleware:
                 t for t in result["tools"] if not (isinstance(t, dict) and self.guard.is_hidden(str(t.get("name"))))
             ]
         return result
+
+
+# No tool's name is longer; an agent's megabyte "name" is not echoed back whole.
+MAX_SHOWN_NAME = 200
+
+
+def _shown_name(name: str) -> str:
+    return name if len(name) <= MAX_SHOWN_NAME else f"{name[:MAX_SHOWN_NAME]}… ({len(name)} characters)"
 
 
 def refusal_result(refusal: Refusal) -> CallToolResult:

@@ -77,9 +77,11 @@ class Condition(_Frozen):
 class ApprovalSettings(_Frozen):
     expires_s: float = Field(default=900, gt=0)
     wait_s: float = Field(default=20, ge=0)
-    # Ask the person at the MCP client too (elicitation). False: only a human
-    # in the inbox or the CLI can decide — for clients that answer on their own.
-    elicit: bool = True
+    # Ask the person at the MCP client too (elicitation). Off unless a rule
+    # opts in: many clients answer elicitation on their own (codex exec and
+    # claude -p decline at once; others may accept), so by default only a
+    # human in the inbox or the CLI decides.
+    elicit: bool = False
 
 
 class Rule(_Frozen):

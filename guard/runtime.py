@@ -23,18 +23,19 @@ from guard.approvals import (
     ApprovalError,
     Approvals,
     ApprovalStatus,
-    call_digest,
 )
 from guard.audit import AuditLog, AuditRecord, Decision, Outcome
+from guard import detectors
 from guard.changes import ChangeFeed
 from guard.clock import Clock, SystemClock
 from guard.database import Database
 from guard.conditions import STATE_PREFIX
 from guard.decision import CounterLookup, Verdict, decide
+from guard.digests import Digester
 from guard.limits import Exhausted, Limiter, Reservation, ScopeKeys
 from guard.outcomes import Refusal
 from guard.policy import ApprovalSettings, Policy
-from guard.redaction import redact
+from guard.redaction import redact_off_loop
 from guard.reload import PolicySource
 from guard.schema import migrate
 from guard.validation import ArgumentChecker
@@ -113,16 +114,20 @@ class Guard:
         clock: Clock | None = None,
         enabled: bool = True,
         callers: Callable[[Any], Caller] | None = None,
+        inbox_url: str | None = None,
     ) -> None:
         self.db = db
+        # Where a person approves held calls; named in approval_required results.
+        self.inbox_url = inbox_url
         self.feed = feed
         self.policies = policies
         self.clock = clock or SystemClock()
         self.enabled = enabled
         self.callers = callers
         self.limiter = Limiter(db, self.clock)
-        self.approvals = Approvals(db, self.clock, feed)
-        self.audit = AuditLog(db, self.clock)
+        digester = Digester.for_database(db.path)
+        self.approvals = Approvals(db, self.clock, feed, digester)
+        self.audit = AuditLog(db, self.clock, digester=digester)
         self._checker: ArgumentChecker | None = None
         self._tool_source: Callable[[], Awaitable[list[Any]]] | None = None
         # Tools whose annotations say they change nothing (see settle()).
@@ -140,9 +145,12 @@ class Guard:
         enabled: bool = True,
         callers: Callable[[Any], Caller] | None = None,
         clock: Clock | None = None,
+        inbox_url: str | None = None,
     ) -> Guard:
         await migrate(db)
-        return cls(db, feed, PolicySource(policy_path), clock=clock, enabled=enabled, callers=callers)
+        return cls(
+            db, feed, PolicySource(policy_path), clock=clock, enabled=enabled, callers=callers, inbox_url=inbox_url
+        )
 
     @property
     def policy(self) -> Policy:
@@ -175,7 +183,11 @@ class Guard:
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Reload the policy when its file changes; flush the audit log on the way out."""
         try:
-            await self.policies.watch(task_status=task_status)
+            async with anyio.create_task_group() as tg:
+                # Load the secret detector's plugins now, off the event loop,
+                # rather than inside the first call that is audited.
+                tg.start_soon(anyio.to_thread.run_sync, detectors.plugins)
+                await self.policies.watch(task_status=task_status)
         finally:
             with anyio.CancelScope(shield=True):
                 await self.audit.flush()
@@ -201,13 +213,20 @@ class Guard:
             raise Unknown(call.tool)
 
         # Conditions read the arguments with the schema's defaults filled in.
-        verdict = await self._decide(policy, dataclasses.replace(call, args=checker.with_defaults(call.tool, call.args)))
-        if verdict.hidden:
+        with_defaults = dataclasses.replace(call, args=checker.with_defaults(call.tool, call.args))
+        # A hidden tool reads as absent whatever its arguments; its verdict
+        # is reached before any condition runs.
+        verdict: Verdict | None = None
+        if call.tool in policy.hide or "*" in policy.hide:
+            verdict = await self._decide(policy, with_defaults)
             if not shadow:
                 await self._record(call, Decision.HIDDEN, verdict.rule_id, verdict.reason, started, Outcome.REFUSED)
                 raise Unknown(call.tool)
             await self._record(call, Decision.SHADOW_HIDDEN, verdict.rule_id, verdict.reason, started, None)
 
+        # Bounds first: conditions, counters and cost lookups only ever see
+        # arguments that fit the tool's schema (a 200k-character title is
+        # refused here, in time linear in its size).
         problem = checker.check(call.tool, call.args)
         if problem is not None:
             field, message = problem
@@ -215,6 +234,8 @@ class Guard:
                 "invalid_arguments", call.tool, "schema", f"{field}: {message}", extra={"field": field}
             )
             return await self._refuse(call, refusal, Decision.INVALID_ARGUMENTS, started)
+        if verdict is None:
+            verdict = await self._decide(policy, with_defaults)
 
         if verdict.action == "deny" and not verdict.hidden:
             refusal = Refusal("policy_denied", call.tool, verdict.rule_id, verdict.reason)
@@ -255,7 +276,7 @@ class Guard:
                 await self.limiter.release(reservation)
             refusal = Refusal(
                 "approval_required", call.tool, verdict.rule_id,
-                "the approval was used by another identical call; ask again", approval=approval.summary(),
+                "the approval was used by another identical call; ask again", approval=approval.summary(self.inbox_url),
             )
             return await self._refuse(call, refusal, Decision.APPROVAL_REQUIRED, started, approval.id)
 
@@ -338,7 +359,7 @@ class Guard:
         settings = verdict.approval or ApprovalSettings()
         if not settings.elicit:
             asker = None  # the policy wants a human in the inbox or CLI, not the client
-        digest = call_digest(call.tool, dict(call.args), call.identity)
+        digest = self.approvals.digest(call.tool, dict(call.args), call.identity)
 
         usable = await self.approvals.find_usable(digest)
         if usable is not None:
@@ -350,7 +371,7 @@ class Guard:
             return told
 
         approval = await self.approvals.open(
-            digest, call.tool, redact(dict(call.args)), call.identity, call.session,
+            digest, call.tool, await redact_off_loop(dict(call.args)), call.identity, call.session,
             verdict.rule_id, verdict.reason, settings.expires_s,
         )
         if asker is not None and asker.rounds:
@@ -377,7 +398,7 @@ class Guard:
             if told is not None:
                 return told
         refusal = Refusal(
-            "approval_required", call.tool, verdict.rule_id, verdict.reason, approval=approval.summary()
+            "approval_required", call.tool, verdict.rule_id, verdict.reason, approval=approval.summary(self.inbox_url)
         )
         return await self._refuse(call, refusal, Decision.APPROVAL_REQUIRED, started, approval.id)
 
@@ -391,7 +412,7 @@ class Guard:
         # Tell it once; the next identical call opens a new approval.
         if not await self.approvals.acknowledge(latest.id):
             return None
-        summary = {**latest.summary(), "status": status.value}
+        summary = {**latest.summary(self.inbox_url), "status": status.value}
         if status == ApprovalStatus.DENIED:
             reason = latest.decision_note or "denied"
             refusal = Refusal("approval_denied", call.tool, verdict.rule_id, reason, approval=summary)

@@ -55,7 +55,8 @@ class ArgumentChecker:
         if error is None:
             return None
         field, message = describe(error)
-        return field or "arguments", message
+        # A field is named by the caller's own keys, which may be huge.
+        return _cap(field, MAX_FIELD_CHARS) if field else "arguments", message
 
 
 def describe(error: ValidationError) -> tuple[str, str]:
@@ -88,16 +89,32 @@ def describe(error: ValidationError) -> tuple[str, str]:
         case "exclusiveMaximum":
             return path, f"must be < {bound} (got {value})"
         case "enum":
-            return path, "must be one of " + ", ".join(repr(v) for v in bound) + f" (got {value!r})"
+            return path, "must be one of " + ", ".join(repr(v) for v in bound) + f" (got {_short(value)})"
         case "const":
-            return path, f"must be {bound!r} (got {value!r})"
+            return path, f"must be {bound!r} (got {_short(value)})"
         case "type":
             wanted = bound if isinstance(bound, str) else " or ".join(bound)
             return path, f"must be of type {wanted} (got {_json_type(value)})"
         case "pattern":
             return path, f"must match {bound!r}"
         case _:
-            return path, error.message
+            # jsonschema's own messages quote the value: keep them short.
+            return path, _cap(error.message)
+
+
+MAX_FIELD_CHARS = 120
+# Messages quote a caller's value at most this long: an agent's megabyte
+# string must not come back (or into the audit trail) inside the reason.
+SHOWN_VALUE_CHARS = 80
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if not isinstance(value, (dict, list)) or len(value) <= 8 else f"<{_json_type(value)}>"
+    return _cap(text, SHOWN_VALUE_CHARS)
+
+
+def _cap(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 1]}… ({len(text)} characters)"
 
 
 def _non_finite(value: Any) -> tuple[str, float] | None:

@@ -345,8 +345,12 @@ async def test_an_unanswered_approval_expires(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("mode", ["auto", "legacy"])
 @pytest.mark.parametrize("answer", ["approve", "refuse", "decline"])
-async def test_elicitation_asks_the_person_in_the_client(tmp_path: Path, mode: str, answer: str) -> None:
-    ws = policy_ws(tmp_path, FAST_APPROVALS.replace("wait_s: 1", "wait_s: 30").replace("EXPIRES", "300"))
+async def test_elicitation_asks_the_person_in_the_client_when_the_rule_opts_in(
+    tmp_path: Path, mode: str, answer: str
+) -> None:
+    ws = policy_ws(
+        tmp_path, FAST_APPROVALS.replace("wait_s: 1", "wait_s: 30, elicit: true").replace("EXPIRES", "300")
+    )
     asked: list[str] = []
 
     async def elicit(ctx, params) -> ElicitResult:  # noqa: ANN001 - the SDK's callback shape
@@ -370,6 +374,62 @@ async def test_elicitation_asks_the_person_in_the_client(tmp_path: Path, mode: s
     else:
         assert result.structured_content["error"] == "approval_denied"
         assert record["status"] == "denied"
+
+
+async def accept_everything(ctx, params) -> ElicitResult:  # noqa: ANN001 - the SDK's callback shape
+    ACCEPTED.append(params.message)
+    return ElicitResult(action="accept", content={"approve": True})
+
+
+ACCEPTED: list[str] = []
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_a_client_that_accepts_every_prompt_cannot_approve_under_the_built_in_policy(
+    tmp_path: Path, mode: str
+) -> None:
+    ws = Workspace(tmp_path, policy=None)
+    ACCEPTED.clear()
+    async with stdio_client(ws, mode=mode, elicitation_callback=accept_everything) as client:
+        task = await call(client, "spawn-task", {"prompt": "sleep 120"})
+        results = []
+
+        async def cancel() -> None:
+            results.append(await client.call_tool("cancel-task", {"task_id": task["task_id"]}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancel)
+            deadline = time.monotonic() + 20
+            while not approvals(ws):
+                assert time.monotonic() < deadline, "no approval was opened"
+                await anyio.sleep(0.1)
+            await anyio.sleep(1.5)
+            # The client was never asked, nothing decided it: the call still waits for a person.
+            [pending] = approvals(ws)
+            assert pending["status"] == "pending" and not results
+            ws.cli("approvals", "approve", pending["id"], "--as", "maria")
+    assert ACCEPTED == []
+    assert not results[0].is_error, text_of(results[0])
+    assert results[0].structured_content["cancelled"] == [task["task_id"]]
+    [record] = approvals(ws)
+    assert record["decided_by"] == "maria"
+
+
+async def test_approval_required_tells_the_agent_what_to_ask_its_person(tmp_path: Path) -> None:
+    ws = policy_ws(tmp_path, FAST_APPROVALS.replace("EXPIRES", "300"))
+    ACCEPTED.clear()
+    async with stdio_client(ws, elicitation_callback=accept_everything) as client:
+        task = await call(client, "spawn-task", {"prompt": "sleep 120"})
+        held = await call_error(client, "cancel-task", {"task_id": task["task_id"]})
+    apr = held.structured_content["approval"]["id"]
+    first_line = text_of(held).splitlines()[0]
+    assert first_line.startswith("approval_required: cancel-task needs a human's approval (Cancelling needs a human).")
+    assert f"`taskwarden approvals approve {apr}`" in first_line
+    assert f"open http://127.0.0.1:8765/inbox/approvals/{apr}" in first_line
+    assert "No tool you can call approves it" in first_line
+    assert ACCEPTED == []
+    [pending] = approvals(ws)
+    assert pending["status"] == "pending", "an unanswered approval waits for a human; nothing denies it"
 
 
 # -- hiding, shadow mode, reload ------------------------------------------------------
@@ -447,6 +507,89 @@ async def test_hot_reload_applies_a_changed_policy_and_keeps_it_on_a_bad_change(
     log = stderr_path.read_text()
     assert "keeping the previous policy" in log
     assert f"{policy}:5" in log and "action" in log
+
+
+STRICT = """\
+version: "1"
+default: deny
+tools:
+  spawn-task:
+    rules:
+      - action: allow
+  list-tasks:
+    rules:
+      - action: allow
+  cancel-task:
+    rules:
+      - action: require_approval
+        reason: "Cancelling needs a human"
+        approval: {wait_s: 0.5, expires_s: 300}
+"""
+
+
+async def test_a_half_written_policy_never_takes_effect(tmp_path: Path) -> None:
+    from mcp import Client
+    from mcp.client.stdio import stdio_client as stdio_transport
+
+    from tests.support import stdio_params
+
+    ws = policy_ws(tmp_path, STRICT)
+    policy = tmp_path / "policy.yaml"
+    stderr_path = tmp_path / "server-stderr.log"
+
+    async def still_strict(client: Client, task_id: str) -> None:
+        held = await call_error(client, "cancel-task", {"task_id": task_id})
+        assert held.structured_content["error"] == "approval_required"
+        denied = await call_error(client, "get-task", {"task_id": task_id})
+        assert denied.structured_content["error"] == "policy_denied"
+        assert denied.structured_content["rule"] == "default"
+
+    async def refusals_logged() -> int:
+        return stderr_path.read_text().count("policy reload failed")
+
+    with stderr_path.open("w") as stderr:
+        async with Client(stdio_transport(stdio_params(ws), errlog=stderr)) as client:
+            task = await call(client, "spawn-task", {"prompt": "sleep 120"})
+            await still_strict(client, task["task_id"])
+
+            # 1. An editor rewrites the same policy in place and stalls after
+            # its first line, which alone is a valid allow-everything file.
+            with policy.open("w") as f:
+                f.write('version: "1"\n')
+                f.flush()
+                for _ in range(4):  # stalled well past the stability window
+                    await anyio.sleep(0.5)
+                    await still_strict(client, task["task_id"])
+                while await refusals_logged() < 1:
+                    await anyio.sleep(0.1)
+                await still_strict(client, task["task_id"])
+                f.write(STRICT.split("\n", 1)[1])
+
+            # 2. A different policy, written in place, stalls after its header:
+            # parsed, it has no rules and allows everything.
+            with policy.open("w") as f:
+                f.write('version: "1"\ndefault: allow\nmode: enforce\n')
+                f.flush()
+                deadline = time.monotonic() + 20
+                while await refusals_logged() < 2:
+                    assert time.monotonic() < deadline, "the stalled file was never read"
+                    await anyio.sleep(0.1)
+                await still_strict(client, task["task_id"])
+                f.write("tools:\n  get-task:\n    rules:\n      - action: deny\n        reason: finished\n")
+
+            # Once the writer finishes, the change applies.
+            deadline = time.monotonic() + 20
+            while True:
+                r = await client.call_tool("get-task", {"task_id": task["task_id"]})
+                if r.structured_content.get("reason") == "finished":
+                    break
+                assert time.monotonic() < deadline, "the finished policy was never applied"
+                await anyio.sleep(0.1)
+            [pending] = approvals(ws)
+            assert pending["status"] == "pending"  # the held cancel never ran
+    log = stderr_path.read_text()
+    assert "the beginning of the policy in force" in log
+    assert "looks half-written" in log
 
 
 # -- audit and redaction ------------------------------------------------------------

@@ -83,3 +83,39 @@ async def test_any_loopback_address_refuses_a_foreign_host_header(tmp_path: Path
             assert evil.status_code == 421
         async with StrictClient(f"{base}/mcp") as client:
             assert (await call(client, "list-tasks", {}))["tasks"] == []
+
+
+LIST_LIMIT_30 = """\
+default: allow
+tools:
+  list-tasks:
+    rules:
+      - action: allow
+        rate_limit: {max: 30, window: 60, scope: session}
+"""
+
+
+async def test_a_client_chosen_session_header_does_not_escape_a_per_session_limit(tmp_path: Path) -> None:
+    import uuid
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(LIST_LIMIT_30)
+    ws = Workspace(tmp_path, policy=policy)
+    sent: list[str] = []
+
+    async def fresh_session_header(request: httpx2.Request) -> None:
+        # A 2026-07-28 client has no transport session; this one invents a
+        # new Mcp-Session-Id for every request.
+        request.headers["mcp-session-id"] = sent_id = uuid.uuid4().hex
+        sent.append(sent_id)
+
+    async with http_server(ws, "--allow-anonymous", "--no-inbox") as base:
+        async with httpx2.AsyncClient(event_hooks={"request": [fresh_session_header]}) as http:
+            async with StrictClient(streamable_http_client(f"{base}/mcp", http_client=http)) as client:
+                results = [await client.call_tool("list-tasks", {"limit": 1}) for _ in range(60)]
+    admitted = [r for r in results if not r.is_error]
+    limited = [r.structured_content for r in results if r.is_error]
+    assert len(set(sent)) >= 60
+    assert len(admitted) == 30
+    assert len(limited) == 30 and all(d["error"] == "rate_limited" for d in limited)
+    assert limited[0]["reason"] == "30 calls per 60 s per session"

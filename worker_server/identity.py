@@ -3,7 +3,8 @@
 stdio: one client per server process, so the identity comes from the config
 (default: the OS user) and the session is this connection. HTTP: a bearer
 token maps to an identity through ``[identities.NAME] token_sha256``; the
-session is the transport's ``Mcp-Session-Id`` when the client has one.
+session is the transport's own session (``transport_session``), which
+2026-07-28 clients do not have: they count per identity.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.provider import AccessToken
+from mcp_types.version import is_version_at_least
 
 from worker_server.config import IdentityConfig
 from worker_server.service import Caller
@@ -23,6 +25,8 @@ from worker_server.store import new_id
 logger = logging.getLogger(__name__)
 
 ANONYMOUS = "anonymous"
+# The first protocol version without transport sessions.
+SESSIONLESS_VERSION = "2026-07-28"
 
 
 class CallerResolver:
@@ -38,11 +42,27 @@ class CallerResolver:
             return Caller(identity=self.stdio_identity, session=self.stdio_session)
         token = get_access_token()
         identity = token.client_id if token is not None else ANONYMOUS
-        headers = getattr(request, "headers", None) or {}
-        transport_session = headers.get("mcp-session-id")
-        # 2026-07-28 clients have no transport session; their calls share one
-        # session per identity, so session-scoped limits act per identity.
-        return Caller(identity=identity, session=transport_session or f"http:{identity}")
+        return Caller(identity=identity, session=transport_session(ctx, request) or f"http:{identity}")
+
+
+def transport_session(ctx: Any, request: Any) -> str | None:
+    """The HTTP transport's own session id for this request, or None if it has none.
+
+    Only a handshake-era (2025) request has one: the SDK's stateful session
+    manager routes it by its ``Mcp-Session-Id`` header, answers 404 for an id
+    it did not issue and binds each session to the credential that opened it,
+    so the header a request reaches us with names a real session. A
+    2026-07-28 request has no transport session at all, and any
+    ``Mcp-Session-Id`` it carries was chosen by the client: trusting it would
+    let a fresh header per call escape every session-scoped limit. Such
+    clients count per identity.
+    """
+    version = getattr(ctx, "protocol_version", None)
+    if not isinstance(version, str) or is_version_at_least(version, SESSIONLESS_VERSION):
+        return None
+    headers = getattr(request, "headers", None) or {}
+    session = headers.get("mcp-session-id")
+    return session if isinstance(session, str) and session else None
 
 
 class TokenIdentities:

@@ -76,7 +76,10 @@ async def open_app(
         humans.view = service.view
         service.humans = humans
         callers = CallerResolver(settings.identity)
-        guard = await Guard.open(db, feed, policy_path=settings.policy, enabled=guard_enabled, callers=callers.caller)
+        guard = await Guard.open(
+            db, feed, policy_path=settings.policy, enabled=guard_enabled, callers=callers.caller,
+            inbox_url=settings.inbox_url,
+        )
         tasks = TasksExtension(service, guard, callers.caller)
         async with anyio.create_task_group() as tg:
             if runner is not None:

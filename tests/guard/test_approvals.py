@@ -15,10 +15,10 @@ from guard.approvals import (
     Approvals,
     ApprovalStatus,
     ReasonRequired,
-    call_digest,
 )
 from guard.changes import ChangeFeed
 from guard.clock import FakeClock
+from guard.digests import Digester
 from guard.schema import open_guard_db
 
 pytestmark = pytest.mark.anyio
@@ -39,13 +39,14 @@ def clock() -> FakeClock:
 
 
 async def open_for(approvals: Approvals, args: dict = ARGS, identity: str = "alice", expires_s: float = 900):
-    digest = call_digest("cancel-task", args, identity)
+    digest = approvals.digest("cancel-task", args, identity)
     return await approvals.open(
         digest, "cancel-task", args, identity, "s1", "cancel-task#1", "cancelling needs a human", expires_s
     )
 
 
 def test_the_digest_binds_tool_arguments_and_identity() -> None:
+    call_digest = Digester(b"k" * 32).call
     digest = call_digest("cancel-task", {"b": 1, "a": [1, "é"]}, "alice")
     assert re.fullmatch(r"[0-9a-f]{64}", digest)
     # Key order does not matter; anything else does.
@@ -61,10 +62,13 @@ async def test_opening_twice_reuses_the_pending_approval(db, clock) -> None:
     assert re.fullmatch(r"apr_[a-z2-7]{10}", first.id)
     assert first.status is ApprovalStatus.PENDING
     assert first.expires_at == clock.now() + 900
-    assert first.how_to_approve == (
+    assert first.how_to_approve.startswith(
         f"Ask a human to run `taskwarden approvals approve {first.id}` (or approve it in the inbox "
         f"at /inbox/approvals/{first.id}), then call the tool again with the same arguments."
     )
+    assert "No tool you can call approves it" in first.how_to_approve
+    linked = first.instructions("http://127.0.0.1:8765/inbox/")
+    assert f"open http://127.0.0.1:8765/inbox/approvals/{first.id} and approve it there" in linked
     clock.advance(10)
     assert (await open_for(approvals)).id == first.id
     # Other arguments are another call, with its own approval.

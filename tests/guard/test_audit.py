@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from guard.approvals import call_digest, canonical_json
-from guard.audit import AuditLog, AuditLogClosed, AuditRecord, Decision, InvalidDecision, Outcome, args_digest
+from guard.audit import AuditLog, AuditLogClosed, AuditRecord, Decision, InvalidDecision, Outcome
 from guard.clock import FakeClock
+from guard.digests import Digester, canonical_json, key_path
 from guard.schema import open_guard_db
 
 pytestmark = pytest.mark.anyio
@@ -42,7 +42,8 @@ async def test_a_record_is_stored_redacted_with_the_digest_of_the_real_arguments
     (entry,) = await log.query()
     assert entry.id == row_id
     assert entry.args == {"prompt": "deploy", "api_key": "[REDACTED]"}
-    assert entry.args_digest == args_digest(args)
+    digester = Digester.for_database(db.path)
+    assert entry.args_digest == digester.args(args)
     assert entry.to_dict() == {
         "id": row_id,
         "time": "2023-11-14T22:13:20.000Z",
@@ -50,7 +51,7 @@ async def test_a_record_is_stored_redacted_with_the_digest_of_the_real_arguments
         "session": "s1",
         "tool": "spawn-task",
         "args": {"prompt": "deploy", "api_key": "[REDACTED]"},
-        "args_digest": args_digest(args),
+        "args_digest": digester.args(args),
         "decision": "allow",
         "rule": "spawn-task#1",
         "reason": None,
@@ -60,14 +61,29 @@ async def test_a_record_is_stored_redacted_with_the_digest_of_the_real_arguments
     }
 
 
-def test_the_args_digest_uses_the_approval_digest_encoding() -> None:
+def test_digests_are_keyed_by_a_0600_file_beside_the_database(tmp_path: Path) -> None:
     import hashlib
+    import hmac
+    import stat
 
+    db_path = tmp_path / "guard.db"
+    digester = Digester.for_database(db_path)
+    key_file = key_path(db_path)
+    assert key_file.name == "guard.db.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = key_file.read_bytes()
+    assert len(key) == 32
     args = {"b": "é", "a": 1}
-    assert args_digest(args) == hashlib.sha256('{"a":1,"b":"é"}'.encode()).hexdigest()
+    assert canonical_json(args) == '{"a":1,"b":"é"}'
+    assert digester.args(args) == hmac.new(key, '{"a":1,"b":"é"}'.encode(), hashlib.sha256).hexdigest()
+    # Not the plain hash a copied database could be checked against.
+    assert digester.args(args) != hashlib.sha256('{"a":1,"b":"é"}'.encode()).hexdigest()
     call = canonical_json({"tool": "t", "args": args, "identity": "i"})
     assert call == '{"args":{"a":1,"b":"é"},"identity":"i","tool":"t"}'
-    assert call_digest("t", args, "i") == hashlib.sha256(call.encode()).hexdigest()
+    assert digester.call("t", args, "i") == hmac.new(key, call.encode(), hashlib.sha256).hexdigest()
+    # Another process opening the same database reads the same key; another database has its own.
+    assert Digester.for_database(db_path).args(args) == digester.args(args)
+    assert Digester.for_database(tmp_path / "other.db").args(args) != digester.args(args)
 
 
 async def test_rows_cannot_be_updated_or_deleted(db) -> None:

@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from guard import commands
-from guard.approvals import Approval, Approvals, call_digest
+from guard.approvals import Approval, Approvals
 from guard.audit import AuditLog, AuditRecord
 from guard.clock import FakeClock
 from guard.schema import open_guard_db
@@ -38,8 +38,9 @@ async def open_approval(
     args = args or {"task_id": "t_1"}
     db = await open_guard_db(db_path)
     try:
-        return await Approvals(db, clock).open(
-            call_digest("cancel-task", args, "alice"), "cancel-task", args, "alice", "s1",
+        approvals = Approvals(db, clock)
+        return await approvals.open(
+            approvals.digest("cancel-task", args, "alice"), "cancel-task", args, "alice", "s1",
             "cancel-task#1", "needs a human", expires_s,
         )  # fmt: skip
     finally:

@@ -7,6 +7,8 @@ whose elicitation fails).
 
 from __future__ import annotations
 
+import json
+import random
 import textwrap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -117,7 +119,7 @@ async def test_a_client_whose_elicitation_fails_leaves_the_decision_to_a_human(t
         asked.append(params.message)
         return ErrorData(code=INTERNAL_ERROR, message="the client's dialog crashed")
 
-    policy = APPROVE_DROP.replace(" ELICIT", "").replace("wait_s: 0", "wait_s: 0.2")
+    policy = APPROVE_DROP.replace(" ELICIT", ", elicit: true").replace("wait_s: 0", "wait_s: 0.2")
     async with guarded(tmp_path, policy) as (server, guard):
         async with Client(server, mode=mode, elicitation_callback=broken) as client:
             try:
@@ -131,14 +133,15 @@ async def test_a_client_whose_elicitation_fails_leaves_the_decision_to_a_human(t
     assert asked
 
 
-async def test_elicit_false_never_asks_the_client(tmp_path: Path) -> None:
+@pytest.mark.parametrize("setting", [", elicit: false", ""])
+async def test_without_elicit_true_the_client_is_never_asked(tmp_path: Path, setting: str) -> None:
     asked = []
 
     async def yes(ctx: Any, params: Any) -> ElicitResult:
         asked.append(params.message)
         return ElicitResult(action="accept", content={"approve": True})
 
-    policy = APPROVE_DROP.replace(" ELICIT", ", elicit: false")
+    policy = APPROVE_DROP.replace(" ELICIT", setting)
     async with guarded(tmp_path, policy) as (server, guard), Client(server, elicitation_callback=yes) as client:
         result = await client.call_tool("drop", {"what": "t1"})
         assert result.structured_content["error"] == "approval_required"
@@ -197,3 +200,69 @@ async def test_a_request_that_is_not_a_tool_call_is_decided_and_audited_as_the_t
         ("drop", "allow", "ok"),
         ("things/get", "allow", "ok"),
     ]
+
+
+def random_json(r: random.Random, depth: int = 0) -> Any:
+    """Valid JSON of awkward shapes: deep nesting, odd keys, extreme numbers, long and odd strings."""
+    kind = r.randrange(9 if depth < 120 else 5)
+    if kind == 0:
+        return r.choice([0, -1, 2**63, -(2**63) - 1, 10**300, 1e308, -0.0, 5e-324, True, False, None])
+    if kind == 1:
+        return "".join(chr(r.choice([r.randrange(32, 127), r.randrange(0x80, 0xD7FF), r.randrange(0xE000, 0x10FFFF)]))
+                       for _ in range(r.randrange(0, 40)))
+    if kind == 2:
+        return r.choice(["", "\x00", "\n" * 500, "sk-" * 5000, "a" * 26 + "!", " " * 3000 + "x", "İ" * 100])
+    if kind == 3:
+        return "password=" + "=" * r.randrange(1, 2000)
+    if kind == 4:
+        return r.random() * 10 ** r.randrange(-300, 300)
+    if kind in (5, 6):
+        return [random_json(r, depth + 1) for _ in range(r.randrange(0, 4))]
+    keys = ["", "a", "token", "é" * 50, "k" * 3000, "\x00", "max_tokens", "X-Api-Key", "__proto__"]
+    return {r.choice(keys) + str(i): random_json(r, depth + 1) for i in range(r.randrange(0, 4))}
+
+
+FUZZ_POLICY = """\
+    default: allow
+    tools:
+      echo:
+        rules:
+          - action: deny
+            reason: "not words"
+            conditions:
+              - {path: args.text, op: not_regex, value: '^(\\\\w+\\\\s?)+$'}
+              - {path: args.text, op: max_length, value: 50}
+            match: any
+      drop:
+        rules:
+          - action: require_approval
+            approval: {wait_s: 0, expires_s: 300}
+    """
+
+
+@pytest.mark.parametrize("seed", [20261202, 1, 2])
+async def test_awkward_arguments_get_clear_answers_and_are_all_audited(tmp_path: Path, seed: int) -> None:
+    r = random.Random(seed)
+    calls = 0
+    async with guarded(tmp_path, FUZZ_POLICY) as (server, guard), Client(server) as client:
+        for i in range(150):
+            tool = r.choice(["echo", "drop", "explode", "nothing", "x" * 5000, ""])
+            args = random_json(r)
+            if not isinstance(args, dict):
+                args = {"text": args} if r.random() < 0.5 else {"what": args}
+            calls += 1
+            try:
+                result = await client.call_tool(tool, args)
+            except MCPError as exc:
+                # Only the answers a client can act on: no such tool, or the tool's own failure.
+                assert str(exc).startswith("Unknown tool: ") or str(exc) == "boom", (i, str(exc)[:200])
+                assert len(str(exc)) < 400
+                continue
+            if result.is_error and result.structured_content:
+                data = result.structured_content
+                assert data["error"] in ("invalid_arguments", "policy_denied", "approval_required"), data
+                assert len(data["reason"]) < 1000, data["reason"][:300]
+        await guard.audit.flush()
+        rows = await guard.audit.query(limit=10_000)
+    assert len(rows) >= calls
+    assert all(len(json.dumps(row.args)) < 40_000 for row in rows)

@@ -122,3 +122,34 @@ async def test_a_secret_never_reaches_the_database_files(tmp_path) -> None:
     assert_absent()
     await db.close()  # checkpoints the WAL into the main file
     assert_absent()
+
+
+def test_oversize_strings_are_cut_at_a_token_boundary_before_any_scan() -> None:
+    from guard.redaction import MAX_RECORD_CHARS, MAX_STRING_CHARS, bound
+
+    huge = "sk-" * 70_000
+    kept = redact({"title": huge, "token": huge})
+    assert kept["token"] == REDACTED
+    assert "sk-" not in kept["title"] and "210,000 characters" in kept["title"]
+    # A secret that straddles the cut is dropped whole, not halved.
+    secret = "ghp_" + "Qw3rTy9" * 6
+    text = "word " * (MAX_STRING_CHARS // 5 - 3) + secret + " tail"
+    cut = redact_text(text)
+    assert len(cut) <= MAX_STRING_CHARS and "ghp_" not in cut and "Qw3r" not in cut
+    # Many strings share one budget per record.
+    many = bound({f"k{i}": "x" * 1000 for i in range(200)})
+    assert sum(len(k) + len(v) for k, v in many.items()) <= MAX_RECORD_CHARS + 200
+    assert any("more entries not stored" in str(v) for v in many.values())
+
+
+def test_a_format_only_detect_secrets_knows_is_redacted_too() -> None:
+    # A Telegram bot token: none of taskwarden's own rules match it.
+    token = "1234567890:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsawZ"
+    assert redact_text(f"use bot {token} please") == "use bot [REDACTED] please"
+
+
+def test_text_size_stops_counting_at_its_limit() -> None:
+    from guard.redaction import text_size
+
+    assert text_size({"ab": ["cde", {"f": "gh"}]}, 100) == 8
+    assert text_size({"a": "x" * 10**6}, 1025) == 1025

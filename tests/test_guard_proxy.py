@@ -181,9 +181,8 @@ async def test_secrets_in_arguments_are_redacted_in_the_audit(tmp_path: Path) ->
 
 async def test_the_seed_policylayer_json_and_catalogue_yaml_apply_to_other_servers(tmp_path: Path) -> None:
     # The seeds, unchanged: PolicyLayer's default deny refuses every tool it does not name.
-    seed = Guarded(tmp_path / "seed", FIXTURES / "policies" / "policylayer_seed.json") if (
-        (tmp_path / "seed").mkdir() or True) else None
-    assert seed is not None
+    (tmp_path / "seed").mkdir()
+    seed = Guarded(tmp_path / "seed", FIXTURES / "policies" / "policylayer_seed.json")
     async with guarded(seed, time_server()) as client:
         r = await client.call_tool("get_current_time", {"timezone": "Etc/UTC"})
         assert r.is_error and r.structured_content["error"] == "policy_denied"
@@ -339,3 +338,80 @@ def _find_child(pid: int, marker: str) -> psutil.Process | None:
         except psutil.Error:
             continue
     return None
+
+
+# -- taskwarden in front of taskwarden; scan ------------------------------------------------
+
+
+def _scan(g: Guarded, upstream: list[str]) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker_server", "policy", "scan", "--", *upstream],
+        capture_output=True, text=True, env=g.env(), timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+async def test_scan_then_guard_taskwarden_holds_its_destructive_tool_until_approved_and_runs_it_once(
+    tmp_path: Path,
+) -> None:
+    inner = Workspace(tmp_path / "inner")  # taskwarden serve, allowing everything itself
+    upstream = [sys.executable, "-m", "worker_server", "serve", "--config", str(inner.config)]
+    (tmp_path / "outer").mkdir()
+    g = Guarded(tmp_path / "outer", None)
+
+    starter = _scan(g, upstream)
+    assert '"cancel-task":  # destructive\n    rules:\n      - action: require_approval' in starter
+    assert '"spawn-task":  # write\n    rules:\n      - action: allow\n' \
+        "        rate_limit: {max: 30, window: 60, scope: session}" in starter
+    assert '"get-task":  # read-only\n    rules:\n      - action: allow\n' in starter
+    # Wait 1 s (not the default 20) for a decision, so the test is quick.
+    g.policy = g.root / "policy.yaml"
+    g.policy.write_text(starter.replace(
+        'a human approves each call"\n', 'a human approves each call"\n        approval: {wait_s: 1}\n'))
+    assert subprocess.run([sys.executable, "-m", "worker_server", "policy", "check", str(g.policy)]).returncode == 0
+
+    args = {"task_id": "t-none"}
+    async with guarded(g, upstream) as client:
+        held = await client.call_tool("cancel-task", args)
+        assert held.is_error and held.structured_content["error"] == "approval_required"
+        approval = held.structured_content["approval"]
+        assert approval["status"] == "pending"
+        pending = g.approvals()
+        assert [(a["tool"], a["args"]) for a in pending] == [("cancel-task", args)]
+
+        g.cli("approvals", "approve", approval["id"], "--as", "reviewer")
+        ran = await client.call_tool("cancel-task", args)
+        assert not ran.is_error, text_of(ran)
+        assert ran.structured_content == {"cancelled": [], "already_terminal": [], "not_found": ["t-none"]}
+
+        again = await client.call_tool("cancel-task", args)  # used once: held again
+        assert again.structured_content["error"] == "approval_required"
+        assert again.structured_content["approval"]["id"] != approval["id"]
+
+        other = await client.call_tool("cancel-task", {"task_id": "t-other"})  # bound to the arguments
+        assert other.structured_content["error"] == "approval_required"
+
+    outer_calls = [e for e in g.audit("--tool", "cancel-task") if e["decision"] == "allow"]
+    assert len(outer_calls) == 1 and outer_calls[0]["approval_id"] == approval["id"]
+    # The upstream taskwarden saw the call exactly once.
+    out = inner.cli("audit", "--json", "--tool", "cancel-task").stdout
+    inner_calls = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert len(inner_calls) == 1
+
+
+async def test_the_catalogue_seed_applies_unchanged_to_a_guarded_taskwarden(tmp_path: Path) -> None:
+    inner = Workspace(tmp_path / "inner")
+    (tmp_path / "outer").mkdir()
+    g = Guarded(tmp_path / "outer", FIXTURES / "policies" / "catalogue_seed.yaml")
+    upstream = [sys.executable, "-m", "worker_server", "serve", "--config", str(inner.config)]
+    async with guarded(g, upstream) as client:
+        denied = await client.call_tool("cancel-task", {"task_id": "t-x"})
+        assert denied.structured_content == {
+            "error": "policy_denied",
+            "tool": "cancel-task",
+            "rule": "cancel-task#1",
+            "reason": "Blocked by default — enable with approval",
+        }
+        listed = await client.call_tool("list-tasks", {})  # not named: allowed
+        assert not listed.is_error and listed.structured_content["tasks"] == []

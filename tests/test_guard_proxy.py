@@ -415,3 +415,67 @@ async def test_the_catalogue_seed_applies_unchanged_to_a_guarded_taskwarden(tmp_
         }
         listed = await client.call_tool("list-tasks", {})  # not named: allowed
         assert not listed.is_error and listed.structured_content["tasks"] == []
+
+
+# -- streamable HTTP on both sides --------------------------------------------------------------
+
+
+async def test_guard_an_http_upstream_and_serve_http_with_bearer_identities(tmp_path: Path) -> None:
+    import hashlib
+
+    import httpx
+    import httpx2
+    from mcp.client.streamable_http import streamable_http_client
+
+    from tests.support import wait_for_port
+
+    inner = Workspace(tmp_path / "inner")
+    (tmp_path / "outer").mkdir()
+    g = Guarded(tmp_path / "outer", """\
+        version: "1"
+        default: allow
+        hide: [review-task]
+        tools:
+          spawn-task:
+            rules:
+              - action: deny
+                reason: "no new work through this door"
+        """)
+    token = "tw-guard-token-for-alice"
+    g.config.write_text(g.config.read_text() + f'\n[identities.alice]\ntoken_sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"\n')
+
+    async with http_server(inner, "--allow-anonymous", "--no-inbox") as inner_base:
+        port = free_port()
+        log = open(g.root / "guard.log", "w")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker_server", "guard", *g.args(), "--upstream", f"{inner_base}/mcp",
+             "--http", f"127.0.0.1:{port}"],
+            stdout=subprocess.PIPE, stderr=log, env=g.env(), cwd=g.root,
+        )
+        try:
+            await wait_for_port(port, proc)
+            url = f"http://127.0.0.1:{port}/mcp"
+            body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
+            async with httpx.AsyncClient() as http:
+                anon = await http.post(url, json=body, headers={"Accept": "application/json, text/event-stream"})
+                assert anon.status_code == 401
+
+            async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as http:
+                async with Client(streamable_http_client(url, http_client=http)) as client:
+                    names = {t.name for t in (await client.list_tools()).tools}
+                    assert "list-tasks" in names and "review-task" not in names
+                    denied = await client.call_tool("spawn-task", {"prompt": "hi"})
+                    assert denied.structured_content["reason"] == "no new work through this door"
+                    listed = await client.call_tool("list-tasks", {})
+                    assert not listed.is_error and listed.structured_content["tasks"] == []
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+        assert proc.stdout is not None and proc.stdout.read() == b""
+    identities = {(e["tool"], e["identity"], e["decision"]) for e in g.audit()}
+    assert identities == {("spawn-task", "alice", "deny"), ("list-tasks", "alice", "allow")}

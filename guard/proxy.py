@@ -229,10 +229,10 @@ class GuardProxy:
         )
 
     async def serve_stdio(self) -> None:
-        from mcp.server.stdio import stdio_server
+        from guard.stdio import serve_stdio_streams
 
         server = self.server()
-        async with stdio_server() as (read, write):
+        async with serve_stdio_streams() as (read, write):
             await server.run(read, write, self.init_options(server))
 
     def http_app(

@@ -119,8 +119,7 @@ class GuardProxy:
 
         forward = types.CallToolRequestParams(name=params.name, arguments=params.arguments)
         with self.relay.in_flight(ctx):
-            # The raw result is relayed as the upstream wrote it (no client-side
-            # output-schema check: the client at the other end does its own).
+            # No client-side output-schema check here: the client at the other end does its own.
             return await self.upstream.request(
                 types.CallToolRequest(params=forward), types.CallToolResult, progress=progress
             )

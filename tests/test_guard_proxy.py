@@ -265,6 +265,30 @@ async def test_elicitation_from_the_upstream_reaches_the_client_and_back(tmp_pat
         assert asked and "decline" in text_of(r).lower()
 
 
+async def test_prompts_and_resources_are_relayed_and_hidden_where_the_policy_names_them(tmp_path: Path) -> None:
+    hidden_doc = "demo://resource/static/document/architecture.md"
+    g = Guarded(tmp_path, f"""\
+        version: "1"
+        default: allow
+        hide: [args-prompt, "{hidden_doc}"]
+        """)
+    async with guarded(g, everything()) as client:
+        prompts = {p.name for p in (await client.list_prompts()).prompts}
+        assert "simple-prompt" in prompts and "args-prompt" not in prompts
+        got = await client.get_prompt("simple-prompt")
+        assert got.messages and got.messages[0].role == "user"
+        with pytest.raises(MCPError, match="Unknown prompt: args-prompt"):
+            await client.get_prompt("args-prompt", {"city": "Paris"})
+
+        uris = {str(r.uri) for r in (await client.list_resources()).resources}
+        visible = "demo://resource/static/document/features.md"
+        assert visible in uris and hidden_doc not in uris
+        read = await client.read_resource(visible)
+        assert read.contents and "feature" in read.contents[0].text.lower()
+        with pytest.raises(MCPError, match="Unknown resource"):
+            await client.read_resource(hidden_doc)
+
+
 # -- the upstream going away -----------------------------------------------------------------
 
 

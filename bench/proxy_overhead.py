@@ -50,15 +50,18 @@ def _everything() -> list[str]:
 
 async def run(sizes: Sizes, scratch: Path) -> Section:
     section = Section("proxy", TITLE, METHOD)
-    scratch.mkdir(parents=True, exist_ok=True)
-    policy = scratch / "policy.yaml"
+    # The policy in its own directory, the database in another, as users keep
+    # them (a project's policy; ~/.local/state): the policy watcher sees no audit writes.
+    (scratch / "policy").mkdir(parents=True, exist_ok=True)
+    (scratch / "state").mkdir(parents=True, exist_ok=True)
+    policy = scratch / "policy" / "policy.yaml"
     policy.write_text(POLICY)
     upstream = _everything()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKWARDEN_")}
     direct = StdioServerParameters(command=upstream[0], args=upstream[1:], env=env, cwd=str(scratch))
     guarded = StdioServerParameters(
         command=sys.executable,
-        args=["-m", "worker_server", "guard", "--db", str(scratch / "guard.db"), "--policy", str(policy),
+        args=["-m", "worker_server", "guard", "--db", str(scratch / "state" / "guard.db"), "--policy", str(policy),
               "--", *upstream],
         env=env,
         cwd=str(scratch),

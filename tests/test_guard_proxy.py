@@ -64,7 +64,9 @@ class Guarded:
         return args
 
     def env(self) -> dict[str, str]:
-        return {k: v for k, v in os.environ.items() if not k.startswith("TASKWARDEN_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TASKWARDEN_")}
+        env["GUARDED_SERVER_SETTING"] = "passed-through"  # the upstream must see the guard's environment
+        return env
 
     def params(self, upstream: list[str], *extra: str) -> StdioServerParameters:
         return StdioServerParameters(
@@ -116,6 +118,10 @@ async def test_a_hidden_tool_is_absent_and_calling_it_is_unknown_tool(tmp_path: 
         assert str(hidden.value) == "Unknown tool: get-env"
         assert str(absent.value) == "Unknown tool: no-such-tool"
         assert hidden.value.error.code == absent.value.error.code
+
+        bad = await client.call_tool("get-sum", {"a": "one", "b": 2})  # checked against the upstream's schema
+        assert bad.is_error and bad.structured_content["error"] == "invalid_arguments"
+        assert bad.structured_content["field"] == "a"
 
         echoed = await client.call_tool("echo", {"message": "through the guard"})
         assert not echoed.is_error
@@ -246,6 +252,8 @@ async def test_the_upstreams_progress_notifications_reach_the_client(tmp_path: P
             "trigger-long-running-operation", {"duration": 1, "steps": 3}, progress_callback=progress
         )
         assert not r.is_error
+        env = await client.call_tool("get-env", {})
+        assert '"GUARDED_SERVER_SETTING": "passed-through"' in text_of(env)
     assert seen == [(1, 3), (2, 3), (3, 3)]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -276,7 +277,9 @@ def _upstream_target(args: argparse.Namespace) -> Any:
         return HttpTarget(args.upstream)
     if not command:
         raise ConfigError("name the MCP server to guard: -- CMD ARGS (or --upstream URL)")
-    return StdioTarget(command[0], tuple(command[1:]))
+    # The whole environment: a server wrapped in an MCP client's config gets its
+    # API keys from the `env` given to the guard (the SDK would pass only a few).
+    return StdioTarget(command[0], tuple(command[1:]), env=dict(os.environ))
 
 
 def _guard(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from the upstream's own ``tools/list``. Prompts and resources the policy's
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any

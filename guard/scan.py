@@ -15,7 +15,7 @@ import anyio
 import mcp_types as types
 from mcp.shared.exceptions import MCPError
 
-from guard.upstream import Downstream, RestartPolicy, Target, Upstream, UpstreamExited
+from guard.upstream import Downstream, RestartPolicy, Target, Upstream
 
 
 class Kind(str, enum.Enum):
@@ -92,5 +92,3 @@ async def scan(target: Target, *, timeout_s: float = 60.0) -> str:
             tg.cancel_scope.cancel()
     return starter_policy(tools, target.describe())
 
-
-__all__ = ["Kind", "UpstreamExited", "kind_of", "scan", "starter_policy"]

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import anyio
 import mcp_types as types
 from mcp import ClientSession
-from mcp.client.context import ClientRequestContext
+from mcp.client import ClientRequestContext
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError

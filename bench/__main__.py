@@ -21,7 +21,7 @@ from typing import Any
 
 import anyio
 
-from bench import agent_cli, approval, cold_start, guard_overhead, limits, memory, spawn, wake
+from bench import agent_cli, approval, cold_start, guard_overhead, limits, memory, proxy_overhead, spawn, wake
 from bench.core import Section, Sizes, progress
 from bench.machine import ROOT, describe
 from bench.report import render, write
@@ -32,6 +32,7 @@ from worker_server.server import watch_children_with_pidfds
 MODULES: dict[str, ModuleType] = {
     "cold_start": cold_start,
     "guard": guard_overhead,
+    "proxy": proxy_overhead,
     "limits": limits,
     "wake": wake,
     "approval": approval,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -53,6 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-anonymous", action="store_true", help="accept HTTP requests without a bearer token (loopback only)"
     )
     serve.add_argument("--no-inbox", action="store_true", help="with --http: do not serve the inbox at /inbox")
+
+    guard = sub.add_parser("guard", help="put the policy guard in front of another MCP server", description=(
+        "Start another MCP server (the command after --, spoken to over stdio) or connect to one "
+        "(--upstream URL), and serve it to your MCP client with every request passing the guard: "
+        "hidden tools, decisions, rate limits, approvals (inbox and `taskwarden approvals` on the same "
+        "database) and the audit trail. Serves stdio, or streamable HTTP with --http."
+    ))
+    _common(guard)
+    guard.add_argument("--policy", metavar="FILE", help="policy file (default: the built-in policy; "
+                       "write a starter one with `taskwarden policy scan -- CMD`)")
+    guard.add_argument("--name", default="taskwarden-guard", help="the server name our client sees")
+    guard.add_argument("--upstream", metavar="URL", help="guard a streamable-HTTP MCP server instead of a command")
+    guard.add_argument("--http", metavar="HOST:PORT", type=_host_port, help="serve streamable HTTP instead of stdio")
+    guard.add_argument(
+        "--allow-anonymous", action="store_true", help="accept HTTP requests without a bearer token (loopback only)"
+    )
+    guard.add_argument("--on-upstream-exit", choices=("restart", "exit"), default="restart",
+                       help="when the upstream server goes away: start it again with back-off (default) or exit")
+    guard.add_argument("upstream_command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
+                       help="the MCP server to start")
 
     inbox = sub.add_parser("inbox", help="serve the web inbox alone", description=(
         "Serve the web inbox for people (tasks, questions, hand-ins, approvals, audit) against the same "
@@ -135,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_test = policy.add_parser("test", help="run expected decisions from a CASES.yaml file")
     p_test.add_argument("file", metavar="FILE")
     p_test.add_argument("cases", metavar="CASES.yaml")
+    p_scan = policy.add_parser("scan", help="print a starter policy for another MCP server's tools")
+    p_scan.add_argument("--upstream", metavar="URL", help="scan a streamable-HTTP MCP server instead of a command")
+    p_scan.add_argument("upstream_command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
+                        help="the MCP server to start")
 
     audit = sub.add_parser("audit", help="read the audit trail")
     _common(audit)
@@ -189,6 +214,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                 raise ConfigError("--allow-anonymous only applies with --http")
             anyio.run(serve_stdio, settings)
         return 0
+    if args.command == "guard":
+        return _guard(args)
     if args.command == "inbox":
         from worker_server.inbox.app import serve_inbox
 
@@ -211,6 +238,20 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "policy":
         if args.policy_command == "check":
             return policy_cli.check(args.file)
+        if args.policy_command == "scan":
+            from guard.scan import scan
+            from guard.upstream import UpstreamExited
+
+            try:
+                text = anyio.run(scan, _upstream_target(args))
+            except BaseException as exc:
+                exited = _upstream_exit(exc, UpstreamExited)
+                if exited is None:
+                    raise
+                print(f"taskwarden policy scan: {exited}", file=sys.stderr)
+                return 1
+            print(text, end="")
+            return 0
         if args.policy_command == "explain":
             return policy_cli.explain(args.file, args.tool, args.args, args.identity)
         return policy_cli.test(args.file, args.cases)
@@ -222,6 +263,80 @@ def _dispatch(args: argparse.Namespace) -> int:
             )
         )
     raise AssertionError(args.command)
+
+
+def _upstream_target(args: argparse.Namespace) -> Any:
+    from guard.upstream import HttpTarget, StdioTarget
+
+    command = list(args.upstream_command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if args.upstream and command:
+        raise ConfigError("give either --upstream URL or -- CMD ARGS, not both")
+    if args.upstream:
+        return HttpTarget(args.upstream)
+    if not command:
+        raise ConfigError("name the MCP server to guard: -- CMD ARGS (or --upstream URL)")
+    # The whole environment: a server wrapped in an MCP client's config gets its
+    # API keys from the `env` given to the guard (the SDK would pass only a few).
+    return StdioTarget(command[0], tuple(command[1:]), env=dict(os.environ))
+
+
+def _guard(args: argparse.Namespace) -> int:
+    from guard.proxy import run_guard
+    from guard.upstream import RestartPolicy, UpstreamExited
+    from worker_server.identity import CallerResolver, TokenIdentities
+    from worker_server.server import _is_loopback, _rebinding_guard
+
+    target = _upstream_target(args)
+    settings = _settings(args, policy=args.policy)
+    token_verifier = None
+    security = None
+    if args.http:
+        host, _port = args.http
+        if args.allow_anonymous and not _is_loopback(host):
+            raise ConfigError(f"--allow-anonymous is only allowed on a loopback address, not {host}")
+        if not args.allow_anonymous:
+            if not settings.identities:
+                raise ConfigError(
+                    "HTTP needs bearer tokens: add [identities.NAME] token_sha256 = \"...\" to the config, "
+                    "or listen on 127.0.0.1 with --allow-anonymous"
+                )
+            token_verifier = TokenIdentities(settings.identities)
+        security = _rebinding_guard(host)
+    elif args.allow_anonymous:
+        raise ConfigError("--allow-anonymous only applies with --http")
+    try:
+        anyio.run(lambda: run_guard(
+            target,
+            db_path=settings.db_path,
+            policy_path=settings.policy,
+            name=args.name,
+            callers=CallerResolver(settings.identity).caller,
+            restart=RestartPolicy(restart=args.on_upstream_exit == "restart"),
+            http=args.http,
+            token_verifier=token_verifier,
+            transport_security=security,
+        ))
+    except BaseException as exc:
+        exited = _upstream_exit(exc, UpstreamExited)
+        if exited is None:
+            raise
+        print(f"taskwarden guard: {exited}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _upstream_exit(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The ``kind`` error inside task-group exception groups, if that is what ended the run."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _upstream_exit(inner, kind)
+            if found is not None:
+                return found
+    return None
 
 
 async def _tasks(args: argparse.Namespace, settings: Settings) -> int:

@@ -96,6 +96,10 @@ class TurnMeter:
                 shown = f"{int(self.charged[metric]):,} of {int(limit):,}" if metric == "tokens" else (
                     f"${self.charged[metric]:,.4f} of ${limit:g}")
                 stop = stop or f"budget exhausted: {'tokens' if metric == 'tokens' else 'cost'} {shown} per task ({label})"
+        if stop is not None and not self.stopped:
+            # A cap is this turn's own: stop at once, then charge the budgets.
+            self.stopped = True
+            self.stop(stop)
         if self.ledger is not None and self.targets and any(delta.values()):
             try:
                 over = await self.ledger.charge(self.targets, delta, task=self.task_id)

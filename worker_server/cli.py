@@ -217,7 +217,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.policy_command == "check":
             return policy_cli.check(args.file)
         if args.policy_command == "explain":
-            db_path = _settings(args).db_path
+            try:  # budget use is shown when there is a database to read it from
+                db_path = _settings(args).db_path
+            except ConfigError:
+                db_path = None
             return policy_cli.explain(args.file, args.tool, args.args, args.identity, db_path=db_path)
         return policy_cli.test(args.file, args.cases)
     if args.command == "budgets":

@@ -185,11 +185,14 @@ class BudgetLedger:
                 used = self._used(c, target, now)
                 for metric in METRICS:
                     limit = target.limit(metric)
-                    if limit is not None and amounts[metric] and _units(metric, used[metric]) > _units(metric, limit):
+                    if limit is not None and any(amounts.values()) and _units(metric, used[metric]) > _units(metric, limit):
                         over.append(Spent(target, metric, used[metric], None))
                         before = used[metric] - amounts[metric] / _COLUMNS[metric][1]
-                        if target.shadow and _units(metric, before) > _units(metric, limit):
-                            continue  # shadow: record the crossing once, not every later charge
+                        crossed = _units(metric, before) <= _units(metric, limit)
+                        if not crossed and (task is None or c.execute(
+                            "SELECT 1 FROM guard_budget_overruns WHERE task = ? AND budget = ?", (task, target.name)
+                        ).fetchone()):
+                            continue  # recorded once per task (and at the crossing itself)
                         c.execute(
                             "INSERT INTO guard_budget_overruns (budget, scope_value, task, at_us, message, shadow)"
                             " VALUES (?, ?, ?, ?, ?, ?)",

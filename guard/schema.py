@@ -140,6 +140,7 @@ CREATE TABLE guard_budget_overruns (
     message     TEXT    NOT NULL,
     shadow      INTEGER NOT NULL   -- 1: shadow mode, nothing was stopped
 );
+CREATE INDEX guard_budget_overruns_by_task ON guard_budget_overruns (task, budget);
 """
 
 STEPS: list[Step] = [_V1, _V2]

@@ -216,3 +216,36 @@ async def test_policy_explain_shows_the_budget_and_its_use(tmp_path: Path) -> No
     text = out.getvalue()
     assert "daily (start#1): tokens 1,000 per day per identity" in text
     assert "now: daily [identity alice]: used tokens 250 of 1,000 per day per identity" in text
+
+
+def test_an_intercept_usage_counter_is_a_budget(tmp_path: Path) -> None:
+    path = tmp_path / "intercept.yaml"
+    path.write_text(textwrap.dedent("""\
+        version: "1"
+        tools:
+          spawn-task:
+            rules:
+              - name: "daily tokens"
+                conditions:
+                  - {path: "state.spawn-task.tokens", op: "lte", value: 2000000}
+                state: {counter: "tokens", window: "day", increment_from: "usage.tokens"}
+        """))
+    (rule,) = load_policy(path).tools["spawn-task"]
+    assert rule.rate_limit is None and rule.conditions == ()
+    assert rule.budget is not None
+    assert (rule.budget.tokens, rule.budget.window_s, rule.budget.scope) == (2_000_000, DAY, "global")
+
+    # Without its limit, or read by another rule, it is an error at its line.
+    path.write_text(textwrap.dedent("""\
+        version: "1"
+        tools:
+          spawn-task:
+            rules:
+              - name: "daily tokens"
+                conditions:
+                  - {path: "args.prompt", op: "exists"}
+                state: {counter: "tokens", window: "day", increment_from: "usage.bananas"}
+        """))
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    assert str(caught.value).startswith(f"{path}:8: ") and "usage.tokens" in str(caught.value)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.fake_model import FakeModel
+from tests.raw_jsonrpc import stdio_peer
 from tests.real_cli import cli_workspace, processes_of
 from tests.support import Workspace, call, call_error, spawn_and_wait, stdio_client
 
@@ -165,3 +166,20 @@ async def test_shadow_mode_stops_nothing_and_records_what_it_would_have_stopped(
     assert re.search(rf"would have stopped \(shadow\) {done['task_id']}: tokens 1,\d{{3}} of 1,000 per day", shown), shown
     audit = ws.cli("audit", "--decision", "shadow_budget_exhausted").stdout
     assert "spawn-task" in audit
+
+
+async def test_a_task_augmented_spawn_is_charged_and_stopped_too(tmp_path: Path, model: FakeModel) -> None:
+    # tools/call with a task (2025-11-25 tasks/*) passes the same guard: its
+    # turn carries the budget and worker time stops it.
+    ws = budget_workspace(tmp_path, model, "worker_s: 1, window: hour, scope: session")
+    async with stdio_peer(ws) as peer:
+        await peer.initialize({"tasks": {"list": {}, "cancel": {}}})
+        created = await peer.request(
+            "tools/call", {"name": "spawn-task", "arguments": {"prompt": "say waiting\nsleep 60"}, "task": {}}
+        )
+        task_id = created["task"]["taskId"]
+        result = await peer.request("tasks/result", {"taskId": task_id})
+        assert result["isError"] is True
+        message = result["structuredContent"]["status_message"]
+        assert re.fullmatch(r"budget exhausted: worker time 1\.\d s of 1\.0 s per hour per session", message), message
+        assert result["structuredContent"]["output"]["final"] == "waiting"

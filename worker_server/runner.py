@@ -352,7 +352,7 @@ class Runner:
             outcome = await _exit_or_stop(proc, turn, timeout)
             if outcome in ("cancelled", "timed_out"):
                 log.note(
-                    turn.failure or _cancel_message(turn.cancel_reason) if outcome == "cancelled" else "timed out"
+                    (turn.failure or _cancel_message(turn.cancel_reason)) if outcome == "cancelled" else "timed out"
                 )
                 await terminate(task.id, proc.pid, group_is_ours=True, not_before=started)
                 with anyio.CancelScope(shield=True):

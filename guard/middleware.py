@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from guard.approvals import Approval
 from guard.audit import Outcome
+from guard.budgets import reset_admitted, set_admitted
 from guard.outcomes import Refusal
 from guard.runtime import Admission, AskLater, Call, Guard, Unknown
 
@@ -104,6 +105,8 @@ class GuardMiddleware:
         return await self._run(ctx, call_next, decided)
 
     async def _run(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext, admission: Admission) -> HandlerResult:
+        # The handler reads the budgets it must record on the turns it starts.
+        token = set_admitted(admission.budgets)
         try:
             result = await call_next(ctx)
         except (MCPError, ValidationError):
@@ -118,6 +121,8 @@ class GuardMiddleware:
             with anyio.CancelScope(shield=True):
                 await self.guard.settle(admission, Outcome.ERROR)
             raise
+        finally:
+            reset_admitted(token)
         failed = isinstance(result, dict) and bool(result.get("isError"))
         await self.guard.settle(admission, Outcome.TOOL_ERROR if failed else Outcome.OK)
         return result

@@ -26,6 +26,7 @@ from guard.approvals import (
 )
 from guard.audit import AuditLog, AuditRecord, Decision, Outcome
 from guard import detectors
+from guard.budgets import BudgetLedger, BudgetTarget, targets_for
 from guard.changes import ChangeFeed
 from guard.clock import Clock, SystemClock
 from guard.database import Database
@@ -102,6 +103,8 @@ class Admission:
     reservation: Reservation | None
     approval_id: str | None
     started: float
+    # The budget keys the turns this call starts are charged to (guard.budgets).
+    budgets: tuple[BudgetTarget, ...] = ()
 
 
 class Guard:
@@ -126,6 +129,7 @@ class Guard:
         self.callers = callers
         self.limiter = Limiter(db, self.clock)
         digester = Digester.for_database(db.path)
+        self.budgets = BudgetLedger(db, self.clock)
         self.approvals = Approvals(db, self.clock, feed, digester)
         self.audit = AuditLog(db, self.clock, digester=digester)
         self._checker: ArgumentChecker | None = None
@@ -256,6 +260,20 @@ class Guard:
                 approval = outcome
         approval_id = approval.id if approval is not None else None
 
+        budgets: tuple[BudgetTarget, ...] = ()
+        if verdict.budgets:
+            budgets = targets_for(verdict.budgets, call.session, call.identity, shadow)
+            spent = await self.budgets.check(budgets)
+            if spent is not None:
+                retry = None if spent.retry_after_s is None else round(spent.retry_after_s, 3)
+                refusal = Refusal(
+                    "budget_exhausted", call.tool, spent.target.rule_id, spent.message, retry_after_s=retry,
+                    extra={"budget": spent.target.name, "used": {spent.metric: spent.used}},
+                )
+                if not shadow:
+                    return await self._refuse(call, refusal, Decision.BUDGET_EXHAUSTED, started, approval_id)
+                await self._record(call, Decision.SHADOW_BUDGET_EXHAUSTED, refusal.rule, refusal.reason, started, None)
+
         reservation: Reservation | None = None
         if verdict.limits:
             held = await self.limiter.reserve(verdict.limits, ScopeKeys(session=call.session, identity=call.identity))
@@ -281,7 +299,7 @@ class Guard:
             return await self._refuse(call, refusal, Decision.APPROVAL_REQUIRED, started, approval.id)
 
         rule = verdict.rule_id
-        return Admission(call, Decision.ALLOW, rule, verdict.reason, reservation, approval_id, started)
+        return Admission(call, Decision.ALLOW, rule, verdict.reason, reservation, approval_id, started, budgets)
 
     async def _decide(self, policy: Policy, call: Call) -> Verdict:
         """decide(), remembered when the tool's rules cannot depend on the arguments."""

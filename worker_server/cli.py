@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_explain.add_argument("--tool", required=True)
     p_explain.add_argument("--args", default="{}", metavar="JSON", help="the call's arguments as a JSON object")
     p_explain.add_argument("--identity", help="the caller (default: none)")
+    _common(p_explain)
     p_test = policy.add_parser("test", help="run expected decisions from a CASES.yaml file")
     p_test.add_argument("file", metavar="FILE")
     p_test.add_argument("cases", metavar="CASES.yaml")
@@ -160,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_scan.add_argument("--upstream", metavar="URL", help="scan a streamable-HTTP MCP server instead of a command")
     p_scan.add_argument("upstream_command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
                         help="the MCP server to start")
+
+    budgets = sub.add_parser("budgets", help="each spend budget's use per scope key and window")
+    _common(budgets)
+    budgets.add_argument("--json", action="store_true", help="one JSON object per budget key")
 
     audit = sub.add_parser("audit", help="read the audit trail")
     _common(audit)
@@ -253,8 +258,15 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(text, end="")
             return 0
         if args.policy_command == "explain":
-            return policy_cli.explain(args.file, args.tool, args.args, args.identity)
+            try:  # budget use is shown when there is a database to read it from
+                db_path = _settings(args).db_path
+            except ConfigError:
+                db_path = None
+            return policy_cli.explain(args.file, args.tool, args.args, args.identity, db_path=db_path)
         return policy_cli.test(args.file, args.cases)
+    if args.command == "budgets":
+        db = _settings(args).db_path
+        return _run(lambda: commands.budgets(db, args.json, sys.stdout))
     if args.command == "audit":
         db = _settings(args).db_path
         return _run(

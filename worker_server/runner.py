@@ -22,9 +22,11 @@ import anyio
 import psutil
 from anyio.abc import Process, TaskGroup
 
+from guard.budgets import BudgetLedger, BudgetTarget
 from guard.changes import ChangeFeed
 from worker_server import git_work
 from worker_server import usage as usage_
+from worker_server.budget_meter import TurnMeter
 from worker_server.event_formats import reader_for
 from worker_server.process_group import MARKER_ENV, terminate
 from worker_server.profiles import WorkerProfile
@@ -71,6 +73,14 @@ class RunningTurn:
     tail: Tail = field(default_factory=Tail)
     # The worker's usage so far, as its events reported it.
     usage: dict | None = None
+    # Set when the turn is stopped because it failed (a budget ran out),
+    # not because someone cancelled it: it ends failed with this message.
+    failure: str | None = None
+
+    def stop_failed(self, message: str) -> None:
+        if self.cancel_reason is None:
+            self.failure = message
+        self.request_cancel(message)
 
     def request_cancel(self, reason: str, *, interrupted: bool = False) -> None:
         if self.cancel_reason is None:
@@ -87,6 +97,7 @@ class Runner:
         profiles: dict[str, WorkerProfile],
         logs_dir: Path,
         reconcile_s: float = 30.0,
+        budgets: BudgetLedger | None = None,
     ) -> None:
         self.store = store
         self.reconcile_s = reconcile_s
@@ -94,6 +105,8 @@ class Runner:
         self.profiles = profiles
         self.logs_dir = logs_dir
         self.owner = current_owner()
+        # Where turns' usage is charged (the guard's ledger); None: not metered.
+        self.budgets = budgets
         self._running: dict[str, RunningTurn] = {}
         self._tg: TaskGroup | None = None
 
@@ -268,6 +281,12 @@ class Runner:
         notices: list[str] = []
         flushed_at = 0.0
         clock_start = time.monotonic()
+        meter: TurnMeter | None = None
+        if task.budgets or task.caps:
+            meter = TurnMeter(
+                self.budgets, task.id, [BudgetTarget.from_json(t) for t in task.budgets or []], task.caps,
+                lambda: turn.usage, turn.stop_failed, log.note,
+            )
 
         def activity(line: str) -> None:
             nonlocal flushed_at
@@ -291,6 +310,8 @@ class Runner:
                     activity(f"error: {event.text}")
                 elif event.kind == "usage":
                     turn.usage = event.usage
+                    if meter is not None:
+                        meter.poke()
                     if self._tg is not None and event.usage is not None:
                         # Readable (and countable) while the turn still runs.
                         self._tg.start_soon(self.store.set_usage, task.id, event.usage)
@@ -325,10 +346,14 @@ class Runner:
             assert proc.stdout is not None and proc.stderr is not None
             pumps.start_soon(pump, proc.stdout, on_stdout, out_done)
             pumps.start_soon(pump, proc.stderr, on_stderr, err_done)
+            if meter is not None:
+                pumps.start_soon(meter.run)
 
             outcome = await _exit_or_stop(proc, turn, timeout)
             if outcome in ("cancelled", "timed_out"):
-                log.note(_cancel_message(turn.cancel_reason) if outcome == "cancelled" else "timed out")
+                log.note(
+                    (turn.failure or _cancel_message(turn.cancel_reason)) if outcome == "cancelled" else "timed out"
+                )
                 await terminate(task.id, proc.pid, group_is_ours=True, not_before=started)
                 with anyio.CancelScope(shield=True):
                     await proc.wait()
@@ -339,10 +364,19 @@ class Runner:
 
         code = proc.returncode
         tail = turn.tail.text(50)
-        ran = {"usage": usage_.add([usage_.empty() | {"worker_s": time.monotonic() - clock_start}, turn.usage])}
+        worker_s = time.monotonic() - clock_start
+        ran = {"usage": usage_.add([usage_.empty() | {"worker_s": worker_s}, turn.usage])}
+        if meter is not None:
+            await meter.settle(turn.usage, worker_s)  # charged before the end is visible
         after = await git_work.snapshot(task.run_dir or os.getcwd()) if before else None
         ran["changes"] = await git_work.changes(task.run_dir or os.getcwd(), before, after) if before and after else None
-        if outcome == "cancelled" and turn.interrupted:
+        if outcome == "cancelled" and turn.failure is not None:
+            # Stopped by a budget: failed, with what it produced until then.
+            await self.store.finish(
+                task.id, TaskStatus.FAILED, message=turn.failure, final=reader.final(), exit_code=code, tail=tail,
+                **ran,
+            )  # fmt: skip
+        elif outcome == "cancelled" and turn.interrupted:
             # The server is stopping: the turn did not finish, nobody cancelled it.
             await self.store.finish(
                 task.id, TaskStatus.FAILED, message=turn.cancel_reason, exit_code=code, tail=tail, **ran

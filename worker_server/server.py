@@ -17,7 +17,9 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 
+from guard.budgets import BudgetLedger
 from guard.changes import ChangeFeed
+from guard.clock import SystemClock
 from guard.database import Database
 from guard.runtime import Guard
 from worker_server import __version__
@@ -70,7 +72,13 @@ async def open_app(
     try:
         store = await Store.open(db, feed)
         profiles = settings.profiles()
-        runner = Runner(store, feed, profiles, settings.logs_path, settings.reconcile_s) if run_workers else None
+        # The guard's budget ledger: the runner charges turns' usage to it.
+        ledger = BudgetLedger(db, SystemClock())
+        runner = (
+            Runner(store, feed, profiles, settings.logs_path, settings.reconcile_s, budgets=ledger)
+            if run_workers
+            else None
+        )
         service = TaskService(store, runner, feed, settings, profiles)
         humans = Humans(store, feed, settings)
         humans.view = service.view

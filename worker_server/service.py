@@ -19,6 +19,7 @@ from pathlib import Path
 
 import anyio
 
+from guard.budgets import admitted_budgets
 from guard.changes import ChangeFeed
 from guard.clock import iso
 from worker_server.config import Settings
@@ -118,6 +119,8 @@ class TaskService:
         effort: str | None = None,
         sandbox: str | None = None,
         isolation: str | None = None,
+        max_tokens: int | None = None,
+        max_cost_usd: float | None = None,
     ) -> TaskView:
         if not prompt.strip():
             raise InvalidArgument("prompt", "must not be empty or only whitespace (1..100000 characters)")
@@ -140,6 +143,9 @@ class TaskService:
                     raise InvalidArgument(name, f"{name} is for agent workers, not human tasks")
             if isolation not in (None, "none"):
                 raise InvalidArgument("isolation", "worktree isolation is for agent workers, not human tasks")
+            for name, cap in (("max_tokens", max_tokens), ("max_cost_usd", max_cost_usd)):
+                if cap is not None:
+                    raise InvalidArgument(name, f"{name} is for agent workers, not human tasks")
             timeout = float(timeout_s or self.settings.human_timeout_s)
             row, _ = await self.store.create_session(
                 kind="human", cwd=None, timeout_s=timeout, deadline=self.store.clock.now() + timeout, owner=None,
@@ -172,6 +178,9 @@ class TaskService:
                 options=options,
                 worktree=worktree,
                 branch=branch,
+                # Charged by the runner as the worker reports usage (guard.budgets).
+                budgets=[t.to_json() for t in admitted_budgets()],
+                caps={k: v for k, v in (("max_tokens", max_tokens), ("max_cost_usd", max_cost_usd)) if v is not None},
                 **common,
             )
             if not created and worktree:
@@ -279,6 +288,7 @@ class TaskService:
             prompt=message,
             created_by=caller.identity,
             owner=self.runner.owner if self.runner else None,
+            budgets=[t.to_json() for t in admitted_budgets()],
         )
         return await self.view(row)
 

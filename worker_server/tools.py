@@ -153,6 +153,16 @@ def build_tools(service: TaskService, callers: CallerResolver) -> list[Tool]:
                 "taskwarden/<session_id> (cwd must be in a git work tree)"
             ),
         ] = "none",
+        max_tokens: Annotated[
+            int | None,
+            Field(ge=1, le=1_000_000_000, description="Agent workers: stop a turn of this session once it has used "
+                  "this many tokens (input + output); budgets in the policy can only narrow further"),
+        ] = None,
+        max_cost_usd: Annotated[
+            float | None,
+            Field(gt=0, le=100_000, description="Agent workers: stop a turn of this session once it has cost this "
+                  "many dollars (as the CLI reports cost)"),
+        ] = None,
     ) -> TaskView:
         """Start work in the background: an agent CLI turn (Codex, Claude Code, a shell script) or a task
         for a person. Returns at once with the task (status queued or working). Then call wait-task with
@@ -170,6 +180,8 @@ def build_tools(service: TaskService, callers: CallerResolver) -> list[Tool]:
             effort=effort,
             sandbox=sandbox,
             isolation=isolation,
+            max_tokens=max_tokens,
+            max_cost_usd=max_cost_usd,
         )
 
     @tool("wait-task", "Wait for tasks", READ)

@@ -28,6 +28,9 @@ class WorkerProfile(BaseModel):
     max_concurrent: int = Field(default=4, ge=1, le=256)
     timeout_s: int = Field(default=3600, ge=1, le=86_400)
     env: dict[str, str] = Field(default_factory=dict)
+    # The CLI's own state (sessions, settings, caches): writable inside
+    # taskwarden's sandbox. ``~`` is the server's home.
+    state_dirs: list[str] = Field(default_factory=list, max_length=32)
 
     @model_validator(mode="after")
     def _check_templates(self) -> WorkerProfile:
@@ -65,6 +68,7 @@ BUILTIN_PROFILES: dict[str, WorkerProfile] = {
         resume=["codex", "exec", "--json", "--skip-git-repo-check", "-C", "{cwd}", "resume", "{session}", "-"],
         prompt="stdin",
         events="codex-jsonl",
+        state_dirs=["~/.codex"],
     ),
     "claude": WorkerProfile(
         # stream-json in print mode needs --verbose; the prompt arrives on stdin.
@@ -72,6 +76,7 @@ BUILTIN_PROFILES: dict[str, WorkerProfile] = {
         resume=["claude", "-p", "--output-format", "stream-json", "--verbose", "--resume", "{session}"],
         prompt="stdin",
         events="claude-stream-json",
+        state_dirs=["~/.claude", "~/.claude.json"],
     ),
     # The prompt is a shell script; the session is its working directory, so
     # every turn simply runs in the same cwd.

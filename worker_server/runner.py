@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -26,6 +27,7 @@ from guard.changes import ChangeFeed
 from worker_server.event_formats import reader_for
 from worker_server.process_group import MARKER_ENV, terminate
 from worker_server.profiles import WorkerProfile
+from worker_server.sandbox import Sandbox, SandboxError, state_path
 from worker_server.store import Store, TaskRow
 from worker_server.task import TaskStatus
 from worker_server.turn_output import LogFile, Tail, append_note, pump_lines
@@ -83,8 +85,12 @@ class Runner:
         profiles: dict[str, WorkerProfile],
         logs_dir: Path,
         reconcile_s: float = 30.0,
+        sandbox: Sandbox | None = None,
+        scratch_dir: Path | None = None,
     ) -> None:
         self.store = store
+        self.sandbox = sandbox or Sandbox(backend="none")
+        self.scratch_dir = scratch_dir or logs_dir.parent / "scratch"
         self.reconcile_s = reconcile_s
         self.feed = feed
         self.profiles = profiles
@@ -211,7 +217,31 @@ class Runner:
         env = {**os.environ, **profile.env, MARKER_ENV: task.id}
         log = LogFile(self.logs_dir / f"{task.id}.log")
         started = time.time()  # whatever this turn starts is created after this
+        scratch: Path | None = None
         try:
+            # Inside the sandbox bwrap itself always starts: say what is missing here.
+            if not Path(cwd).is_dir():
+                message = f"cwd {cwd!r} does not exist"
+            elif shutil.which(argv[0], path=env.get("PATH")) is None:
+                message = f"worker binary not found: {argv[0]!r} (is it installed and on PATH?)"
+            else:
+                message = None
+            if message is None and self.sandbox.enabled:
+                scratch = self.scratch_dir / task.id
+                try:
+                    scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
+                    argv = self.sandbox.wrap(
+                        argv,
+                        cwd=Path(cwd),
+                        scratch=scratch,
+                        state_paths=[state_path(p) for p in profile.state_dirs],
+                    )
+                except (SandboxError, OSError) as exc:
+                    message = f"sandbox: {exc}"
+            if message is not None:
+                log.note(message)
+                await self.store.finish(task.id, TaskStatus.FAILED, message=message)
+                return
             try:
                 proc = await anyio.open_process(
                     argv,
@@ -242,10 +272,19 @@ class Runner:
             except BaseException:
                 # Whatever went wrong here, the worker must not outlive its turn.
                 with anyio.CancelScope(shield=True):
-                    await terminate(task.id, proc.pid, group_is_ours=True, not_before=started)
+                    await self._terminate(task.id, proc.pid, started)
                 raise
         finally:
             log.close()
+            if scratch is not None:
+                # Scratch lives as long as its turn.
+                await anyio.to_thread.run_sync(lambda: shutil.rmtree(scratch, ignore_errors=True))
+
+    async def _terminate(self, task_id: str, pid: int, started: float) -> None:
+        # bwrap dies at once on SIGTERM, taking its PID namespace with it: the
+        # gentle signal goes to the worker inside, the bwrap processes are spared.
+        spare = self.sandbox.wrapper_pids(pid)
+        await terminate(task_id, pid, group_is_ours=True, not_before=started, spare_gentle=spare)
 
     async def _supervise(
         self, turn: RunningTurn, proc: Process, profile: WorkerProfile, log: LogFile, started: float
@@ -307,7 +346,7 @@ class Runner:
             outcome = await _exit_or_stop(proc, turn, timeout)
             if outcome in ("cancelled", "timed_out"):
                 log.note(_cancel_message(turn.cancel_reason) if outcome == "cancelled" else "timed out")
-                await terminate(task.id, proc.pid, group_is_ours=True, not_before=started)
+                await self._terminate(task.id, proc.pid, started)
                 with anyio.CancelScope(shield=True):
                     await proc.wait()
             with anyio.move_on_after(DRAIN_S):
@@ -344,7 +383,7 @@ class Runner:
         # The turn is over (and recorded, so waiters are already awake):
         # nothing it started may outlive it, escapees from its group included.
         if outcome == "exited":
-            await terminate(task.id, proc.pid, group_is_ours=True, not_before=started)
+            await self._terminate(task.id, proc.pid, started)
 
 
 async def _exit_or_stop(proc: Process, turn: RunningTurn, timeout: float | None) -> str:

@@ -25,6 +25,7 @@ from worker_server.config import ConfigError, Settings
 from worker_server.humans import Humans
 from worker_server.identity import CallerResolver, TokenIdentities
 from worker_server.runner import Runner
+from worker_server.sandbox import Sandbox, SandboxError
 from worker_server.service import TaskService
 from worker_server.store import Store
 from worker_server.tools import register_resources, register_tools
@@ -61,13 +62,21 @@ async def open_app(
     keeps human deadlines and reloads the policy (servers and the inbox do,
     one-shot CLI commands do not).
     """
+    sandbox = worker_sandbox(settings) if run_workers else None
     db = await Database.open(settings.db_path)
     feed = ChangeFeed(settings.db_path)
     feed.start()
     try:
         store = await Store.open(db, feed)
         profiles = settings.profiles()
-        runner = Runner(store, feed, profiles, settings.logs_path, settings.reconcile_s) if run_workers else None
+        runner = (
+            Runner(
+                store, feed, profiles, settings.logs_path, settings.reconcile_s,
+                sandbox=sandbox, scratch_dir=settings.scratch_path,
+            )
+            if run_workers
+            else None
+        )  # fmt: skip
         service = TaskService(store, runner, feed, settings, profiles)
         humans = Humans(store, feed, settings)
         humans.view = service.view
@@ -88,6 +97,21 @@ async def open_app(
     finally:
         feed.close()
         await db.close()
+
+
+def worker_sandbox(settings: Settings) -> Sandbox:
+    """The sandbox every turn runs in; a server that cannot sandbox as configured does not start."""
+    if settings.sandbox_backend == "none":
+        logger.warning(
+            'sandbox_backend = "none": workers run unsandboxed, as this user, and can read the database '
+            "and decide approvals; set sandbox_backend = \"bwrap\" (the default) to sandbox them"
+        )
+    try:
+        return Sandbox.create(
+            settings.sandbox_backend, hidden=settings.sandbox_hidden(), read_only=settings.sandbox_read_only()
+        )
+    except SandboxError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def build_mcp(app: App, *, token_auth: bool = False, issuer: str = "http://127.0.0.1") -> MCPServer[Any]:

@@ -204,6 +204,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         db = _settings(args).db_path
         if args.approvals_command == "list":
             return _run(lambda: commands.approvals_list(db, args.json, sys.stdout))
+        from worker_server.turn_origin import enclosing_turn, refusal
+
+        turn = enclosing_turn()
+        if turn is not None:
+            print(f"taskwarden: {refusal(turn)}", file=sys.stderr)
+            return 3
         who = args.as_name or getpass.getuser()
         if args.approvals_command == "approve":
             return _run(lambda: commands.approvals_approve(db, args.approval_id, who, args.comment, sys.stdout))

@@ -1,0 +1,234 @@
+"""taskwarden's sandbox around worker turns (bubblewrap), seen from a real server.
+
+Every test here runs real turns of the built-in ``shell`` profile (the prompt is
+a shell script) inside the sandbox and looks at what they could and could not do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.npm_tools import npm_bin
+from tests.support import (
+    Workspace,
+    call,
+    call_error,
+    host_pid,
+    marked_processes,
+    pid_alive,
+    stdio_client,
+    wait_until,
+)
+from worker_server.config import ConfigError, Settings
+from worker_server.sandbox import Sandbox, SandboxError
+from worker_server.server import worker_sandbox
+
+pytestmark = pytest.mark.anyio
+
+HELD_CANCEL = """\
+default: allow
+tools:
+  cancel-task:
+    rules:
+      - action: require_approval
+        reason: "Cancelling needs a human"
+        approval: {wait_s: 0, expires_s: 600}
+"""
+
+
+def cli_in_turn(ws: Workspace, *args: str) -> str:
+    """A shell command that runs the taskwarden CLI against the workspace, as a worker would."""
+    cmd = [sys.executable, "-m", "worker_server", *args, "--config", str(ws.config)]
+    return shlex.join(cmd)
+
+
+async def shell(client: object, ws: Workspace, script: str, timeout_s: float = 40) -> dict:
+    task = await call(client, "spawn-task", {"prompt": script, "worker": "shell", "cwd": str(ws.work)})
+    done = await call(client, "wait-task", {"task_ids": task["task_id"], "timeout_s": timeout_s})
+    assert not done["timed_out"], done
+    return done["tasks"][0]
+
+
+async def log_of(client: object, task_id: str) -> str:
+    result = await client.read_resource(f"task://{task_id}/log")  # type: ignore[attr-defined]
+    return "".join(getattr(c, "text", "") for c in result.contents)
+
+
+async def test_a_turn_cannot_read_or_write_the_database_but_writes_its_cwd(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    async with stdio_client(ws) as client:
+        await call(client, "list-tasks")  # the database exists and is in use
+        before = ws.db.read_bytes()
+        db = shlex.quote(str(ws.db))
+        script = textwrap.dedent(f"""\
+            cat {db} > /dev/null && echo READ-DB
+            echo junk >> {db} && echo WROTE-DB
+            ls {shlex.quote(str(ws.db.parent))}
+            echo made > inside.txt && echo WROTE-CWD
+            touch /usr/taskwarden-probe && echo WROTE-ROOT
+            touch /tmp/scratch-file && echo WROTE-TMP
+            exit 0
+            """)
+        task = await shell(client, ws, script)
+        assert task["status"] == "completed", task
+        log = await log_of(client, task["task_id"])
+        assert "WROTE-CWD" in log and "WROTE-TMP" in log
+        assert "READ-DB" not in log and "WROTE-DB" not in log and "WROTE-ROOT" not in log
+        assert "taskwarden.db" not in log.splitlines(), "the database's directory shows only mount points"
+        assert (ws.work / "inside.txt").read_text() == "made\n"
+        assert not Path("/usr/taskwarden-probe").exists()
+        assert ws.db.read_bytes()[:100] == before[:100]
+        assert b"junk" not in ws.db.read_bytes()
+
+
+async def test_a_turn_cannot_approve_its_own_held_call_and_the_approval_stays_pending(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(HELD_CANCEL)
+    ws = Workspace(tmp_path, policy=policy)
+    async with stdio_client(ws) as client:
+        victim = await call(client, "spawn-task", {"prompt": "sleep 120"})
+        held = (await call_error(client, "cancel-task", {"task_id": victim["task_id"]})).structured_content
+        assert held["error"] == "approval_required"
+        approval_id = held["approval"]["id"]
+
+        script = cli_in_turn(ws, "approvals", "approve", approval_id) + "; echo EXIT=$?"
+        task = await shell(client, ws, script)
+        log = await log_of(client, task["task_id"])
+        assert "EXIT=0" not in log
+        assert "refused: this request comes from inside the worker turn" in log
+
+        [approval] = json.loads(ws.cli("approvals", "list", "--json").stdout)
+        assert approval["id"] == approval_id and approval["status"] == "pending"
+        still = (await call_error(client, "cancel-task", {"task_id": victim["task_id"]})).structured_content
+        assert still["error"] == "approval_required"
+        assert (await call(client, "get-task", {"task_id": victim["task_id"]}))["status"] == "working"
+
+
+async def test_without_the_sandbox_a_decision_from_inside_a_turn_is_still_refused(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(HELD_CANCEL)
+    ws = Workspace(tmp_path, policy=policy)
+    ws.config.write_text(ws.config.read_text().replace('identity = "tester"', 'identity = "tester"\nsandbox_backend = "none"'))
+    async with stdio_client(ws) as client:
+        victim = await call(client, "spawn-task", {"prompt": "sleep 120"})
+        held = (await call_error(client, "cancel-task", {"task_id": victim["task_id"]})).structured_content
+        approval_id = held["approval"]["id"]
+        # The database is in reach here: only the process-tree check stands
+        # in the way, even for a CLI started with an empty environment.
+        script = "env -i " + cli_in_turn(ws, "approvals", "approve", approval_id) + "; echo EXIT=$?"
+        task = await shell(client, ws, script)
+        log = await log_of(client, task["task_id"])
+        assert "EXIT=3" in log
+        assert f"inside the worker turn of task {task['task_id']}" in log
+        [approval] = json.loads(ws.cli("approvals", "list", "--json").stdout)
+        assert approval["status"] == "pending"
+        # Outside any turn, a person decides as before.
+        assert ws.cli("approvals", "approve", approval_id).returncode == 0
+
+
+async def test_cancel_gives_the_sandboxed_worker_its_grace_and_leaves_no_process(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    escapee_file, child_file = ws.work / "escapee.pid", ws.work / "child.pid"
+    script = textwrap.dedent(f"""\
+        trap 'echo graceful > {ws.work}/term; exit 0' TERM
+        setsid env -i /bin/sh -c 'trap "" TERM; exec sleep 300' &
+        echo $! > {escapee_file}
+        sleep 300 &
+        echo $! > {child_file}
+        wait
+        """)
+    async with stdio_client(ws) as client:
+        task = await call(client, "spawn-task", {"prompt": script, "worker": "shell", "cwd": str(ws.work)})
+        await wait_until(lambda: child_file.exists() and child_file.read_text() and escapee_file.read_text())
+        pids = [host_pid(task["task_id"], int(f.read_text())) for f in (escapee_file, child_file)]
+        assert all(pid_alive(p) for p in pids)
+        result = await call(client, "cancel-task", {"task_id": task["task_id"]})
+        assert result["cancelled"] == [task["task_id"]]
+        assert (ws.work / "term").read_text() == "graceful\n", "the worker got SIGTERM and time to finish"
+        assert not any(pid_alive(p) for p in pids)
+        assert not marked_processes(task["task_id"])
+        assert (await call(client, "get-task", {"task_id": task["task_id"]}))["status"] == "cancelled"
+
+
+async def test_codex_own_sandbox_works_inside_taskwardens(tmp_path: Path) -> None:
+    codex = npm_bin("codex")
+    # Codex will not put its helper binaries under the temporary directory.
+    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="taskwarden-codex-home-") as home:
+        ws = Workspace(
+            tmp_path,
+            extra=textwrap.dedent(f"""
+                [workers.codex-sandbox]
+                command = [{json.dumps(str(codex))}, "sandbox", "-P", ":workspace", "-C", "{{cwd}}", "--",
+                           "/bin/sh", "-c", "{{prompt}}"]
+                prompt = "arg"
+                events = "text"
+                state_dirs = [{json.dumps(home)}]
+                env = {{ CODEX_HOME = {json.dumps(home)} }}
+                """),
+        )
+        outside = Path(home) / "outside-the-workspace"
+        async with stdio_client(ws) as client:
+            task = await call(client, "spawn-task", {
+                "prompt": f"touch made-in-codex && echo CWD-OK; touch {outside} && echo WROTE-OUTSIDE; exit 0",
+                "worker": "codex-sandbox",
+                "cwd": str(ws.work),
+            })
+            done = (await call(client, "wait-task", {"task_ids": task["task_id"], "timeout_s": 50}))["tasks"][0]
+            log = await log_of(client, task["task_id"])
+            assert done["status"] == "completed", log
+            assert "CWD-OK" in log and "WROTE-OUTSIDE" not in log, log
+            assert (ws.work / "made-in-codex").exists()
+            assert not outside.exists(), "codex's own sandbox kept its write policy"
+
+
+def test_sandbox_none_must_be_chosen_and_is_a_warning_at_every_start(caplog: pytest.LogCaptureFixture) -> None:
+    assert Settings().sandbox_backend == "bwrap"
+    with caplog.at_level(logging.WARNING, logger="worker_server.server"):
+        sandbox = worker_sandbox(Settings(sandbox_backend="none"))
+    assert not sandbox.enabled
+    assert any('sandbox_backend = "none"' in r.getMessage() for r in caplog.records)
+
+
+def test_a_server_without_bwrap_refuses_to_start_and_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SandboxError, match="apt install bubblewrap"):
+        Sandbox.create("bwrap")
+    with pytest.raises(ConfigError, match='sandbox_backend = "none"'):
+        worker_sandbox(Settings(sandbox_backend="bwrap"))
+    ws = Workspace(tmp_path / "ws")
+    env = {**ws.server_env(), "PATH": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker_server", "serve", "--config", str(ws.config)],
+        capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "bwrap is not installed" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_mounts_nest_by_depth_and_hidden_paths_win(tmp_path: Path) -> None:
+    data = tmp_path / "state"
+    work = data / "work"
+    sandbox = Sandbox(backend="bwrap", executable="/usr/bin/bwrap", hidden=(data,), read_only=(), uid=1000)
+    work.mkdir(parents=True)
+    argv = sandbox.wrap(["true"], cwd=work, scratch=tmp_path / "scratch", state_paths=())
+    # The hidden directory is mounted before the cwd inside it, so the cwd shows through.
+    assert argv.index("--tmpfs") < argv.index(str(work))
+    assert argv[argv.index("--remount-ro") + 1] == str(data)
+    with pytest.raises(SandboxError, match="taskwarden's own data directory"):
+        sandbox.wrap(["true"], cwd=data, scratch=None)
+    assert os.getuid() != 0 or "--uid" in Sandbox(backend="bwrap", executable="bwrap", uid=0).wrap(
+        ["true"], cwd=work, scratch=None
+    )

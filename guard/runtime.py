@@ -46,6 +46,12 @@ class Call:
     args: Mapping[str, Any]
     identity: str
     session: str
+    # A resource read decided as this tool call: its URI, kept in the audit record.
+    via: str | None = None
+
+
+#: Maps a resource URI to the tool call that decides reading it, or None (not guarded).
+ResourceCalls = Callable[[str], "tuple[str, dict[str, Any]] | None"]
 
 
 class Caller(Protocol):
@@ -108,8 +114,10 @@ class Guard:
         clock: Clock | None = None,
         enabled: bool = True,
         callers: Callable[[Any], Caller] | None = None,
+        resource_calls: ResourceCalls | None = None,
     ) -> None:
         self.db = db
+        self.resource_calls = resource_calls
         self.feed = feed
         self.policies = policies
         self.clock = clock or SystemClock()
@@ -135,9 +143,13 @@ class Guard:
         enabled: bool = True,
         callers: Callable[[Any], Caller] | None = None,
         clock: Clock | None = None,
+        resource_calls: ResourceCalls | None = None,
     ) -> Guard:
         await migrate(db)
-        return cls(db, feed, PolicySource(policy_path), clock=clock, enabled=enabled, callers=callers)
+        return cls(
+            db, feed, PolicySource(policy_path), clock=clock, enabled=enabled, callers=callers,
+            resource_calls=resource_calls,
+        )  # fmt: skip
 
     @property
     def policy(self) -> Policy:
@@ -174,6 +186,11 @@ class Guard:
         finally:
             with anyio.CancelScope(shield=True):
                 await self.audit.flush()
+
+    def sees_all(self, identity: str) -> bool:
+        """Whether the policy's ``share`` lets ``identity`` see every identity's sessions."""
+        share = self.policy.share
+        return "*" in share or identity in share
 
     def is_hidden(self, tool: str) -> bool:
         policy = self.policy
@@ -466,7 +483,7 @@ class Guard:
                 identity=call.identity,
                 session=call.session,
                 tool=call.tool,
-                args=dict(call.args),
+                args=dict(call.args) if call.via is None else {**call.args, "resource": call.via},
                 decision=decision,
                 rule=rule,
                 reason=reason,

@@ -382,7 +382,11 @@ async def test_resources_serve_the_task_and_its_whole_log(ws: Workspace) -> None
         detail = await client.read_resource(f"task://{task['task_id']}")
         assert json.loads(detail.contents[0].text)["status"] == "completed"
         templates = await client.list_resource_templates()
-        assert {t.uri_template for t in templates.resource_templates} >= {"task://{task_id}", "task://{task_id}/log"}
+        assert {t.uri_template for t in templates.resource_templates} >= {
+            "task://{task_id}", "task://{task_id}/log{?offset,limit}"
+        }
+        assert log.contents[0].meta["taskwarden/log"]["next_offset"] == len(text.encode())
+        assert log.contents[0].meta["taskwarden/log"]["eof"] is True
 
 
 async def test_tools_have_descriptions_schemas_with_bounds_and_annotations(ws: Workspace) -> None:

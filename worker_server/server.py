@@ -28,7 +28,8 @@ from worker_server.runner import Runner
 from worker_server.sandbox import Sandbox, SandboxError
 from worker_server.service import TaskService
 from worker_server.store import Store
-from worker_server.tools import register_resources, register_tools
+from worker_server.log_pages import PagePosition
+from worker_server.tools import register_resources, register_tools, resource_call
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,10 @@ async def open_app(
         humans.view = service.view
         service.humans = humans
         callers = CallerResolver(settings.identity)
-        guard = await Guard.open(db, feed, policy_path=settings.policy, enabled=guard_enabled, callers=callers.caller)
+        guard = await Guard.open(
+            db, feed, policy_path=settings.policy, enabled=guard_enabled, callers=callers.caller,
+            resource_calls=resource_call,
+        )  # fmt: skip
         async with anyio.create_task_group() as tg:
             if runner is not None:
                 await runner.reconcile()
@@ -126,11 +130,11 @@ def build_mcp(app: App, *, token_auth: bool = False, issuer: str = "http://127.0
         version=__version__,
         log_level=app.settings.log_level,
         # The guard is the single way in: every tools/call passes it first.
-        middleware=[app.guard.middleware],
+        middleware=[app.guard.middleware, PagePosition()],
         **kwargs,
     )
-    register_tools(mcp, app.service, app.callers)
-    register_resources(mcp, app.service)
+    register_tools(mcp, app.service, app.callers, app.guard.sees_all)
+    register_resources(mcp, app.service, app.callers, app.guard.sees_all)
     app.guard.set_tools(mcp)
     return mcp
 

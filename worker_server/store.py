@@ -95,6 +95,12 @@ SCHEMA: list[str] = [
     );
     CREATE INDEX messages_task ON messages(task_id, seq);
     """,
+    # 2: a session belongs to the identity that created it
+    """
+    ALTER TABLE sessions ADD COLUMN owner TEXT;
+    UPDATE sessions SET owner = created_by;
+    CREATE INDEX sessions_owner ON sessions(owner);
+    """,
 ]
 
 
@@ -137,6 +143,7 @@ class TaskRow:
     started_at: float | None
     ended_at: float | None
     worker_session: str | None = None  # from the session row
+    session_owner: str | None = None  # the identity the session belongs to
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> TaskRow:
@@ -168,7 +175,10 @@ class MessageRow:
     read_at: float | None
 
 
-_TASK_SELECT = "SELECT t.*, s.worker_session AS worker_session FROM tasks t JOIN sessions s ON s.id = t.session_id"
+_TASK_SELECT = (
+    "SELECT t.*, s.worker_session AS worker_session, s.owner AS session_owner"
+    " FROM tasks t JOIN sessions s ON s.id = t.session_id"
+)
 
 
 class TaskNotFound(Exception):
@@ -229,11 +239,16 @@ class Store:
         label: str | None = None,
         limit: int = 50,
         before_seq: int | None = None,
+        owner: str | None = None,
     ) -> tuple[list[TaskRow], bool]:
-        """Newest first; returns the page and whether more rows follow."""
+        """Newest first; returns the page and whether more rows follow. ``owner``: only
+        sessions of this identity."""
 
         def read(c: sqlite3.Connection) -> tuple[list[TaskRow], bool]:
             where, args = [], []
+            if owner is not None:
+                where.append("s.owner = ?")
+                args.append(owner)
             if status:
                 where.append("t.status = ?")
                 args.append(status)
@@ -283,9 +298,9 @@ class Store:
                 if row:
                     return TaskRow.from_row(row), False
             c.execute(
-                "INSERT INTO sessions (id, kind, worker, title, cwd, labels, created_by, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (session_id, kind, worker, title, cwd, json.dumps(labels), created_by, now),
+                "INSERT INTO sessions (id, kind, worker, title, cwd, labels, created_by, owner, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (session_id, kind, worker, title, cwd, json.dumps(labels), created_by, created_by, now),
             )
             _insert_task(
                 c,

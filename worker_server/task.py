@@ -55,6 +55,7 @@ class TaskSummary(BaseModel):
     pending: Pending | None
     exit_code: int | None
     labels: list[str]
+    owner: str | None = Field(default=None, description="The identity the task's session belongs to")
 
 
 class TaskView(TaskSummary):

@@ -232,3 +232,44 @@ def test_mounts_nest_by_depth_and_hidden_paths_win(tmp_path: Path) -> None:
     assert os.getuid() != 0 or "--uid" in Sandbox(backend="bwrap", executable="bwrap", uid=0).wrap(
         ["true"], cwd=work, scratch=None
     )
+
+
+async def test_an_inbox_decision_sent_from_inside_a_turn_is_refused(tmp_path: Path) -> None:
+    from mcp import Client
+
+    from tests.inbox_support import csrf_of, signed_in_client
+    from tests.support import http_server
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(HELD_CANCEL)
+    ws = Workspace(tmp_path, policy=policy)
+    async with http_server(ws, "--allow-anonymous") as base:
+        async with Client(f"{base}/mcp") as client, signed_in_client(ws, base) as http:
+            victim = await call(client, "spawn-task", {"prompt": "sleep 120"})
+            held = (await call_error(client, "cancel-task", {"task_id": victim["task_id"]})).structured_content
+            approval_id = held["approval"]["id"]
+            csrf = csrf_of((await http.get(f"/inbox/approvals/{approval_id}")).text)
+            # A worker that got hold of a person's signed-in cookie (say, from a
+            # browser profile it can read) posts the decision itself.
+            cookie = "; ".join(f"{name}={value}" for name, value in http.cookies.items())
+            post = textwrap.dedent(f"""\
+                import urllib.error, urllib.parse, urllib.request
+                body = urllib.parse.urlencode({{"csrf": {csrf!r}}}).encode()
+                request = urllib.request.Request({base + "/inbox/approvals/" + approval_id + "/approve"!r},
+                                                 data=body, headers={{"Cookie": {cookie!r}}})
+                try:
+                    print("STATUS", urllib.request.urlopen(request).status)
+                except urllib.error.HTTPError as exc:
+                    print("STATUS", exc.code, exc.read().decode()[:2000])
+                """)
+            task = await shell(client, ws, f"{shlex.quote(sys.executable)} -c {shlex.quote(post)}")
+            log = await log_of(client, task["task_id"])
+            assert "STATUS 403" in log, log
+            assert "inside the worker turn of task" in log
+            [approval] = json.loads(ws.cli("approvals", "list", "--json").stdout)
+            assert approval["status"] == "pending"
+            # The same form from the person's own client (outside any turn) decides.
+            decided = await http.post(f"/inbox/approvals/{approval_id}/approve", data={"csrf": csrf})
+            assert decided.status_code == 303
+            [approval] = json.loads(ws.cli("approvals", "list", "--json").stdout)
+            assert approval["status"] == "approved"

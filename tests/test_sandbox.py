@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shlex
 import subprocess
 import sys
@@ -105,7 +104,7 @@ async def test_a_turn_cannot_approve_its_own_held_call_and_the_approval_stays_pe
         task = await shell(client, ws, script)
         log = await log_of(client, task["task_id"])
         assert "EXIT=0" not in log
-        assert "refused: this request comes from inside the worker turn" in log
+        assert "refused: this request comes from inside the worker turn" in log, task
 
         [approval] = json.loads(ws.cli("approvals", "list", "--json").stdout)
         assert approval["id"] == approval_id and approval["status"] == "pending"
@@ -221,17 +220,37 @@ def test_a_server_without_bwrap_refuses_to_start_and_says_what_to_do(
 def test_mounts_nest_by_depth_and_hidden_paths_win(tmp_path: Path) -> None:
     data = tmp_path / "state"
     work = data / "work"
-    sandbox = Sandbox(backend="bwrap", executable="/usr/bin/bwrap", hidden=(data,), read_only=(), uid=1000)
     work.mkdir(parents=True)
+    secret = tmp_path / "netrc"
+    secret.write_text("machine example login me password hunter2\n")
+    sandbox = Sandbox(
+        backend="bwrap", executable="/usr/bin/bwrap", hidden=(data, secret, tmp_path / "absent"), uid=1000
+    )
     argv = sandbox.wrap(["true"], cwd=work, scratch=tmp_path / "scratch", state_paths=())
     # The hidden directory is mounted before the cwd inside it, so the cwd shows through.
     assert argv.index("--tmpfs") < argv.index(str(work))
     assert argv[argv.index("--remount-ro") + 1] == str(data)
+    # A hidden file reads as empty; a hidden path that does not exist is left alone.
+    assert argv[argv.index("/dev/null") + 1] == str(secret)
+    assert str(tmp_path / "absent") not in argv
+    assert "--uid" not in argv
     with pytest.raises(SandboxError, match="taskwarden's own data directory"):
         sandbox.wrap(["true"], cwd=data, scratch=None)
-    assert os.getuid() != 0 or "--uid" in Sandbox(backend="bwrap", executable="bwrap", uid=0).wrap(
-        ["true"], cwd=work, scratch=None
+    as_root = Sandbox(backend="bwrap", executable="/usr/bin/bwrap", uid=0).wrap(["true"], cwd=work, scratch=None)
+    assert as_root[as_root.index("--uid") + 1] == "65534"
+
+
+async def test_a_hidden_file_reads_empty_inside(tmp_path: Path) -> None:
+    secret = tmp_path / "netrc"
+    secret.write_text("machine example login me password hunter2\n")
+    ws = Workspace(tmp_path)
+    ws.config.write_text(
+        ws.config.read_text().replace('identity = "tester"', f'identity = "tester"\nsandbox_hide = ["{secret}"]')
     )
+    async with stdio_client(ws) as client:
+        task = await shell(client, ws, f"cat {secret}; echo END")
+        log = await log_of(client, task["task_id"])
+        assert "END" in log and "hunter2" not in log
 
 
 async def test_an_inbox_decision_sent_from_inside_a_turn_is_refused(tmp_path: Path) -> None:

@@ -111,8 +111,13 @@ class Settings(BaseSettings):
         return self.db_path.parent / "scratch"
 
     def sandbox_hidden(self) -> list[Path]:
-        """What no worker may see: the database's directory, the logs, and ``sandbox_hide``."""
-        return [self.db_path.parent, self.logs_path, *(Path(p).expanduser() for p in self.sandbox_hide)]
+        """What no worker may see: the database's directory, the logs, the runtime
+        directory (``$XDG_RUNTIME_DIR/taskwarden``, where a daemon's socket lives),
+        and ``sandbox_hide``."""
+        hidden = [self.db_path.parent, self.logs_path]
+        if os.environ.get("XDG_RUNTIME_DIR"):
+            hidden.append(Path(os.environ["XDG_RUNTIME_DIR"]) / "taskwarden")
+        return [*hidden, *(Path(p).expanduser() for p in self.sandbox_hide)]
 
     def sandbox_read_only(self) -> list[Path]:
         """Files that stay read-only inside the sandbox even when inside a writable directory."""

@@ -240,6 +240,7 @@ class Runner:
                     message = f"sandbox: {exc}"
             if message is not None:
                 log.note(message)
+                log.flush()
                 await self.store.finish(task.id, TaskStatus.FAILED, message=message)
                 return
             try:
@@ -259,11 +260,13 @@ class Runner:
                 else:
                     message = f"worker binary not found: {argv[0]!r} (is it installed and on PATH?)"
                 log.note(message)
+                log.flush()
                 await self.store.finish(task.id, TaskStatus.FAILED, message=message)
                 return
             except OSError as exc:
                 message = f"could not start {argv[0]!r}: {exc.strerror or exc}"
                 log.note(message)
+                log.flush()
                 await self.store.finish(task.id, TaskStatus.FAILED, message=message)
                 return
             try:
@@ -301,6 +304,7 @@ class Runner:
             now = time.monotonic()
             if now - flushed_at >= ACTIVITY_FLUSH_S and self._tg is not None:
                 flushed_at = now
+                log.flush()  # the log resource shows the turn so far
                 self._tg.start_soon(self.store.set_activity, task.id, line, turn.tail.text(50))
 
         def on_stdout(line: str) -> None:
@@ -354,6 +358,8 @@ class Runner:
                 await err_done.wait()
             pumps.cancel_scope.cancel()
 
+        # Whoever the end of the turn wakes may read the whole log at once.
+        log.flush()
         code = proc.returncode
         tail = turn.tail.text(50)
         if outcome == "cancelled" and turn.interrupted:

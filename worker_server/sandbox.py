@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,8 +77,9 @@ class Sandbox:
         sandbox = cls(
             backend="bwrap",
             executable=exe,
-            hidden=tuple(_absolute(p) for p in hidden),
-            read_only=tuple(_absolute(p) for p in read_only),
+            # Resolved: bwrap mounts on the real path, not on a symlink to it.
+            hidden=tuple(_absolute(p).resolve() for p in hidden),
+            read_only=tuple(_absolute(p).resolve() for p in read_only),
         )
         sandbox.probe()
         return sandbox
@@ -88,11 +90,12 @@ class Sandbox:
 
     def probe(self) -> None:
         """Run ``true`` in the sandbox once, so a machine where bwrap cannot work says so at start."""
-        argv = self.wrap(["true"], cwd=Path("/"), scratch=None, state_paths=(), check_cwd=False)
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise SandboxError(f"bwrap could not be run: {exc}") from None
+        with tempfile.TemporaryDirectory(prefix="taskwarden-probe-") as place:
+            argv = self.wrap(["true"], cwd=Path(place), scratch=Path(place))
+            try:
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise SandboxError(f"bwrap could not be run: {exc}") from None
         if done.returncode != 0:
             raise SandboxError(
                 f"bwrap does not work on this machine ({done.stderr.strip() or f'exit {done.returncode}'}); "
@@ -107,19 +110,17 @@ class Sandbox:
         cwd: Path,
         scratch: Path | None,
         state_paths: Sequence[Path] = (),
-        check_cwd: bool = True,
     ) -> list[str]:
         """The command line that runs ``argv`` inside the sandbox (``argv`` itself for "none")."""
         if not self.enabled:
             return list(argv)
         cwd = _absolute(cwd)
-        if check_cwd:
-            for hidden in self.hidden:
-                if cwd == hidden:
-                    raise SandboxError(
-                        f"cwd {cwd} is taskwarden's own data directory, which the sandbox hides from workers; "
-                        "use another directory"
-                    )
+        hidden = [p for p in self.hidden if p.exists()]  # nothing there yet: nothing to hide
+        if cwd in hidden:
+            raise SandboxError(
+                f"cwd {cwd} is taskwarden's own data directory, which the sandbox hides from workers; "
+                "use another directory"
+            )
         # Mounts apply in order, so each is placed by depth: a directory
         # mounted later inside one mounted earlier shows through it. At the
         # same depth a hidden or read-only path comes last and wins.
@@ -134,8 +135,9 @@ class Sandbox:
             path = _absolute(path)
             if path.exists():
                 add(path, 0, ["--bind", str(path), str(path)])
-        for path in self.hidden:
-            add(path, 1, ["--tmpfs", str(path)])
+        for path in hidden:
+            # A directory becomes an empty tmpfs (made read-only below); a file reads as empty.
+            add(path, 1, ["--tmpfs", str(path)] if path.is_dir() else ["--ro-bind", "/dev/null", str(path)])
         for path in self.read_only:
             if path.exists():
                 add(path, 2, ["--ro-bind", str(path), str(path)])
@@ -155,8 +157,9 @@ class Sandbox:
         for _, _, mount in mounts:
             args += mount
         # The hidden tmpfs become read-only once everything inside them is mounted.
-        for path in self.hidden:
-            args += ["--remount-ro", str(path)]
+        for path in hidden:
+            if path.is_dir():
+                args += ["--remount-ro", str(path)]
         if scratch is not None:
             args += ["--setenv", "TMPDIR", SCRATCH_MOUNT]
         args += ["--chdir", str(cwd), "--", *argv]

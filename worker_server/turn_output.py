@@ -58,6 +58,10 @@ class LogFile:
         """A line from taskwarden itself, set apart from the worker's output."""
         self._file.write(_note_line(text))
 
+    def flush(self) -> None:
+        """Make what was written readable by others (the log resource)."""
+        self._file.flush()
+
     def close(self) -> None:
         self._file.close()
 

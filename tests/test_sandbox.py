@@ -292,3 +292,27 @@ async def test_an_inbox_decision_sent_from_inside_a_turn_is_refused(tmp_path: Pa
             assert decided.status_code == 303
             [approval] = json.loads(ws.cli("approvals", "list", "--json").stdout)
             assert approval["status"] == "approved"
+
+
+async def test_a_turn_commits_in_its_repository_and_linked_worktree_but_cannot_plant_hooks(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    repo, linked = ws.work / "repo", ws.work / "linked"
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "-C", str(repo), "commit", "-q", "--allow-empty", "-m", "root"], check=True)
+    subprocess.run([*git, "-C", str(repo), "worktree", "add", "-q", str(linked)], check=True)
+    commit = shlex.join([*git, "commit", "-q", "--allow-empty", "-m", "from the turn"])
+    plant = "echo 'touch /tmp/pwned' > {d}/hooks/post-checkout && echo PLANTED; echo '[core] fsmonitor = evil' >> {d}/config && echo CONFIGURED"
+    async with stdio_client(ws) as client:
+        for cwd, git_dir in ((repo, repo / ".git"), (linked, repo / ".git")):
+            script = f"{commit} && echo COMMITTED; {plant.format(d=shlex.quote(str(git_dir)))}; exit 0"
+            task = await call(client, "spawn-task", {"prompt": script, "worker": "shell", "cwd": str(cwd)})
+            done = (await call(client, "wait-task", {"task_ids": task["task_id"], "timeout_s": 40}))["tasks"][0]
+            log = await log_of(client, task["task_id"])
+            assert done["status"] == "completed", log
+            assert "COMMITTED" in log, log
+            assert "PLANTED" not in log and "CONFIGURED" not in log, log
+    subjects = subprocess.run(["git", "-C", str(repo), "log", "--all", "--format=%s"], capture_output=True, text=True)
+    assert subjects.stdout.count("from the turn") == 2
+    assert not (repo / ".git" / "hooks" / "post-checkout").exists()
+    assert "evil" not in (repo / ".git" / "config").read_text()

@@ -131,10 +131,13 @@ class Sandbox:
 
         if scratch is not None:
             add(Path(SCRATCH_MOUNT), 0, ["--bind", str(scratch), SCRATCH_MOUNT])
-        for path in (cwd, *state_paths):
+        git_writable, git_read_only = git_paths(cwd)
+        for path in (cwd, *state_paths, *git_writable):
             path = _absolute(path)
             if path.exists():
                 add(path, 0, ["--bind", str(path), str(path)])
+        for path in git_read_only:
+            add(path, 2, ["--ro-bind", str(path), str(path)])
         for path in hidden:
             # A directory becomes an empty tmpfs (made read-only below); a file reads as empty.
             add(path, 1, ["--tmpfs", str(path)] if path.is_dir() else ["--ro-bind", "/dev/null", str(path)])
@@ -185,6 +188,37 @@ class Sandbox:
             return found
         except psutil.Error:
             return set()
+
+
+def git_paths(cwd: Path) -> tuple[list[Path], list[Path]]:
+    """The git repository around ``cwd``: what must be writable for commits to work
+    (its git directory, and for a linked worktree the main repository's), and what
+    stays read-only so a worker cannot plant code that runs later outside the
+    sandbox (``hooks``, ``config``: ``core.hooksPath``, ``core.fsmonitor``...)."""
+    for place in (cwd, *cwd.parents):
+        dot_git = place / ".git"
+        if dot_git.is_dir():
+            dirs = [dot_git]
+            break
+        if dot_git.is_file():
+            try:
+                line = dot_git.read_text(errors="replace").strip()
+            except OSError:
+                return [], []
+            if not line.startswith("gitdir:"):
+                return [], []
+            gitdir = _absolute(place / line.removeprefix("gitdir:").strip())
+            common = gitdir
+            try:
+                common = _absolute(gitdir / (gitdir / "commondir").read_text().strip())
+            except OSError:
+                pass
+            dirs = [gitdir, common]
+            break
+    else:
+        return [], []
+    read_only = [d / name for d in dirs for name in ("hooks", "config", "config.worktree") if (d / name).exists()]
+    return dirs, read_only
 
 
 def _absolute(path: Path | str) -> Path:

@@ -124,11 +124,15 @@ async def test_without_the_sandbox_a_decision_from_inside_a_turn_is_still_refuse
         approval_id = held["approval"]["id"]
         # The database is in reach here: only the process-tree check stands
         # in the way, even for a CLI started with an empty environment.
-        script = "env -i " + cli_in_turn(ws, "approvals", "approve", approval_id) + "; echo EXIT=$?"
+        script = (
+            "env -i " + cli_in_turn(ws, "approvals", "approve", approval_id) + "; echo EXIT=$?; "
+            + cli_in_turn(ws, "humans", "add", "mallory") + "; echo ADD-EXIT=$?"
+        )
         task = await shell(client, ws, script)
         log = await log_of(client, task["task_id"])
-        assert "EXIT=3" in log
+        assert "EXIT=3" in log and "ADD-EXIT=3" in log, log
         assert f"inside the worker turn of task {task['task_id']}" in log
+        assert "/inbox/signin/" not in log, "no sign-in link was minted"
         [approval] = json.loads(ws.cli("approvals", "list", "--json").stdout)
         assert approval["status"] == "pending"
         # Outside any turn, a person decides as before.

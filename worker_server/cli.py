@@ -173,8 +173,26 @@ def _run(fn: Callable[[], Awaitable[int]]) -> int:
     return anyio.run(fn)
 
 
+# Commands by which a person decides or acts as a person: never from inside a worker turn.
+PERSON_ONLY = {
+    ("approvals", "approve"), ("approvals", "deny"),
+    ("humans", "add"), ("humans", "remove"),
+    ("tasks", "claim"), ("tasks", "release"), ("tasks", "reply"), ("tasks", "ask"), ("tasks", "handin"),
+}  # fmt: skip
+EXIT_INSIDE_TURN = 3
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from guard import commands, policy_cli
+
+    action = getattr(args, f"{args.command}_command", None)
+    if (args.command, action) in PERSON_ONLY:
+        from worker_server.turn_origin import enclosing_turn, refusal
+
+        turn = enclosing_turn()
+        if turn is not None:
+            print(f"taskwarden: {refusal(turn)}", file=sys.stderr)
+            return EXIT_INSIDE_TURN
 
     if args.command == "serve":
         from worker_server.server import serve_http, serve_stdio
@@ -204,12 +222,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         db = _settings(args).db_path
         if args.approvals_command == "list":
             return _run(lambda: commands.approvals_list(db, args.json, sys.stdout))
-        from worker_server.turn_origin import enclosing_turn, refusal
-
-        turn = enclosing_turn()
-        if turn is not None:
-            print(f"taskwarden: {refusal(turn)}", file=sys.stderr)
-            return 3
         who = args.as_name or getpass.getuser()
         if args.approvals_command == "approve":
             return _run(lambda: commands.approvals_approve(db, args.approval_id, who, args.comment, sys.stdout))

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal, ParamSpec, TypeVar
 from urllib.parse import unquote
 
 import anyio
-from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Literal, ParamSpec, TypeVar
-
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field
 
@@ -257,7 +257,6 @@ def register_resources(
 ) -> None:
     """``task://{id}`` and ``task://{id}/log{?offset,limit}``: the guard decides each read as
     ``get-task`` (see ``resource_call``); here, another identity's task does not exist."""
-    from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 
     def viewer(ctx: Context) -> Viewer:
         identity = callers.caller(ctx.request_context).identity
@@ -289,8 +288,6 @@ def register_resources(
 
 
 def _bounded(name: str, value: str, low: int, high: int) -> int:
-    from mcp.server.mcpserver.exceptions import ResourceError
-
     try:
         number = int(value)
     except ValueError:

@@ -66,5 +66,5 @@ def peer_turn(client: tuple[str, int] | None, server: tuple[str, int] | None) ->
 def refusal(task_id: str) -> str:
     return (
         f"refused: this request comes from inside the worker turn of task {task_id}. Only a person decides "
-        "approvals, from a terminal or the inbox outside any worker."
+        "approvals and acts for people, from a terminal or the inbox outside any worker."
     )

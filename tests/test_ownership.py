@@ -48,9 +48,9 @@ def workspace(tmp_path: Path, share: str = "") -> Workspace:
 
 
 @asynccontextmanager
-async def as_identity(base: str, name: str) -> AsyncIterator[Client]:
+async def as_identity(base: str, name: str, mode: str = "auto") -> AsyncIterator[Client]:
     async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {TOKENS[name]}"}, timeout=60) as http:
-        async with Client(streamable_http_client(f"{base}/mcp", http_client=http)) as client:
+        async with Client(streamable_http_client(f"{base}/mcp", http_client=http), mode=mode) as client:
             yield client
 
 
@@ -175,6 +175,11 @@ async def test_a_64_mb_log_of_nul_bytes_reads_in_pages_with_flat_memory(tmp_path
             assert position["size"] == size
             growth = peak - baseline
             assert growth <= 20 * 1024 * 1024, f"the server grew {growth >> 20} MB reading the log"
+        # A handshake-era client (its SDK refuses an SSE event over 1 MB) reads the same pages.
+        async with as_identity(base, "alice", mode="legacy") as legacy:
+            for offset in (0, size - 256 * 1024):
+                page = (await legacy.read_resource(f"{uri}?offset={offset}")).contents[0]
+                assert base64.b64decode(page.blob) == b"\0" * (256 * 1024)
 
 
 async def test_text_logs_read_back_exactly_across_page_and_character_boundaries(tmp_path: Path) -> None:

@@ -305,7 +305,9 @@ async def test_a_turn_commits_in_its_repository_and_linked_worktree_but_cannot_p
     subprocess.run([*git, "init", "-q", str(repo)], check=True)
     subprocess.run([*git, "-C", str(repo), "commit", "-q", "--allow-empty", "-m", "root"], check=True)
     subprocess.run([*git, "-C", str(repo), "worktree", "add", "-q", str(linked)], check=True)
-    commit = shlex.join([*git, "commit", "-q", "--allow-empty", "-m", "from the turn"])
+    # Each commit says where it was made: two identical commits in one second would be one.
+    commit = shlex.join([*git, "commit", "-q", "--allow-empty", "-m"]) + ' "from the turn in $PWD"'
+
     plant = "echo 'touch /tmp/pwned' > {d}/hooks/post-checkout && echo PLANTED; echo '[core] fsmonitor = evil' >> {d}/config && echo CONFIGURED"
     async with stdio_client(ws) as client:
         for cwd, git_dir in ((repo, repo / ".git"), (linked, repo / ".git")):
@@ -317,6 +319,6 @@ async def test_a_turn_commits_in_its_repository_and_linked_worktree_but_cannot_p
             assert "COMMITTED" in log, log
             assert "PLANTED" not in log and "CONFIGURED" not in log, log
     subjects = subprocess.run(["git", "-C", str(repo), "log", "--all", "--format=%s"], capture_output=True, text=True)
-    assert subjects.stdout.count("from the turn") == 2
+    assert sorted(subjects.stdout.split("\n")[:2]) == [f"from the turn in {linked}", f"from the turn in {repo}"]
     assert not (repo / ".git" / "hooks" / "post-checkout").exists()
     assert "evil" not in (repo / ".git" / "config").read_text()

@@ -48,9 +48,11 @@ def peer_turn(client: tuple[str, int] | None, server: tuple[str, int] | None) ->
     if client is None or server is None:
         return None
     try:
-        if not ipaddress.ip_address(client[0]).is_loopback:
-            return None
+        address = ipaddress.ip_address(client[0])
     except ValueError:
+        return None
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack listener
+    if not (mapped or address).is_loopback:
         return None
     try:
         connections = psutil.net_connections(kind="tcp")

@@ -29,7 +29,7 @@ from tests.support import (
     wait_until,
 )
 from worker_server.config import ConfigError, Settings
-from worker_server.sandbox import Sandbox, SandboxError
+from worker_server.sandbox import Sandbox, SandboxError, state_paths
 from worker_server.server import worker_sandbox
 
 pytestmark = pytest.mark.anyio
@@ -322,3 +322,13 @@ async def test_a_turn_commits_in_its_repository_and_linked_worktree_but_cannot_p
     assert sorted(subjects.stdout.split("\n")[:2]) == [f"from the turn in {linked}", f"from the turn in {repo}"]
     assert not (repo / ".git" / "hooks" / "post-checkout").exists()
     assert "evil" not in (repo / ".git" / "config").read_text()
+
+
+def test_state_dirs_expand_home_and_the_turns_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    found = state_paths(
+        ["~/.codex", "$CODEX_HOME", "${UNSET_FOR_SURE}/x", "~/.claude.json"], {"CODEX_HOME": str(tmp_path / "ch")}
+    )
+    assert found == [tmp_path / "home" / ".codex", tmp_path / "ch", tmp_path / "home" / ".claude.json"]
+    assert (tmp_path / "home" / ".codex").is_dir() and (tmp_path / "ch").is_dir()
+    assert not (tmp_path / "home" / ".claude.json").exists(), "a missing file is not invented"

@@ -29,7 +29,8 @@ class WorkerProfile(BaseModel):
     timeout_s: int = Field(default=3600, ge=1, le=86_400)
     env: dict[str, str] = Field(default_factory=dict)
     # The CLI's own state (sessions, settings, caches): writable inside
-    # taskwarden's sandbox. ``~`` is the server's home.
+    # taskwarden's sandbox. ``~`` is the server's home; ``$VAR`` comes from
+    # the turn's environment (skipped when unset).
     state_dirs: list[str] = Field(default_factory=list, max_length=32)
 
     @model_validator(mode="after")
@@ -68,7 +69,7 @@ BUILTIN_PROFILES: dict[str, WorkerProfile] = {
         resume=["codex", "exec", "--json", "--skip-git-repo-check", "-C", "{cwd}", "resume", "{session}", "-"],
         prompt="stdin",
         events="codex-jsonl",
-        state_dirs=["~/.codex"],
+        state_dirs=["~/.codex", "$CODEX_HOME"],
     ),
     "claude": WorkerProfile(
         # stream-json in print mode needs --verbose; the prompt arrives on stdin.
@@ -76,7 +77,7 @@ BUILTIN_PROFILES: dict[str, WorkerProfile] = {
         resume=["claude", "-p", "--output-format", "stream-json", "--verbose", "--resume", "{session}"],
         prompt="stdin",
         events="claude-stream-json",
-        state_dirs=["~/.claude", "~/.claude.json"],
+        state_dirs=["~/.claude", "~/.claude.json", "$CLAUDE_CONFIG_DIR"],
     ),
     # The prompt is a shell script; the session is its working directory, so
     # every turn simply runs in the same cwd.

@@ -27,7 +27,7 @@ from guard.changes import ChangeFeed
 from worker_server.event_formats import reader_for
 from worker_server.process_group import MARKER_ENV, terminate
 from worker_server.profiles import WorkerProfile
-from worker_server.sandbox import Sandbox, SandboxError, state_path
+from worker_server.sandbox import Sandbox, SandboxError, state_paths
 from worker_server.store import Store, TaskRow
 from worker_server.task import TaskStatus
 from worker_server.turn_output import LogFile, Tail, append_note, pump_lines
@@ -234,7 +234,7 @@ class Runner:
                         argv,
                         cwd=Path(cwd),
                         scratch=scratch,
-                        state_paths=[state_path(p) for p in profile.state_dirs],
+                        state_paths=state_paths(profile.state_dirs, env),
                     )
                 except (SandboxError, OSError) as exc:
                     message = f"sandbox: {exc}"

@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -225,14 +226,35 @@ def _absolute(path: Path | str) -> Path:
     return Path(os.path.abspath(Path(path).expanduser()))
 
 
-def state_path(path: str) -> Path:
-    """A profile's state path (``~`` is the server's home). A missing one without an
-    extension (``~/.codex``) is created as a private directory so the worker can write
-    there; a missing file (``~/.claude.json``) is left out until the CLI has one."""
-    resolved = _absolute(path)
-    if not resolved.exists() and not resolved.suffix:
-        try:
-            resolved.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError as exc:
-            logger.warning("could not create the worker state directory %s: %s", resolved, exc)
-    return resolved
+def state_paths(entries: Sequence[str], env: Mapping[str, str]) -> list[Path]:
+    """A profile's ``state_dirs``: ``~`` is the server's home and ``$VAR``/``${VAR}`` come
+    from the turn's environment (an entry naming an unset variable is skipped, so
+    ``$CODEX_HOME`` counts only where it is set). A missing one without an extension
+    (``~/.codex``) is created as a private directory so the worker can write there; a
+    missing file (``~/.claude.json``) is left out until the CLI has one."""
+    found = []
+    for entry in entries:
+        unset = False
+
+        def value(match: re.Match[str]) -> str:
+            nonlocal unset
+            name = match.group(1) or match.group(2)
+            if not env.get(name):
+                unset = True
+                return ""
+            return env[name]
+
+        expanded = _VARIABLE.sub(value, entry)
+        if unset or not expanded:
+            continue
+        resolved = _absolute(expanded)
+        if not resolved.exists() and not resolved.suffix:
+            try:
+                resolved.mkdir(parents=True, exist_ok=True, mode=0o700)
+            except OSError as exc:
+                logger.warning("could not create the worker state directory %s: %s", resolved, exc)
+        found.append(resolved)
+    return found
+
+
+_VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")

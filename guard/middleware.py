@@ -102,7 +102,7 @@ class GuardMiddleware:
         except AskLater as later:
             return later.result
         if isinstance(decided, Refusal):
-            return _refusal_result(decided)
+            return refusal_result(decided)
         return await self._run(ctx, call_next, decided)
 
     async def _read_resource(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
@@ -112,7 +112,7 @@ class GuardMiddleware:
         if mapped is None:
             return await call_next(ctx)
         tool, args = mapped
-        call = self._call(ctx, tool, args, via=uri)
+        call = self._call(ctx, tool, args, via="resources/read", target=uri)
         try:
             decided = await self.guard.admit(call, None)  # a read is never held for a client's answer
         except Unknown:
@@ -141,12 +141,17 @@ class GuardMiddleware:
         return result
 
     def _call(
-        self, ctx: ServerRequestContext[Any, Any], name: str, args: dict[str, Any], via: str | None = None
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        name: str,
+        args: dict[str, Any],
+        via: str | None = None,
+        target: str | None = None,
     ) -> Call:
         if self.guard.callers is not None:
             caller = self.guard.callers(ctx)
-            return Call(name, args, caller.identity, caller.session, via)
-        return Call(name, args, self._fallback_identity, f"conn-{id(ctx.session):x}", via)
+            return Call(name, args, caller.identity, caller.session, via, target)
+        return Call(name, args, self._fallback_identity, f"conn-{id(ctx.session):x}", via, target)
 
     def _without_hidden(self, result: HandlerResult) -> HandlerResult:
         if isinstance(result, dict) and isinstance(result.get("tools"), list):
@@ -156,7 +161,8 @@ class GuardMiddleware:
         return result
 
 
-def _refusal_result(refusal: Refusal) -> CallToolResult:
+def refusal_result(refusal: Refusal) -> CallToolResult:
+    """The ``isError`` result for a refusal; its structured content fits ``admit_refusals`` schemas."""
     return CallToolResult(
         content=[TextContent(type="text", text=refusal.text())],
         structured_content=refusal.structured(),

@@ -46,8 +46,12 @@ class Call:
     args: Mapping[str, Any]
     identity: str
     session: str
-    # A resource read decided as this tool call: its URI, kept in the audit record.
+    #: The request that made this call when it is not ``tools/call`` (e.g.
+    #: ``tasks/cancel``, decided as ``cancel-task``); the audit names it.
     via: str | None = None
+    #: What that request named, e.g. the resource URI of a ``resources/read``
+    #: decided as ``get-task``; kept in the audit record's arguments.
+    target: str | None = None
 
 
 #: Maps a resource URI to the tool call that decides reading it, or None (not guarded).
@@ -326,6 +330,19 @@ class Guard:
             durable=durable,
         )
 
+    async def record_request(self, call: Call, outcome: Outcome | str, started: float, *, reason: str | None = None,
+                             read_only: bool = False) -> None:
+        """Audit a request that is not a tool call (``call.via``, e.g. ``tasks/get``).
+
+        Such requests carry no policy of their own (what they touch is decided
+        when the task is made or, for ``tasks/cancel``, by ``admit``); they are
+        recorded as allowed with their outcome, read-only ones batched.
+        """
+        if not self.enabled:
+            return
+        durable = not (read_only and outcome == Outcome.OK)
+        await self._record(call, Decision.ALLOW, None, reason, started, outcome, durable=durable)
+
     # -- approvals -------------------------------------------------------------
 
     async def _approval(
@@ -482,8 +499,8 @@ class Guard:
             AuditRecord(
                 identity=call.identity,
                 session=call.session,
-                tool=call.tool,
-                args=dict(call.args) if call.via is None else {**call.args, "resource": call.via},
+                tool=call.via or call.tool,
+                args=dict(call.args) if call.target is None else {**call.args, "resource": call.target},
                 decision=decision,
                 rule=rule,
                 reason=reason,

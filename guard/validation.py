@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +26,15 @@ class ArgumentChecker:
     def check(self, tool: str, args: Any) -> tuple[str, str] | None:
         """``(field, message)`` for the most relevant problem, or None if the arguments fit."""
         validator = self._validators.get(tool)
-        if validator is None or validator.is_valid(args):
+        if validator is None:
+            return None
+        # NaN and the infinities are not JSON numbers (RFC 8259), but JSON
+        # parsers let them through and every bound compares false with NaN.
+        odd = _non_finite(args)
+        if odd is not None:
+            path, value = odd
+            return path or "arguments", f"must be a finite number (got {value})"
+        if validator.is_valid(args):
             return None
         error = best_match(validator.iter_errors(args))
         if error is None:
@@ -74,6 +83,20 @@ def describe(error: ValidationError) -> tuple[str, str]:
             return path, f"must match {bound!r}"
         case _:
             return path, error.message
+
+
+def _non_finite(value: Any) -> tuple[str, float] | None:
+    """The path and value of the first NaN or infinity in ``value``, if any."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return path, item
+        if isinstance(item, dict):
+            stack.extend((_join(path, str(k)), v) for k, v in reversed(list(item.items())))
+        elif isinstance(item, list):
+            stack.extend((f"{path}.{i}" if path else str(i), v) for i, v in reversed(list(enumerate(item))))
+    return None
 
 
 def _best_branch(error: ValidationError) -> ValidationError:

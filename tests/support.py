@@ -1,7 +1,8 @@
 """Running real taskwarden servers for tests: config files, stdio and HTTP clients.
 
-Every test talks to a real server process through the SDK's ``Client``, with
-the fake agent from ``fixtures/`` as its worker.
+Every test talks to a real server process through the SDK's ``Client`` (as
+``StrictClient``, which validates every tool result against the tool's output
+schema), with the fake agent from ``fixtures/`` as its worker.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import anyio
 import psutil
+from jsonschema import Draft7Validator, Draft202012Validator
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 from mcp_types import CallToolResult
@@ -109,6 +111,42 @@ class Workspace:
         return ["--config", str(self.config)]
 
 
+class StrictClient(Client):
+    """The SDK's client, holding the server to its published schemas as strict clients do.
+
+    Every tool result, errors included, must validate against the tool's
+    declared output schema, read as draft 2020-12 (the Python SDK, jsonschema)
+    and as draft-07 (Ajv in the TypeScript SDK v1 and the MCP Inspector).
+    The SDK's own client checks successful results only.
+    """
+
+    _output_schemas: dict[str, dict[str, Any] | None] | None = None
+
+    async def call_tool(self, name: str, arguments: dict[str, Any] | None = None, *args: Any, **kwargs: Any) -> Any:
+        result = await super().call_tool(name, arguments, *args, **kwargs)
+        if isinstance(result, CallToolResult):
+            await self.check_result(name, result)
+        return result
+
+    async def check_result(self, name: str, result: CallToolResult) -> None:
+        if self._output_schemas is None:
+            listed = await self.list_tools()
+            self._output_schemas = {t.name: t.output_schema for t in listed.tools}
+        assert name in self._output_schemas, f"{name} answered but is not in tools/list"
+        schema = self._output_schemas[name]
+        assert schema is not None, f"{name} declares no output schema"
+        data = result.structured_content
+        if data is None:
+            assert result.is_error, f"{name} returned no structured content"
+            return
+        for validator in (Draft202012Validator(schema), Draft7Validator(schema)):
+            errors = sorted(validator.iter_errors(data), key=str)
+            assert not errors, (
+                f"{name} result (isError={result.is_error}) does not validate against its output schema "
+                f"({type(validator).__name__}): {errors[0].message}\n{json.dumps(data)[:500]}"
+            )
+
+
 def stdio_params(ws: Workspace, *extra: str) -> StdioServerParameters:
     return StdioServerParameters(
         command=sys.executable,
@@ -119,8 +157,8 @@ def stdio_params(ws: Workspace, *extra: str) -> StdioServerParameters:
 
 
 @asynccontextmanager
-async def stdio_client(ws: Workspace, *extra: str, **client_kwargs: Any) -> AsyncIterator[Client]:
-    async with Client(stdio_params(ws, *extra), **client_kwargs) as client:
+async def stdio_client(ws: Workspace, *extra: str, **client_kwargs: Any) -> AsyncIterator[StrictClient]:
+    async with StrictClient(stdio_params(ws, *extra), **client_kwargs) as client:
         yield client
 
 

@@ -283,19 +283,26 @@ async def test_a_missing_worker_binary_fails_the_task_and_the_server_keeps_servi
         ("spawn-task", {"prompt": "x", "cwd": "relative/dir"}, "cwd", "absolute"),
         ("spawn-task", {"prompt": "x", "timeuot_s": 5}, "timeuot_s", "not an argument"),
         ("get-task", {"task_id": "tsk_nope"}, "task_id", "no task 'tsk_nope'"),
-        ("get-task", {"task_id": "t", "tail_lines": 501}, "tail_lines", "<= 500"),
+        ("get-task", {"task_id": "tsk_x", "tail_lines": 501}, "tail_lines", "<= 500"),
+        ("get-task", {"task_id": "job_1"}, "task_id", "must match"),
         ("wait-task", {"task_ids": []}, "task_ids", "at least 1"),
         ("wait-task", {"task_ids": [f"tsk_{i}" for i in range(51)]}, "task_ids", "at most 50"),
         ("wait-task", {"task_ids": ["tsk_nope"]}, "task_ids", "no task 'tsk_nope'"),
-        ("wait-task", {"task_ids": "x", "timeout_s": 51}, "timeout_s", "<= 50"),
+        ("wait-task", {"task_ids": "tsk_x", "timeout_s": 51}, "timeout_s", "<= 50"),
         ("wait-task", {"task_ids": 7}, "task_ids", "type"),
         ("message-task", {"task_id": "tsk_nope", "message": "hi"}, "task_id", "no task 'tsk_nope'"),
         ("message-task", {"task_id": "tsk_x", "message": ""}, "message", "at least 1"),
         ("cancel-task", {"task_id": []}, "task_id", "at least 1"),
-        ("cancel-task", {"task_id": [f"t{i}" for i in range(101)]}, "task_id", "at most 100"),
+        ("cancel-task", {"task_id": [f"tsk_{i}" for i in range(101)]}, "task_id", "at most 100"),
         ("list-tasks", {"limit": 0}, "limit", ">= 1"),
         ("list-tasks", {"limit": 201}, "limit", "<= 200"),
-        ("list-tasks", {"cursor": "bogus!"}, "cursor", "not a cursor"),
+        ("list-tasks", {"cursor": "bogus"}, "cursor", "not a cursor"),
+        ("list-tasks", {"cursor": "bogus!"}, "cursor", "must match"),
+        ("list-tasks", {"cursor": "c" * 201}, "cursor", "at most 200"),
+        # A well-formed cursor whose number no SQLite integer holds.
+        ("list-tasks", {"cursor": "c2VxOjk5OTk5OTk5OTk5OTk5OTk5OTk5OTk5OTk5OTk5"}, "cursor", "not a cursor"),
+        ("spawn-task", {"prompt": "x", "cwd": "/tmp/a\x00b"}, "cwd", "NUL"),
+        ("spawn-task", {"prompt": "echo a\x00b", "worker": "shell"}, "prompt", "NUL"),
         ("list-tasks", {"status": "sleeping"}, "status", "one of"),
     ],
 )
@@ -313,6 +320,25 @@ async def test_bad_input_gets_an_error_naming_the_field_and_the_bound(
         assert bound in text, text
         # Nothing was written and the server still answers.
         assert (await call(client, "list-tasks", {}))["tasks"] == []
+
+
+async def test_paths_and_prompts_the_os_cannot_take_are_refused_at_the_call(ws: Workspace) -> None:
+    """Nothing reaches "Error executing tool" or a turn that fails with "internal error"."""
+    loop = ws.work / "loop"
+    loop.symlink_to(loop)
+    async with stdio_client(ws) as client:
+        result = await call_error(client, "spawn-task", {"prompt": "x", "cwd": str(loop)})
+        assert result.structured_content["field"] == "cwd"
+        assert text_of(result).startswith(f"invalid_arguments: cwd: {loop} cannot be resolved"), text_of(result)
+
+        # A shell session, then a next turn whose script holds a NUL byte.
+        task = await spawn_and_wait(client, "echo first", worker="shell", cwd=str(ws.work))
+        assert task["status"] == "completed", task
+        result = await call_error(client, "message-task", {"task_id": task["task_id"], "message": "echo \x00"})
+        assert result.structured_content["field"] == "message"
+        assert "NUL byte" in text_of(result)
+        tasks = (await call(client, "list-tasks", {}))["tasks"]
+        assert [t["status"] for t in tasks] == ["completed"]
 
 
 async def test_idempotency_key_returns_the_same_task(ws: Workspace) -> None:

@@ -13,7 +13,7 @@ import pytest
 from mcp.shared.exceptions import MCPError
 from mcp_types import ElicitResult
 
-from tests.support import FIXTURES, Workspace, call, call_error, spawn_and_wait, stdio_client, text_of
+from tests.support import FIXTURES, StrictClient, Workspace, call, call_error, spawn_and_wait, stdio_client, text_of
 
 pytestmark = pytest.mark.anyio
 
@@ -414,7 +414,6 @@ async def test_shadow_mode_logs_what_it_would_deny_and_allows(tmp_path: Path) ->
 
 
 async def test_hot_reload_applies_a_changed_policy_and_keeps_it_on_a_bad_change(tmp_path: Path) -> None:
-    from mcp import Client
     from mcp.client.stdio import stdio_client as stdio_transport
 
     from tests.support import stdio_params
@@ -423,7 +422,7 @@ async def test_hot_reload_applies_a_changed_policy_and_keeps_it_on_a_bad_change(
     policy = tmp_path / "policy.yaml"
     stderr_path = tmp_path / "server-stderr.log"
     with stderr_path.open("w") as stderr:
-        async with Client(stdio_transport(stdio_params(ws), errlog=stderr)) as client:
+        async with StrictClient(stdio_transport(stdio_params(ws), errlog=stderr)) as client:
             await call(client, "list-tasks", {})
             policy.write_text(
                 "default: allow\ntools:\n  list-tasks:\n    rules:\n      - action: deny\n        reason: frozen\n"

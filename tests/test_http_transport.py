@@ -9,10 +9,9 @@ from pathlib import Path
 import httpx
 import httpx2
 import pytest
-from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.support import Workspace, call, http_server, spawn_and_wait
+from tests.support import StrictClient, Workspace, call, http_server, spawn_and_wait
 
 pytestmark = pytest.mark.anyio
 
@@ -20,14 +19,14 @@ pytestmark = pytest.mark.anyio
 async def test_spawn_wait_message_over_http(tmp_path: Path) -> None:
     ws = Workspace(tmp_path)
     async with http_server(ws, "--allow-anonymous", "--no-inbox") as base:
-        async with Client(f"{base}/mcp") as client:
+        async with StrictClient(f"{base}/mcp") as client:
             task = await spawn_and_wait(client, "say over http")
             assert task["status"] == "completed"
             assert task["output"]["final"] == "over http"
             nxt = await call(client, "message-task", {"task_id": task["task_id"], "message": "history"})
             done = (await call(client, "wait-task", {"task_ids": nxt["task_id"]}))["tasks"][0]
             assert done["output"]["final"] == "turn 1 prompt: say over http"
-        async with Client(f"{base}/mcp", mode="legacy") as client:
+        async with StrictClient(f"{base}/mcp", mode="legacy") as client:
             task = await spawn_and_wait(client, "say legacy http")
             assert task["output"]["final"] == "legacy http"
 
@@ -50,7 +49,7 @@ async def test_http_requires_a_known_bearer_token(tmp_path: Path) -> None:
         headers = {"Authorization": f"Bearer {token}"}
         # The SDK's transport takes an httpx2 client (its fork of httpx).
         async with httpx2.AsyncClient(headers=headers) as http:
-            async with Client(streamable_http_client(f"{base}/mcp", http_client=http)) as client:
+            async with StrictClient(streamable_http_client(f"{base}/mcp", http_client=http)) as client:
                 task = await spawn_and_wait(client, "say hello alice")
                 assert task["output"]["final"] == "hello alice"
     audit = ws.cli("audit", "--json", "--tool", "spawn-task")
@@ -82,5 +81,5 @@ async def test_any_loopback_address_refuses_a_foreign_host_header(tmp_path: Path
         async with httpx.AsyncClient() as http:
             evil = await http.post(f"{base}/mcp", json=body, headers={**accept, "Host": "evil.example"})
             assert evil.status_code == 421
-        async with Client(f"{base}/mcp") as client:
+        async with StrictClient(f"{base}/mcp") as client:
             assert (await call(client, "list-tasks", {}))["tasks"] == []

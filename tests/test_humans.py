@@ -15,12 +15,11 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from mcp import Client
 
 from guard.clock import FakeClock
 from guard.database import Database
 from tests.inbox_support import add_human, csrf_of, inbox_server, post_form, sign_in, signed_in_client
-from tests.support import FIXTURES, Workspace, call, call_error, http_server, stdio_client, text_of
+from tests.support import FIXTURES, StrictClient, Workspace, call, call_error, http_server, stdio_client, text_of
 from worker_server.inbox.accounts import SIGNIN_TTL_S, Accounts, InvalidName
 from worker_server.inbox.rendering import render
 
@@ -159,7 +158,7 @@ async def test_without_signing_in_no_page_shows_task_data(ws: Workspace) -> None
     brief = "Secret brief: the vault is in room 42"
     async with http_server(ws, "--allow-anonymous") as base:
         async with httpx.AsyncClient(base_url=base, follow_redirects=False, timeout=10) as http:
-            async with Client(f"{base}/mcp") as client:
+            async with StrictClient(f"{base}/mcp") as client:
                 task = await spawn_human(client, brief, title=title)
             for path in ("/inbox/", "/inbox/?tab=open", f"/inbox/tasks/{task['task_id']}", "/inbox/events",
                          "/inbox/audit", "/inbox/audit?tool=spawn-task", "/inbox/approvals/apr_whatever"):
@@ -171,14 +170,14 @@ async def test_without_signing_in_no_page_shows_task_data(ws: Workspace) -> None
             assert "Sign in to the inbox" in (await http.get("/inbox/")).text
             refused = await http.post(f"/inbox/tasks/{task['task_id']}/claim", data={"csrf": "0" * 64})
             assert refused.status_code == 401
-            async with Client(f"{base}/mcp") as client:
+            async with StrictClient(f"{base}/mcp") as client:
                 still = await call(client, "get-task", {"task_id": task["task_id"]})
             assert still["status"] == "queued"
 
 
 async def test_a_form_post_without_its_csrf_token_is_refused(ws: Workspace) -> None:
     async with http_server(ws, "--allow-anonymous") as base:
-        async with Client(f"{base}/mcp") as client, signed_in_client(ws, base) as http:
+        async with StrictClient(f"{base}/mcp") as client, signed_in_client(ws, base) as http:
             task = await spawn_human(client, "Label the photos")
             action = f"/inbox/tasks/{task['task_id']}/claim"
             for data in ({}, {"csrf": ""}, {"csrf": "f" * 64}):
@@ -200,7 +199,7 @@ async def test_a_form_post_without_its_csrf_token_is_refused(ws: Workspace) -> N
 
 async def test_every_inbox_response_has_the_csp_and_pages_have_no_inline_code(ws: Workspace) -> None:
     async with http_server(ws, "--allow-anonymous") as base:
-        async with Client(f"{base}/mcp") as client, signed_in_client(ws, base) as http:
+        async with StrictClient(f"{base}/mcp") as client, signed_in_client(ws, base) as http:
             task = await spawn_human(client, "Check **this**")
             paths = ["/inbox", "/inbox/", "/inbox/?tab=done", f"/inbox/tasks/{task['task_id']}", "/inbox/audit",
                      "/inbox/audit?since=nonsense", "/inbox/static/inbox.css", "/inbox/static/inbox.js",
@@ -224,7 +223,7 @@ async def test_every_inbox_response_has_the_csp_and_pages_have_no_inline_code(ws
 
 async def test_a_person_works_a_task_in_the_inbox_without_javascript(ws: Workspace) -> None:
     async with http_server(ws, "--allow-anonymous") as base:
-        async with Client(f"{base}/mcp") as client, signed_in_client(ws, base) as http:
+        async with StrictClient(f"{base}/mcp") as client, signed_in_client(ws, base) as http:
             task = await spawn_human(client, "Count the **red** cars", title="Count cars", timeout_s=3600)
             tid = task["task_id"]
             page = f"/inbox/tasks/{tid}"
@@ -306,7 +305,7 @@ async def test_the_inbox_served_alone_works_beside_a_stdio_server(ws: Workspace)
 
 async def test_the_event_stream_announces_changes_to_signed_in_people_only(ws: Workspace) -> None:
     async with http_server(ws, "--allow-anonymous") as base:
-        async with Client(f"{base}/mcp") as client, signed_in_client(ws, base) as http:
+        async with StrictClient(f"{base}/mcp") as client, signed_in_client(ws, base) as http:
             anonymous = await httpx.AsyncClient(base_url=base).get("/inbox/events")
             assert anonymous.status_code == 401
             async with http.stream("GET", "/inbox/events") as stream:
@@ -409,7 +408,7 @@ async def test_wait_task_wakes_on_a_transition_written_by_another_process(ws: Wo
 
 async def test_a_human_task_past_its_deadline_expires(ws: Workspace) -> None:
     async with http_server(ws, "--allow-anonymous") as base:
-        async with Client(f"{base}/mcp") as client, signed_in_client(ws, base) as http:
+        async with StrictClient(f"{base}/mcp") as client, signed_in_client(ws, base) as http:
             task = await spawn_human(client, "Quick one", timeout_s=1)
             assert task["deadline"] is not None
             waited = await call(client, "wait-task", {"task_ids": task["task_id"], "timeout_s": 20})
@@ -425,7 +424,7 @@ async def test_a_human_task_past_its_deadline_expires(ws: Workspace) -> None:
 
 async def test_a_person_sees_that_the_agent_cancelled_their_task(ws: Workspace) -> None:
     async with http_server(ws, "--allow-anonymous") as base:
-        async with Client(f"{base}/mcp") as client, signed_in_client(ws, base) as http:
+        async with StrictClient(f"{base}/mcp") as client, signed_in_client(ws, base) as http:
             task = await spawn_human(client, "Translate the menu", title="Menu")
             page = f"/inbox/tasks/{task['task_id']}"
             await post_form(http, page, f"{page}/claim")
@@ -448,7 +447,7 @@ async def test_a_person_sees_that_the_agent_cancelled_their_task(ws: Workspace) 
 async def test_approval_pages_show_redacted_arguments_and_demand_a_reason_to_deny(tmp_path: Path) -> None:
     ws = Workspace(tmp_path, policy=APPROVALS_FAST)
     async with http_server(ws, "--allow-anonymous") as base:
-        async with Client(f"{base}/mcp") as client, signed_in_client(ws, base) as http:
+        async with StrictClient(f"{base}/mcp") as client, signed_in_client(ws, base) as http:
             task = await spawn_human(client, "Keep me")
             secret = "sk-live-" + "A1b2C3d4" * 5
             args = {"task_id": task["task_id"], "reason": f"<b>cleanup</b> api_key={secret}"}

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mcp import Client
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from tests.inbox_support import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS, add_human
-from tests.support import FIXTURES, Workspace, call, call_error, http_server
+from tests.support import FIXTURES, StrictClient, Workspace, call, call_error, http_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.browser]
 
@@ -76,7 +75,7 @@ async def wait_task(agent: Client, task_id: str) -> dict[str, Any]:
 
 async def test_a_person_and_an_agent_work_a_task_together_live(tmp_path: Path) -> None:
     ws = Workspace(tmp_path)
-    async with http_server(ws, "--allow-anonymous") as base, Client(f"{base}/mcp") as agent, chromium() as browser:
+    async with http_server(ws, "--allow-anonymous") as base, StrictClient(f"{base}/mcp") as agent, chromium() as browser:
         await human_task(agent, "Have a look at the staging dashboard and note anything red.",
                          title="Check the staging dashboard")  # fmt: skip
         await human_task(agent, "Proof-read the onboarding email (attached in the wiki).",
@@ -175,7 +174,7 @@ async def test_a_person_and_an_agent_work_a_task_together_live(tmp_path: Path) -
 
 async def test_a_person_approves_one_held_call_and_denies_another(tmp_path: Path) -> None:
     ws = Workspace(tmp_path, policy=APPROVALS_FAST)
-    async with http_server(ws, "--allow-anonymous") as base, Client(f"{base}/mcp") as agent, chromium() as browser:
+    async with http_server(ws, "--allow-anonymous") as base, StrictClient(f"{base}/mcp") as agent, chromium() as browser:
         tools = {t.name for t in (await agent.list_tools()).tools}
         assert not any("approv" in name for name in tools), "no MCP tool may decide an approval"
         first = await human_task(agent, "Old duplicate", title="Duplicate request")
@@ -300,7 +299,7 @@ async def assert_nothing_ran(page: Page, watcher: Watcher, title: str) -> None:
 async def test_hostile_message_bodies_never_execute(tmp_path: Path) -> None:
     assert len(PAYLOADS) >= 20
     ws = Workspace(tmp_path)
-    async with http_server(ws, "--allow-anonymous") as base, Client(f"{base}/mcp") as agent, chromium() as browser:
+    async with http_server(ws, "--allow-anonymous") as base, StrictClient(f"{base}/mcp") as agent, chromium() as browser:
         hostile_title = "<img src=x onerror=alert(1)> title\"><script>alert(1)</script>"
         await human_task(agent, "\n\n".join(PAYLOADS), title=hostile_title)
         task = await human_task(agent, "Brief:\n\n" + "\n\n".join(PAYLOADS), title="Read these messages")

@@ -207,3 +207,27 @@ async def test_text_logs_read_back_exactly_across_page_and_character_boundaries(
                 with pytest.raises(MCPError) as refused:
                     await alice.read_resource(bad)
                 assert f"{field}: must be an integer in" in str(refused.value)
+
+
+async def test_native_mcp_tasks_of_another_identity_are_unknown(tmp_path: Path) -> None:
+    import httpx
+
+    from tests.raw_jsonrpc import HttpPeer, RpcError, envelope
+
+    ws = workspace(tmp_path)
+    async with http_server(ws, "--no-inbox") as base:
+        async with as_identity(base, "alice") as alice:
+            agent, _ = await alices_work(alice, ws)
+        for name, visible in (("alice", True), ("bob", False)):
+            async with httpx.AsyncClient(headers={"Authorization": f"Bearer {TOKENS[name]}"}, timeout=60) as http:
+                peer = HttpPeer(http, f"{base}/mcp")
+                for method in ("tasks/get", "tasks/cancel"):
+                    if visible and method == "tasks/cancel":
+                        continue
+                    params = {"taskId": agent["task_id"], "_meta": envelope()}
+                    if visible:
+                        assert (await peer.request(method, params))["status"] == "completed"
+                        continue
+                    with pytest.raises(RpcError) as unknown:
+                        await peer.request(method, params)
+                    assert f"no task {agent['task_id']!r}" in str(unknown.value)

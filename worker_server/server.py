@@ -24,12 +24,14 @@ from worker_server import __version__
 from worker_server.config import ConfigError, Settings
 from worker_server.humans import Humans
 from worker_server.identity import CallerResolver, TokenIdentities
+from worker_server.mcp_tasks import TaskMiddleware, TasksExtension
+from worker_server.protocol import ProtocolEdges
 from worker_server.runner import Runner
 from worker_server.sandbox import Sandbox, SandboxError
 from worker_server.service import TaskService
 from worker_server.store import Store
 from worker_server.log_pages import PagePosition
-from worker_server.tools import register_resources, register_tools, resource_call
+from worker_server.tools import build_tools, register_resources, resource_call
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class App:
     service: TaskService
     guard: Guard
     callers: CallerResolver
+    tasks: TasksExtension
 
 
 @asynccontextmanager
@@ -87,6 +90,7 @@ async def open_app(
             db, feed, policy_path=settings.policy, enabled=guard_enabled, callers=callers.caller,
             resource_calls=resource_call,
         )  # fmt: skip
+        tasks = TasksExtension(service, guard, callers.caller)
         async with anyio.create_task_group() as tg:
             if runner is not None:
                 await runner.reconcile()
@@ -94,8 +98,9 @@ async def open_app(
             if background:
                 await tg.start(humans.keep_deadlines)
                 await tg.start(guard.serve)
+                await tg.start(tasks.watchers.serve)
             try:
-                yield App(settings, db, feed, store, runner, service, guard, callers)
+                yield App(settings, db, feed, store, runner, service, guard, callers, tasks)
             finally:
                 tg.cancel_scope.cancel()
     finally:
@@ -130,11 +135,16 @@ def build_mcp(app: App, *, token_auth: bool = False, issuer: str = "http://127.0
         version=__version__,
         log_level=app.settings.log_level,
         # The guard is the single way in: every tools/call passes it first.
-        middleware=[app.guard.middleware, PagePosition()],
+        # Task surfaces that rewrite whole results sit outside it, so a
+        # task-augmented call passes the same rules and limits.
+        middleware=[TaskMiddleware(app.tasks), app.guard.middleware, PagePosition()],
+        # MCP Tasks (2026-07-28 extension and the 2025-11-25 tasks/* methods).
+        extensions=[app.tasks],
+        tools=build_tools(app.service, app.callers, app.guard.sees_all),
         **kwargs,
     )
-    register_tools(mcp, app.service, app.callers, app.guard.sees_all)
     register_resources(mcp, app.service, app.callers, app.guard.sees_all)
+    mcp.middleware.append(ProtocolEdges(mcp.list_prompts))
     app.guard.set_tools(mcp)
     return mcp
 

@@ -145,6 +145,7 @@ class TaskService:
             if profile is None:
                 known = ", ".join([*sorted(self.profiles), HUMAN])
                 raise InvalidArgument("worker", f"unknown worker {worker!r}; known workers: {known}")
+            _check_passable("prompt", prompt, profile)
             row, _ = await self.store.create_session(
                 kind="agent",
                 cwd=str(self._check_cwd(cwd)),
@@ -167,9 +168,14 @@ class TaskService:
                     "pass an absolute cwd inside them",
                 )
             return path
+        if "\x00" in cwd:
+            raise InvalidArgument("cwd", "must not contain a NUL byte")
         if not os.path.isabs(cwd):
             raise InvalidArgument("cwd", f"must be an absolute path, got {cwd!r}")
-        path = Path(cwd).resolve()
+        try:
+            path = Path(cwd).resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+            raise InvalidArgument("cwd", f"{cwd} cannot be resolved: {exc}") from None
         if not _inside(path, roots):
             raise InvalidArgument("cwd", f"{cwd} is outside the allowed roots ({shown})")
         if not path.is_dir():
@@ -237,6 +243,7 @@ class TaskService:
             return await self.humans.agent_message(caller, task, message)
         if task.worker not in self.profiles:
             raise InvalidArgument("task_id", f"its worker {task.worker!r} is no longer configured")
+        _check_passable("message", message, self.profiles[task.worker])
         row = await self.store.add_turn(
             task.session_id,
             prompt=message,
@@ -493,11 +500,23 @@ def _encode_cursor(seq: int) -> str:
     return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
 
 
+def _check_passable(field: str, prompt: str, profile: WorkerProfile) -> None:
+    """A prompt passed as a command-line argument cannot hold a NUL byte (exec refuses it)."""
+    if profile.prompt == "arg" and "\x00" in prompt:
+        raise InvalidArgument(field, "must not contain a NUL byte: this worker gets it as a command-line argument")
+
+
+# Cursors carry a row's seq, an SQLite integer: anything wider is not ours.
+_MAX_SEQ = 2**63 - 1
+
+
 def _decode_cursor(cursor: str) -> int:
     try:
+        if len(cursor) > 64:
+            raise ValueError
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         kind, _, value = raw.partition(":")
-        if kind != "seq":
+        if kind != "seq" or not (value.isascii() and value.isdigit()) or not 0 <= int(value) <= _MAX_SEQ:
             raise ValueError
         return int(value)
     except (ValueError, UnicodeDecodeError):

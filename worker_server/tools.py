@@ -2,13 +2,18 @@
 
 Every tool returns a pydantic model (its output schema). An argument that
 fits the schema but not the situation comes back as an ``isError`` result
-with ``{error: "invalid_arguments", tool, field, reason}``.
+with ``{error: "invalid_arguments", tool, rule, reason, field}``.
+
+What a tool publishes is made strict here, for clients that hold a server
+to its word: input schemas refuse unknown names (as the guard does), output
+schemas admit the guard's refusal shape (strict clients validate error
+results too), and descriptions carry no docstring indentation.
 """
 
 from __future__ import annotations
 
 import functools
-import json
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, ParamSpec, TypeVar
 from urllib.parse import unquote
@@ -16,9 +21,12 @@ from urllib.parse import unquote
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
-from mcp_types import CallToolResult, TextContent, ToolAnnotations
+from mcp.server.mcpserver.tools import Tool
+from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import Field
 
+from guard.middleware import refusal_result
+from guard.outcomes import Refusal, admit_refusals
 from worker_server.identity import CallerResolver
 from worker_server.log_pages import PAGE_BYTES, read_page, remember_page
 from worker_server.service import InvalidArgument, TaskService, Viewer
@@ -27,21 +35,37 @@ from worker_server.task import CancelResult, Message, MessageList, TaskDetail, T
 P = ParamSpec("P")
 R = TypeVar("R")
 
-TaskId = Annotated[str, Field(min_length=1, max_length=64, description="A task id, e.g. tsk_k3v9q0m2x7ab")]
+# Ids are "tsk_" + base32 (see store.new_id); the pattern refuses junk (NUL
+# bytes, spaces, another kind of id) before any lookup.
+TASK_ID_PATTERN = r"^tsk_[a-z0-9]+$"
+TaskId = Annotated[
+    str,
+    Field(min_length=5, max_length=64, pattern=TASK_ID_PATTERN, description="A task id, e.g. tsk_k3v9q0m2x7ab"),
+]
 Label = Annotated[str, Field(min_length=1, max_length=64)]
 
+# Annotations, as a client reads them (MCP ToolAnnotations):
+# - spawn-task is destructive: a worker runs arbitrary work in cwd (a shell
+#   script, or an agent allowed to edit files), so it may delete or
+#   overwrite, not only add. Clients that confirm destructive calls will ask
+#   before spawning; that is the honest trade. Not idempotent (an
+#   idempotency_key makes one spawn repeatable, the tool in general is not).
+# - list-task-messages marks the person's messages read: it changes state,
+#   so it is not read-only; harmless and idempotent (reading twice marks
+#   nothing more). The built-in policy allows it by name.
+# - cancel-task stops work: destructive, idempotent (a second cancel finds
+#   the task already terminal).
+SPAWN = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=True)
 WRITE = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=True)
+MARKS_READ = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 READ = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 DESTRUCTIVE = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=True)
 
 
 def invalid(tool: str, exc: InvalidArgument) -> CallToolResult:
-    payload = {"error": "invalid_arguments", "tool": tool, "rule": None, "reason": f"{exc.field}: {exc.message}", "field": exc.field}
-    text = f"invalid_arguments: {exc.field}: {exc.message}"
-    return CallToolResult(
-        content=[TextContent(type="text", text=text + "\n" + json.dumps(payload))],
-        structured_content=payload,
-        is_error=True,
+    """The guard's invalid_arguments refusal, for what only the tool can see."""
+    return refusal_result(
+        Refusal("invalid_arguments", tool, None, f"{exc.field}: {exc.message}", extra={"field": exc.field})
     )
 
 
@@ -59,10 +83,31 @@ def _reports_invalid(tool: str) -> Callable[[Callable[P, Awaitable[R]]], Callabl
     return decorate
 
 
-def register_tools(
-    mcp: MCPServer[Any], service: TaskService, callers: CallerResolver, sees_all: Callable[[str], bool]
-) -> None:
-    """``sees_all(identity)``: whether the policy shares every session with that identity."""
+def strict_tool(fn: Callable[..., Any], *, name: str, title: str, annotations: ToolAnnotations) -> Tool:
+    """``fn`` as an MCP tool whose published schemas say what the server enforces."""
+    tool = Tool.from_function(
+        fn, name=name, title=title, description=inspect.cleandoc(fn.__doc__ or ""), annotations=annotations
+    )
+    output_schema = tool.fn_metadata.output_schema
+    if output_schema is None:
+        raise TypeError(f"{name}: a tool must return a model (its output schema)")
+    # The guard refuses unknown argument names; the schema says so.
+    parameters = {**tool.parameters, "additionalProperties": False}
+    metadata = tool.fn_metadata.model_copy(update={"output_schema": admit_refusals(output_schema)})
+    return tool.model_copy(update={"parameters": parameters, "fn_metadata": metadata})
+
+
+def build_tools(service: TaskService, callers: CallerResolver, sees_all: Callable[[str], bool]) -> list[Tool]:
+    """Every taskwarden tool, for ``MCPServer(tools=...)``. ``sees_all(identity)``: whether
+    the policy shares every session with that identity."""
+    tools: list[Tool] = []
+
+    def tool(name: str, title: str, annotations: ToolAnnotations) -> Callable[[Callable[..., Any]], Any]:
+        def register(fn: Callable[..., Any]) -> Any:
+            tools.append(strict_tool(fn, name=name, title=title, annotations=annotations))
+            return fn
+
+        return register
 
     def caller(ctx: Context) -> Any:
         return callers.caller(ctx.request_context)
@@ -71,7 +116,7 @@ def register_tools(
         identity = caller(ctx).identity
         return Viewer(identity, sees_all(identity))
 
-    @mcp.tool(name="spawn-task", title="Start a background task", annotations=WRITE)
+    @tool("spawn-task", "Start a background task", SPAWN)
     @_reports_invalid("spawn-task")
     async def spawn_task(
         prompt: Annotated[str, Field(min_length=1, max_length=100_000, description="What the worker should do")],
@@ -113,7 +158,7 @@ def register_tools(
             idempotency_key=idempotency_key,
         )
 
-    @mcp.tool(name="wait-task", title="Wait for tasks", annotations=READ)
+    @tool("wait-task", "Wait for tasks", READ)
     @_reports_invalid("wait-task")
     async def wait_task(
         task_ids: Annotated[
@@ -141,7 +186,7 @@ def register_tools(
 
         return await service.wait(ids, timeout_s=timeout_s, mode=mode, progress=progress, viewer=viewer(ctx))
 
-    @mcp.tool(name="message-task", title="Send the next turn", annotations=WRITE)
+    @tool("message-task", "Send the next turn", WRITE)
     @_reports_invalid("message-task")
     async def message_task(
         task_id: TaskId,
@@ -152,7 +197,7 @@ def register_tools(
         behind a running turn) and returns the new task. Human task: posts the message to its thread."""
         return await service.message(caller(ctx), task_id, message, viewer=viewer(ctx))
 
-    @mcp.tool(name="cancel-task", title="Cancel tasks", annotations=DESTRUCTIVE)
+    @tool("cancel-task", "Cancel tasks", DESTRUCTIVE)
     @_reports_invalid("cancel-task")
     async def cancel_task(
         task_id: Annotated[
@@ -168,7 +213,7 @@ def register_tools(
         ids = [task_id] if isinstance(task_id, str) else task_id
         return await service.cancel(ids, reason, viewer=viewer(ctx))
 
-    @mcp.tool(name="list-tasks", title="List tasks", annotations=READ)
+    @tool("list-tasks", "List tasks", READ)
     @_reports_invalid("list-tasks")
     async def list_tasks(
         ctx: Context,
@@ -176,7 +221,10 @@ def register_tools(
         worker: Annotated[str | None, Field(min_length=1, max_length=64, description="Only this worker")] = None,
         label: Annotated[Label | None, Field(description="Only tasks with this label")] = None,
         limit: Annotated[int, Field(ge=1, le=200, description="Page size")] = 50,
-        cursor: Annotated[str | None, Field(max_length=200, description="next_cursor from the previous page")] = None,
+        cursor: Annotated[
+            str | None,
+            Field(max_length=200, pattern=r"^[A-Za-z0-9_-]+$", description="next_cursor from the previous page"),
+        ] = None,
     ) -> TaskList:
         """List tasks, newest first, with optional filters. Page with next_cursor."""
         return await service.list(
@@ -184,7 +232,7 @@ def register_tools(
             viewer=viewer(ctx),
         )
 
-    @mcp.tool(name="get-task", title="Get a task", annotations=READ)
+    @tool("get-task", "Get a task", READ)
     @_reports_invalid("get-task")
     async def get_task(
         task_id: TaskId,
@@ -195,7 +243,7 @@ def register_tools(
         its session's turns and, for human tasks, the message thread."""
         return await service.get(task_id, tail_lines=tail_lines, viewer=viewer(ctx))
 
-    @mcp.tool(name="send-task-message", title="Message a person about a task", annotations=WRITE)
+    @tool("send-task-message", "Message a person about a task", WRITE)
     @_reports_invalid("send-task-message")
     async def send_task_message(
         task_id: TaskId,
@@ -210,13 +258,14 @@ def register_tools(
         await service.check_visible(task_id, viewer(ctx))
         return await humans.send(caller(ctx), task_id, body)
 
-    @mcp.tool(name="list-task-messages", title="Read a task's messages", annotations=READ)
+    @tool("list-task-messages", "Read a task's messages", MARKS_READ)
     @_reports_invalid("list-task-messages")
     async def list_task_messages(
         task_id: TaskId,
         ctx: Context,
         since: Annotated[
-            str | None, Field(max_length=64, description="Only messages after this message id")
+            str | None,
+            Field(max_length=64, pattern=r"^msg_[a-z0-9]+$", description="Only messages after this message id"),
         ] = None,
     ) -> MessageList:
         """The message thread of a human task, oldest first. What people wrote is marked author=human.
@@ -225,7 +274,7 @@ def register_tools(
         await service.check_visible(task_id, viewer(ctx))
         return await humans.list(task_id, since)
 
-    @mcp.tool(name="review-task", title="Review a person's hand-in", annotations=WRITE)
+    @tool("review-task", "Review a person's hand-in", WRITE)
     @_reports_invalid("review-task")
     async def review_task(
         task_id: TaskId,
@@ -244,6 +293,8 @@ def register_tools(
         humans = _humans(service)
         await service.check_visible(task_id, viewer(ctx))
         return await humans.review(caller(ctx), task_id, decision, feedback)
+
+    return tools
 
 
 def _humans(service: TaskService) -> Any:

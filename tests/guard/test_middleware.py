@@ -156,3 +156,44 @@ async def test_hidden_and_absent_tools_are_the_same_unknown_tool_error(tmp_path:
         assert str(absent.value) == "Unknown tool: nothing"
         decisions = [e.decision for e in await guard.audit.query()]
         assert decisions == ["hidden", "hidden"]
+
+
+async def test_a_request_that_is_not_a_tool_call_is_decided_and_audited_as_the_tool_it_acts_as(
+    tmp_path: Path,
+) -> None:
+    """The API a host uses for requests such as MCP ``tasks/cancel``: decide it as a tool
+    (same rules, same approval digest), audit it under its own name."""
+    from guard.audit import Outcome
+    from guard.outcomes import Refusal
+    from guard.runtime import Admission, Call
+
+    policy = """\
+        version: "1"
+        default: allow
+        tools:
+          drop:
+            rules:
+              - action: require_approval
+                reason: "a human decides"
+                approval: {wait_s: 0.1}
+        """
+    async with guarded(tmp_path, policy) as (_server, guard):
+        held = await guard.admit(Call("drop", {"what": "t1"}, "alice", "s1", via="things/drop"))
+        assert isinstance(held, Refusal) and held.error == "approval_required"
+        approval = await guard.approvals.get(held.approval["id"])
+        assert approval is not None and approval.tool == "drop"  # what the human sees
+        await guard.approvals.decide(approval.id, True, "bob", None)
+        # The approval serves the tool call itself too: it is the same call.
+        admitted = await guard.admit(Call("drop", {"what": "t1"}, "alice", "s1"))
+        assert isinstance(admitted, Admission) and admitted.approval_id == approval.id
+        await guard.settle(admitted, Outcome.OK)
+
+        await guard.record_request(Call("things/get", {"id": "t1"}, "alice", "s1", via="things/get"), Outcome.OK,
+                                   0.0, read_only=True)
+        await guard.audit.flush()
+        rows = [(e.tool, e.decision, e.outcome) for e in await guard.audit.query()]
+    assert rows == [
+        ("things/drop", "approval_required", "refused"),
+        ("drop", "allow", "ok"),
+        ("things/get", "allow", "ok"),
+    ]

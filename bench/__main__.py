@@ -21,7 +21,7 @@ from typing import Any
 
 import anyio
 
-from bench import approval, cold_start, guard_overhead, limits, memory, spawn, wake
+from bench import agent_cli, approval, cold_start, guard_overhead, limits, memory, spawn, wake
 from bench.core import Section, Sizes, progress
 from bench.machine import ROOT, describe
 from bench.report import render, write
@@ -36,6 +36,7 @@ MODULES: dict[str, ModuleType] = {
     "wake": wake,
     "approval": approval,
     "spawn": spawn,
+    "agent_cli": agent_cli,
     "memory": memory,
 }
 DEFAULT_REPORT = ROOT / "docs" / "BENCHMARKS.md"

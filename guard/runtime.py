@@ -7,6 +7,8 @@ limits → the handler → the audit record. Nothing here knows about MCP
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -216,7 +218,8 @@ class Guard:
             await self._record(call, Decision.HIDDEN, "unknown", "no such tool", started, Outcome.REFUSED)
             raise Unknown(call.tool)
 
-        verdict = await self._decide(policy, call)
+        # Conditions read the arguments with the schema's defaults filled in.
+        verdict = await self._decide(policy, dataclasses.replace(call, args=checker.with_defaults(call.tool, call.args)))
         if verdict.hidden:
             if not shadow:
                 await self._record(call, Decision.HIDDEN, verdict.rule_id, verdict.reason, started, Outcome.REFUSED)

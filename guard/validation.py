@@ -20,8 +20,23 @@ class ArgumentChecker:
             name: Draft202012Validator({"additionalProperties": False, **schema}) for name, schema in schemas.items()
         }
 
+        # Top-level defaults: policy conditions see an argument the caller
+        # left out as the value the tool will use (args.sandbox, say).
+        self._defaults = {
+            name: {
+                key: prop["default"]
+                for key, prop in (schema.get("properties") or {}).items()
+                if isinstance(prop, Mapping) and prop.get("default") is not None
+            }
+            for name, schema in schemas.items()
+        }
+
     def __contains__(self, tool: str) -> bool:
         return tool in self._validators
+
+    def with_defaults(self, tool: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        """The arguments as the tool will see them: the schema's defaults for those left out."""
+        return {**self._defaults.get(tool, {}), **args}
 
     def check(self, tool: str, args: Any) -> tuple[str, str] | None:
         """``(field, message)`` for the most relevant problem, or None if the arguments fit."""

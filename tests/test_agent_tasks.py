@@ -260,12 +260,10 @@ async def test_queued_tasks_run_after_a_restart(tmp_path: Path) -> None:
         assert done["output"]["final"] == "ran after restart"
 
 
-async def test_a_missing_worker_binary_fails_the_task_and_the_server_keeps_serving(ws: Workspace) -> None:
+async def test_a_missing_worker_binary_is_refused_at_spawn_and_the_server_keeps_serving(ws: Workspace) -> None:
     async with stdio_client(ws) as client:
-        task = await spawn_and_wait(client, "anything", worker="missing")
-        assert task["status"] == "failed"
-        assert "no-such-agent-binary-xyz" in task["status_message"]
-        assert "not found" in task["status_message"]
+        refused = await call_error(client, "spawn-task", {"prompt": "anything", "worker": "missing"})
+        assert text_of(refused).startswith("invalid_arguments: worker: no-such-agent-binary-xyz CLI not found on PATH")
         ok = await spawn_and_wait(client, "say still here")
         assert ok["output"]["final"] == "still here"
 

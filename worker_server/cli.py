@@ -326,7 +326,27 @@ def _print_task_table(tasks: Sequence[Any]) -> None:
         print("No tasks.")
         return
     for t in tasks:
-        print(f"{t.task_id}  {t.status.value:<15} {t.worker:<8} {t.created_at}  {t.title}")
+        print(f"{t.task_id}  {t.status.value:<15} {t.worker:<8} {t.created_at}  {_usage_brief(t.usage):<22}  {t.title}")
+
+
+def _usage_brief(usage: Any) -> str:
+    """``12.3k tok $0.0123 41s``: what a turn cost at a glance ("-" before it ran)."""
+    if usage is None:
+        return "-"
+    parts = []
+    tokens = (usage.input_tokens or 0) + (usage.output_tokens or 0)
+    if usage.input_tokens is not None or usage.output_tokens is not None:
+        parts.append(f"{tokens / 1000:.1f}k tok" if tokens >= 1000 else f"{tokens} tok")
+    if usage.cost_usd is not None:
+        parts.append(f"${usage.cost_usd:.4f}")
+    if usage.worker_s is not None:
+        parts.append(f"{usage.worker_s:.0f}s")
+    return " ".join(parts) or "-"
+
+
+def _usage_full(usage: Any) -> str:
+    fields = usage.model_dump()
+    return ", ".join(f"{k} {v}" for k, v in fields.items() if v is not None) or "not reported"
 
 
 def _print_task(d: Any) -> None:
@@ -334,6 +354,20 @@ def _print_task(d: Any) -> None:
     print(f"  status:   {d.status.value}" + (f" ({d.status_message})" if d.status_message else ""))
     print(f"  worker:   {d.worker} ({d.kind})   session: {d.session_id}   turn {d.turn}")
     print(f"  created:  {d.created_at}   updated: {d.updated_at}")
+    if d.options:
+        print("  options:  " + ", ".join(f"{k} {v}" for k, v in d.options.items()))
+    if d.worktree:
+        print(f"  worktree: {d.worktree} (branch {d.branch})")
+    if d.usage:
+        print(f"  usage:    {_usage_full(d.usage)}")
+    if d.session_usage and len(d.turns) > 1:
+        print(f"  session:  {_usage_full(d.session_usage)}")
+    if d.changes:
+        more = " (more not listed)" if d.changes.truncated else ""
+        print(f"  changes:  {len(d.changes.files)} file(s), +{d.changes.insertions} -{d.changes.deletions}{more}")
+        for f in d.changes.files:
+            counts = f"+{f.insertions} -{f.deletions}" if f.insertions is not None else "binary"
+            print(f"    {f.status:<9} {f.path}  {counts}")
     if d.pending:
         print(f"  pending {d.pending.kind}: {d.pending.text}")
     if d.output.final:

@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     db: Path | None = None
     policy: Path | None = None
     log_dir: Path | None = None
+    # isolation=worktree: where session worktrees are made (default: beside the logs).
+    worktrees_dir: Path | None = None
     max_result_bytes: int = Field(default=8192, ge=256, le=1_048_576)
     poll_interval_s: float = Field(default=5.0, gt=0, le=3600)
     human_timeout_s: int = Field(default=86_400, ge=1, le=30 * 86_400)
@@ -104,6 +106,10 @@ class Settings(BaseSettings):
     @property
     def logs_path(self) -> Path:
         return (self.log_dir or self.db_path.parent / "logs").expanduser()
+
+    @property
+    def worktrees_path(self) -> Path:
+        return (self.worktrees_dir or self.logs_path.parent / "worktrees").expanduser()
 
     @property
     def scratch_path(self) -> Path:

@@ -24,6 +24,8 @@ import psutil
 from anyio.abc import Process, TaskGroup
 
 from guard.changes import ChangeFeed
+from worker_server import git_work
+from worker_server import usage as usage_
 from worker_server.event_formats import reader_for
 from worker_server.process_group import MARKER_ENV, terminate
 from worker_server.profiles import WorkerProfile
@@ -69,6 +71,8 @@ class RunningTurn:
     done: anyio.Event = field(default_factory=anyio.Event)
     activity: str | None = None
     tail: Tail = field(default_factory=Tail)
+    # The worker's usage so far, as its events reported it.
+    usage: dict | None = None
 
     def request_cancel(self, reason: str, *, interrupted: bool = False) -> None:
         if self.cancel_reason is None:
@@ -212,10 +216,12 @@ class Runner:
         if profile is None:
             await self.store.finish(task.id, TaskStatus.FAILED, message=f"unknown worker {task.worker!r}")
             return
-        cwd = task.cwd or os.getcwd()
-        argv = profile.argv(cwd=cwd, prompt=task.prompt, session=task.worker_session)
+        cwd = task.run_dir or os.getcwd()
+        argv = profile.argv(cwd=cwd, prompt=task.prompt, session=task.worker_session, options=task.options)
         env = {**os.environ, **profile.env, MARKER_ENV: task.id}
         log = LogFile(self.logs_dir / f"{task.id}.log")
+        # The work tree before the turn, to tell what the turn changed.
+        before = await git_work.snapshot(cwd) if Path(cwd).is_dir() else None
         started = time.time()  # whatever this turn starts is created after this
         scratch: Path | None = None
         try:
@@ -235,6 +241,7 @@ class Runner:
                         cwd=Path(cwd),
                         scratch=scratch,
                         state_paths=state_paths(profile.state_dirs, env),
+                        tmpdir=env.get("TMPDIR"),
                     )
                 except (SandboxError, OSError) as exc:
                     message = f"sandbox: {exc}"
@@ -271,7 +278,7 @@ class Runner:
                 return
             try:
                 await self.store.set_process(task.id, proc.pid, str(log.path))
-                await self._supervise(turn, proc, profile, log, started)
+                await self._supervise(turn, proc, profile, log, started, before)
             except BaseException:
                 # Whatever went wrong here, the worker must not outlive its turn.
                 with anyio.CancelScope(shield=True):
@@ -290,12 +297,20 @@ class Runner:
         await terminate(task_id, pid, group_is_ours=True, not_before=started, spare_gentle=spare)
 
     async def _supervise(
-        self, turn: RunningTurn, proc: Process, profile: WorkerProfile, log: LogFile, started: float
+        self,
+        turn: RunningTurn,
+        proc: Process,
+        profile: WorkerProfile,
+        log: LogFile,
+        started: float,
+        before: str | None,
     ) -> None:
         task = turn.task
         reader = reader_for(profile.events)
         failure: list[str] = []
+        notices: list[str] = []
         flushed_at = 0.0
+        clock_start = time.monotonic()
 
         def activity(line: str) -> None:
             nonlocal flushed_at
@@ -315,6 +330,14 @@ class Runner:
                 elif event.kind == "failure":
                     failure.append(event.text)
                     activity(f"error: {event.text}")
+                elif event.kind == "notice":
+                    notices.append(event.text)
+                    activity(f"error: {event.text}")
+                elif event.kind == "usage":
+                    turn.usage = event.usage
+                    if self._tg is not None and event.usage is not None:
+                        # Readable (and countable) while the turn still runs.
+                        self._tg.start_soon(self.store.set_usage, task.id, event.usage)
                 elif event.kind == "activity":
                     activity(event.text)
 
@@ -362,29 +385,34 @@ class Runner:
         log.flush()
         code = proc.returncode
         tail = turn.tail.text(50)
+        ran = {"usage": usage_.add([usage_.empty() | {"worker_s": time.monotonic() - clock_start}, turn.usage])}
+        after = await git_work.snapshot(task.run_dir or os.getcwd()) if before else None
+        ran["changes"] = await git_work.changes(task.run_dir or os.getcwd(), before, after) if before and after else None
         if outcome == "cancelled" and turn.interrupted:
             # The server is stopping: the turn did not finish, nobody cancelled it.
             await self.store.finish(
-                task.id, TaskStatus.FAILED, message=turn.cancel_reason, exit_code=code, tail=tail
+                task.id, TaskStatus.FAILED, message=turn.cancel_reason, exit_code=code, tail=tail, **ran
             )
         elif outcome == "cancelled":
             await self.store.finish(
-                task.id, TaskStatus.CANCELLED, message=_cancel_message(turn.cancel_reason), exit_code=code, tail=tail
-            )
+                task.id, TaskStatus.CANCELLED, message=_cancel_message(turn.cancel_reason), exit_code=code,
+                tail=tail, **ran,
+            )  # fmt: skip
         elif outcome == "timed_out":
-            await self.store.finish(task.id, TaskStatus.FAILED, message="timed_out", exit_code=code, tail=tail)
+            await self.store.finish(task.id, TaskStatus.FAILED, message="timed_out", exit_code=code, tail=tail, **ran)
         elif code == 0 and not failure:
             await self.store.finish(
-                task.id, TaskStatus.COMPLETED, final=reader.final() or "", exit_code=0, tail=tail
+                task.id, TaskStatus.COMPLETED, final=reader.final() or "", exit_code=0, tail=tail, **ran
             )
         else:
             await self.store.finish(
                 task.id,
                 TaskStatus.FAILED,
-                message=_failure_message(code, failure),
+                message=_failure_message(code, failure or notices[-1:]),
                 final=reader.final(),
                 exit_code=code,
                 tail=tail,
+                **ran,
             )
         # The turn is over (and recorded, so waiters are already awake):
         # nothing it started may outlive it, escapees from its group included.

@@ -111,8 +111,12 @@ class Sandbox:
         cwd: Path,
         scratch: Path | None,
         state_paths: Sequence[Path] = (),
+        tmpdir: str | None = None,
     ) -> list[str]:
-        """The command line that runs ``argv`` inside the sandbox (``argv`` itself for "none")."""
+        """The command line that runs ``argv`` inside the sandbox (``argv`` itself for "none").
+
+        ``scratch`` appears at ``/tmp``, and at ``tmpdir`` (the turn's ``$TMPDIR``) when that
+        is elsewhere; without one, ``TMPDIR`` is set to ``/tmp``."""
         if not self.enabled:
             return list(argv)
         cwd = _absolute(cwd)
@@ -130,8 +134,11 @@ class Sandbox:
         def add(dest: Path, rank: int, args: list[str]) -> None:
             mounts.append((len(dest.parts), rank, args))
 
+        moved_tmp = tmpdir is not None and os.path.isabs(tmpdir) and _absolute(tmpdir) != Path(SCRATCH_MOUNT)
         if scratch is not None:
             add(Path(SCRATCH_MOUNT), 0, ["--bind", str(scratch), SCRATCH_MOUNT])
+            if moved_tmp:
+                add(_absolute(str(tmpdir)), 0, ["--bind", str(scratch), str(_absolute(str(tmpdir)))])
         git_writable, git_read_only = git_paths(cwd)
         for path in (cwd, *state_paths, *git_writable):
             path = _absolute(path)
@@ -164,7 +171,7 @@ class Sandbox:
         for path in hidden:
             if path.is_dir():
                 args += ["--remount-ro", str(path)]
-        if scratch is not None:
+        if scratch is not None and not moved_tmp:
             args += ["--setenv", "TMPDIR", SCRATCH_MOUNT]
         args += ["--chdir", str(cwd), "--", *argv]
         return args

@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import re
+import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -20,11 +22,14 @@ import anyio
 from guard.changes import ChangeFeed
 from guard.clock import iso
 from worker_server.config import Settings
-from worker_server.profiles import WorkerProfile
+from worker_server import git_work
+from worker_server import usage as usage_
+from worker_server.profiles import DEFAULT_SANDBOX, EFFORTS, SANDBOXES, WorkerProfile
 from worker_server.runner import Runner, owner_alive, stop_orphan
-from worker_server.store import MessageRow, Store, TaskNotFound, TaskRow
+from worker_server.store import MessageRow, Store, TaskNotFound, TaskRow, new_id
 from worker_server.task import (
     CancelResult,
+    Changes,
     Message,
     Output,
     Pending,
@@ -34,6 +39,7 @@ from worker_server.task import (
     TaskSummary,
     TaskView,
     Turn,
+    Usage,
     WaitResult,
 )
 
@@ -54,6 +60,10 @@ THREAD_BODY_CHARS = 2000
 REMOTE_CANCEL_WAIT_S = 15.0
 
 ProgressFn = Callable[[float, float, str], Awaitable[None]]
+# A model name is passed through to the CLI (which knows its models); it may
+# not look like an option or carry anything but a name's characters.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+\[\]-]{0,199}")
+ISOLATIONS = ("none", "worktree")
 
 
 class InvalidArgument(Exception):
@@ -118,6 +128,10 @@ class TaskService:
         timeout_s: int | None = None,
         labels: Sequence[str] | None = None,
         idempotency_key: str | None = None,
+        model: str | None = None,
+        effort: str | None = None,
+        sandbox: str | None = None,
+        isolation: str | None = None,
     ) -> TaskView:
         if not prompt.strip():
             raise InvalidArgument("prompt", "must not be empty or only whitespace (1..100000 characters)")
@@ -135,6 +149,11 @@ class TaskService:
         if worker == HUMAN:
             if self.humans is None:
                 raise InvalidArgument("worker", "human workers are not configured on this server")
+            for name, value in (("model", model), ("effort", effort), ("sandbox", sandbox)):
+                if value is not None and not (name == "sandbox" and value == DEFAULT_SANDBOX):
+                    raise InvalidArgument(name, f"{name} is for agent workers, not human tasks")
+            if isolation not in (None, "none"):
+                raise InvalidArgument("isolation", "worktree isolation is for agent workers, not human tasks")
             timeout = float(timeout_s or self.settings.human_timeout_s)
             row, _ = await self.store.create_session(
                 kind="human", cwd=None, timeout_s=timeout, deadline=self.store.clock.now() + timeout, owner=None,
@@ -146,15 +165,41 @@ class TaskService:
                 known = ", ".join([*sorted(self.profiles), HUMAN])
                 raise InvalidArgument("worker", f"unknown worker {worker!r}; known workers: {known}")
             _check_passable("prompt", prompt, profile)
-            row, _ = await self.store.create_session(
+            options = _check_options(
+                worker, profile, model=model, effort=effort, sandbox=sandbox or DEFAULT_SANDBOX
+            )
+            if isolation not in (None, *ISOLATIONS):
+                raise InvalidArgument("isolation", f"must be one of {', '.join(ISOLATIONS)}, got {isolation!r}")
+            _check_installed(worker, profile)
+            path = str(self._check_cwd(cwd))
+            session_id = new_id("ses")
+            worktree = branch = None
+            if (isolation or "none") == "worktree":
+                worktree, branch = await self._add_worktree(path, session_id)
+            row, created = await self.store.create_session(
                 kind="agent",
-                cwd=str(self._check_cwd(cwd)),
+                cwd=path,
                 timeout_s=float(timeout_s or profile.timeout_s),
                 deadline=None,  # set when a worker slot is claimed
                 owner=self.runner.owner if self.runner else None,
+                session_id=session_id,
+                options=options,
+                worktree=worktree,
+                branch=branch,
                 **common,
             )
+            if not created and worktree:
+                # The idempotency key named an earlier session: this worktree is not needed.
+                await git_work.remove_worktree(path, worktree, branch or "")
         return await self.view(row)
+
+    async def _add_worktree(self, cwd: str, session_id: str) -> tuple[str, str]:
+        branch = f"taskwarden/{session_id}"
+        try:
+            path = await git_work.add_worktree(cwd, self.settings.worktrees_path, session_id, branch)
+        except git_work.GitError as exc:
+            raise InvalidArgument("isolation", f"worktree needs cwd in a git work tree with a commit: {exc}") from None
+        return path, branch
 
     def _check_cwd(self, cwd: str | None) -> Path:
         roots = self.settings.roots
@@ -339,11 +384,15 @@ class TaskService:
                 prompt=_clip(t.prompt, 500),
                 created_at=iso(t.created_at) or "",
                 final=_clip(t.final, 500) if t.final is not None else None,
+                usage=Usage(**t.usage) if t.usage else None,
             )
             for t in await self.store.session_turns(row.session_id)
         ]
         thread = await self.thread(row) if row.kind == "human" else None
-        return TaskDetail(**view.model_dump(), turns=turns, thread=thread)
+        total = usage_.add(t.usage.model_dump() if t.usage else None for t in turns)
+        return TaskDetail(
+            **view.model_dump(), turns=turns, thread=thread, session_usage=Usage(**total) if total else None
+        )
 
     async def thread(self, row: TaskRow) -> list[Message]:
         if self.humans is None:
@@ -390,6 +439,7 @@ class TaskService:
             pending=Pending(**row.pending) if row.pending else None,
             exit_code=row.exit_code,
             labels=row.labels,
+            usage=Usage(**row.usage) if row.usage else None,
             owner=row.session_owner,
         )
 
@@ -408,6 +458,10 @@ class TaskService:
                 final=final, tail=tail or None, truncated=final_cut or tail_cut, log_uri=f"task://{row.id}/log"
             ),
             cwd=row.cwd,
+            options=row.options,
+            worktree=row.worktree,
+            branch=row.branch,
+            changes=Changes(**row.changes) if row.changes else None,
             deadline=iso(row.deadline),
             poll_interval_s=self.settings.poll_interval_s,
             next_action=next_action(row),
@@ -459,6 +513,42 @@ def next_action(row: TaskRow) -> str:
             )
         case _:
             return "The task was cancelled; call message-task with this task_id to start another turn if needed."
+
+
+def _check_options(
+    worker: str, profile: WorkerProfile, *, model: str | None, effort: str | None, sandbox: str | None
+) -> dict[str, str]:
+    """The session's worker options, each one the profile takes and a value it accepts."""
+    supported = profile.supported_options()
+    if sandbox == DEFAULT_SANDBOX and "sandbox" not in supported:
+        # Writing inside cwd is what every worker may do (a shell script does);
+        # only narrowing it needs the worker's support.
+        sandbox = None
+    given = {"model": model, "effort": effort, "sandbox": sandbox}
+    for name, value in given.items():
+        if value is not None and name not in supported:
+            takes = ", ".join(supported) or "no options"
+            raise InvalidArgument(name, f"the {worker} worker does not take {name} (it takes: {takes})")
+    if model is not None and not MODEL_NAME.fullmatch(model):
+        raise InvalidArgument(
+            "model", "must be a model name: 1..200 letters, digits and . _ : / @ + [ ] -, not starting with -"
+        )
+    if effort is not None and effort not in EFFORTS:
+        raise InvalidArgument("effort", f"must be one of {', '.join(EFFORTS)}, got {effort!r}")
+    if sandbox is not None and sandbox not in SANDBOXES:
+        raise InvalidArgument("sandbox", f"must be one of {', '.join(SANDBOXES)}, got {sandbox!r}")
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def _check_installed(worker: str, profile: WorkerProfile) -> None:
+    """Refuse a turn that could not start: the worker's program is not there."""
+    program = profile.command[0]
+    path = profile.env.get("PATH", os.environ.get("PATH"))  # the PATH the worker will start with
+    if os.sep in program:
+        if not (os.path.isfile(program) and os.access(program, os.X_OK)):
+            raise InvalidArgument("worker", f"{worker}: {program} is not an executable file")
+    elif shutil.which(program, path=path) is None:
+        raise InvalidArgument("worker", f"{program} CLI not found on PATH")
 
 
 def _inside(path: Path, roots: Sequence[Path]) -> bool:

@@ -13,7 +13,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from guard.changes import ChangeFeed
@@ -95,7 +95,15 @@ SCHEMA: list[str] = [
     );
     CREATE INDEX messages_task ON messages(task_id, seq);
     """,
-    # 2: a session belongs to the identity that created it
+    # 2: per-session worker options and worktree; per-turn usage and changes
+    """
+    ALTER TABLE sessions ADD COLUMN options TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE sessions ADD COLUMN worktree TEXT;
+    ALTER TABLE sessions ADD COLUMN branch TEXT;
+    ALTER TABLE tasks ADD COLUMN usage TEXT;
+    ALTER TABLE tasks ADD COLUMN changes TEXT;
+    """,
+    # 3: a session belongs to the identity that created it
     """
     ALTER TABLE sessions ADD COLUMN owner TEXT;
     UPDATE sessions SET owner = created_by;
@@ -142,7 +150,14 @@ class TaskRow:
     updated_at: float
     started_at: float | None
     ended_at: float | None
-    worker_session: str | None = None  # from the session row
+    usage: dict[str, Any] | None = None
+    changes: dict[str, Any] | None = None
+    # From the session row: the worker's own session id, the options every
+    # turn runs with (model, effort, sandbox), and its git worktree if any.
+    worker_session: str | None = None
+    options: dict[str, str] = field(default_factory=dict)
+    worktree: str | None = None
+    branch: str | None = None
     session_owner: str | None = None  # the identity the session belongs to
 
     @classmethod
@@ -151,7 +166,15 @@ class TaskRow:
         data["status"] = TaskStatus(data["status"])
         data["pending"] = json.loads(data["pending"]) if data["pending"] else None
         data["labels"] = json.loads(data["labels"])
+        for key in ("usage", "changes"):
+            data[key] = json.loads(data[key]) if data.get(key) else None
+        data["options"] = json.loads(data.get("options") or "{}")
         return cls(**data)
+
+    @property
+    def run_dir(self) -> str | None:
+        """Where the worker runs: the session's worktree, else its cwd."""
+        return self.worktree or self.cwd
 
     @property
     def terminal(self) -> bool:
@@ -176,8 +199,8 @@ class MessageRow:
 
 
 _TASK_SELECT = (
-    "SELECT t.*, s.worker_session AS worker_session, s.owner AS session_owner"
-    " FROM tasks t JOIN sessions s ON s.id = t.session_id"
+    "SELECT t.*, s.worker_session AS worker_session, s.options AS options, s.worktree AS worktree,"
+    " s.branch AS branch, s.owner AS session_owner FROM tasks t JOIN sessions s ON s.id = t.session_id"
 )
 
 
@@ -283,11 +306,15 @@ class Store:
         timeout_s: float | None,
         deadline: float | None,
         owner: tuple[int, float] | None,
+        session_id: str | None = None,
+        options: dict[str, str] | None = None,
+        worktree: str | None = None,
+        branch: str | None = None,
     ) -> tuple[TaskRow, bool]:
         """Open a session with its first task. Returns (task, created); an
         idempotency key already used by this caller returns the earlier task."""
         now = self.clock.now()
-        session_id, task_id = new_id("ses"), new_id("tsk")
+        session_id, task_id = session_id or new_id("ses"), new_id("tsk")
 
         def write(c: sqlite3.Connection) -> tuple[TaskRow, bool]:
             if idempotency_key is not None:
@@ -298,9 +325,10 @@ class Store:
                 if row:
                     return TaskRow.from_row(row), False
             c.execute(
-                "INSERT INTO sessions (id, kind, worker, title, cwd, labels, created_by, owner, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (session_id, kind, worker, title, cwd, json.dumps(labels), created_by, created_by, now),
+                "INSERT INTO sessions (id, kind, worker, title, cwd, labels, created_by, owner, created_at, options,"
+                " worktree, branch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (session_id, kind, worker, title, cwd, json.dumps(labels), created_by, created_by, now,
+                 json.dumps(options or {}), worktree, branch),
             )
             _insert_task(
                 c,
@@ -418,6 +446,15 @@ class Store:
 
         await self.db.write(write)
 
+    async def set_usage(self, task_id: str, usage: dict[str, Any]) -> None:
+        """A running turn's usage so far (what the worker reported until now)."""
+
+        def write(c: sqlite3.Connection) -> None:
+            # Only while it runs: a late write must not replace the final usage.
+            c.execute("UPDATE tasks SET usage = ? WHERE id = ? AND status = 'working'", (json.dumps(usage), task_id))
+
+        await self.db.write(write)
+
     async def set_activity(self, task_id: str, line: str, tail: str) -> None:
         """Record the latest activity (throttled by the caller); no wake-up needed."""
 
@@ -435,19 +472,25 @@ class Store:
         final: str | None = None,
         exit_code: int | None = None,
         tail: str | None = None,
+        usage: dict[str, Any] | None = None,
+        changes: dict[str, Any] | None = None,
         only_from: Iterable[TaskStatus] = (TaskStatus.WORKING, TaskStatus.QUEUED, TaskStatus.INPUT_REQUIRED),
     ) -> bool:
         """Move a task to a terminal status; False if it was no longer in ``only_from``."""
         now = self.clock.now()
         allowed = [s.value for s in only_from]
+        usage_json = json.dumps(usage) if usage is not None else None
+        changes_json = json.dumps(changes) if changes is not None else None
 
         def write(c: sqlite3.Connection) -> bool:
             marks = ",".join("?" * len(allowed))
             cur = c.execute(
                 f"UPDATE tasks SET status = ?, status_message = ?, final = COALESCE(?, final),"
                 f" exit_code = COALESCE(?, exit_code), tail = COALESCE(?, tail), pending = NULL,"
+                f" usage = COALESCE(?, usage), changes = COALESCE(?, changes),"
                 f" updated_at = ?, ended_at = ? WHERE id = ? AND status IN ({marks})",
-                (status.value, message, final, exit_code, tail, now, now, task_id, *allowed),
+                (status.value, message, final, exit_code, tail, usage_json, changes_json, now, now, task_id,
+                 *allowed),
             )
             if cur.rowcount:
                 _event(c, task_id, now, "status", {"status": status.value, "message": message})

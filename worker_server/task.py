@@ -41,6 +41,33 @@ class Output(BaseModel):
     log_uri: str = Field(description="MCP resource with the whole log")
 
 
+class Usage(BaseModel):
+    """What a turn cost, as its worker reported it; null where it reports nothing."""
+
+    input_tokens: int | None = Field(default=None, description="Input tokens, cached ones included")
+    cached_input_tokens: int | None = Field(default=None, description="Input tokens read from the cache")
+    output_tokens: int | None = None
+    reasoning_tokens: int | None = Field(default=None, description="Output tokens spent reasoning")
+    cost_usd: float | None = Field(default=None, description="As the worker CLI computed it (Claude Code)")
+    worker_s: float | None = Field(default=None, description="Seconds the worker process ran")
+
+
+class ChangedFile(BaseModel):
+    path: str
+    status: Literal["added", "modified", "deleted", "renamed", "type_changed"]
+    insertions: int | None = Field(description="null for binary files")
+    deletions: int | None
+
+
+class Changes(BaseModel):
+    """What a turn changed in its git work tree (work tree before vs after)."""
+
+    files: list[ChangedFile]
+    insertions: int
+    deletions: int
+    truncated: bool = Field(description="True when more files changed than are listed")
+
+
 class TaskSummary(BaseModel):
     task_id: str
     session_id: str
@@ -55,12 +82,19 @@ class TaskSummary(BaseModel):
     pending: Pending | None
     exit_code: int | None
     labels: list[str]
+    usage: Usage | None = Field(default=None, description="Tokens, cost and time of this turn, once it ran")
     owner: str | None = Field(default=None, description="The identity the task's session belongs to")
 
 
 class TaskView(TaskSummary):
     output: Output
     cwd: str | None
+    options: dict[str, str] = Field(
+        default_factory=dict, description="The session's worker options: model, effort, sandbox"
+    )
+    worktree: str | None = Field(default=None, description="isolation=worktree: the git worktree the session runs in")
+    branch: str | None = Field(default=None, description="isolation=worktree: the worktree's branch")
+    changes: Changes | None = Field(default=None, description="What this turn changed, when cwd is a git work tree")
     deadline: str | None = Field(description="When the task times out (ISO 8601 UTC), if it has started or is human")
     poll_interval_s: float
     next_action: str
@@ -74,6 +108,7 @@ class Turn(BaseModel):
     prompt: str = Field(description="The turn's prompt (first 500 characters)")
     created_at: str
     final: str | None = Field(description="The turn's result (first 500 characters)")
+    usage: Usage | None = None
 
 
 class Message(BaseModel):
@@ -89,6 +124,7 @@ class Message(BaseModel):
 
 class TaskDetail(TaskView):
     turns: list[Turn] = Field(description="Every turn of this task's session, oldest first")
+    session_usage: Usage | None = Field(default=None, description="The usage of every turn of the session, summed")
     thread: list[Message] | None = Field(description="Human tasks: the message thread, oldest first")
 
 

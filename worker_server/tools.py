@@ -143,6 +143,25 @@ def build_tools(service: TaskService, callers: CallerResolver, sees_all: Callabl
             str | None,
             Field(min_length=1, max_length=200, description="Repeat a spawn safely: the same key returns the same task"),
         ] = None,
+        model: Annotated[
+            str | None,
+            Field(min_length=1, max_length=200, description="Agent workers: the model, passed to the CLI as is"),
+        ] = None,
+        effort: Annotated[
+            Literal["low", "medium", "high"] | None,
+            Field(description="Agent workers: reasoning effort (Codex model_reasoning_effort, Claude --effort)"),
+        ] = None,
+        sandbox: Annotated[
+            Literal["read-only", "workspace-write"],
+            Field(description="workspace-write: the worker may write inside cwd; read-only: it may not"),
+        ] = "workspace-write",
+        isolation: Annotated[
+            Literal["none", "worktree"],
+            Field(
+                description="worktree: run the session in a new git worktree of cwd on branch "
+                "taskwarden/<session_id> (cwd must be in a git work tree)"
+            ),
+        ] = "none",
     ) -> TaskView:
         """Start work in the background: an agent CLI turn (Codex, Claude Code, a shell script) or a task
         for a person. Returns at once with the task (status queued or working). Then call wait-task with
@@ -156,6 +175,10 @@ def build_tools(service: TaskService, callers: CallerResolver, sees_all: Callabl
             timeout_s=timeout_s,
             labels=labels,
             idempotency_key=idempotency_key,
+            model=model,
+            effort=effort,
+            sandbox=sandbox,
+            isolation=isolation,
         )
 
     @tool("wait-task", "Wait for tasks", READ)

@@ -132,6 +132,9 @@ class Policy(_Frozen):
     # under ``tools`` permits it, its rules only deny or limit, and with
     # ``default: deny`` an unlisted tool is refused before any ``*`` rule.
     listing_permits: bool = False
+    # Identities that see every identity's sessions ("*": every identity).
+    # The guard only states it (``Guard.sees_all``); the host app enforces it.
+    share: tuple[str, ...] = ()
     source: str | None = None  # the file it came from, for messages
 
     @property

@@ -53,6 +53,13 @@ class Call:
     #: The request that made this call when it is not ``tools/call`` (e.g.
     #: ``tasks/cancel``, decided as ``cancel-task``); the audit names it.
     via: str | None = None
+    #: What that request named, e.g. the resource URI of a ``resources/read``
+    #: decided as ``get-task``; kept in the audit record's arguments.
+    target: str | None = None
+
+
+#: Maps a resource URI to the tool call that decides reading it, or None (not guarded).
+ResourceCalls = Callable[[str], "tuple[str, dict[str, Any]] | None"]
 
 
 class Caller(Protocol):
@@ -118,10 +125,12 @@ class Guard:
         enabled: bool = True,
         callers: Callable[[Any], Caller] | None = None,
         inbox_url: str | None = None,
+        resource_calls: ResourceCalls | None = None,
     ) -> None:
         self.db = db
         # Where a person approves held calls; named in approval_required results.
         self.inbox_url = inbox_url
+        self.resource_calls = resource_calls
         self.feed = feed
         self.policies = policies
         self.clock = clock or SystemClock()
@@ -150,11 +159,13 @@ class Guard:
         callers: Callable[[Any], Caller] | None = None,
         clock: Clock | None = None,
         inbox_url: str | None = None,
+        resource_calls: ResourceCalls | None = None,
     ) -> Guard:
         await migrate(db)
         return cls(
-            db, feed, PolicySource(policy_path), clock=clock, enabled=enabled, callers=callers, inbox_url=inbox_url
-        )
+            db, feed, PolicySource(policy_path), clock=clock, enabled=enabled, callers=callers, inbox_url=inbox_url,
+            resource_calls=resource_calls,
+        )  # fmt: skip
 
     @property
     def policy(self) -> Policy:
@@ -195,6 +206,11 @@ class Guard:
         finally:
             with anyio.CancelScope(shield=True):
                 await self.audit.flush()
+
+    def sees_all(self, identity: str) -> bool:
+        """Whether the policy's ``share`` lets ``identity`` see every identity's sessions."""
+        share = self.policy.share
+        return "*" in share or identity in share
 
     def is_hidden(self, tool: str) -> bool:
         policy = self.policy
@@ -524,7 +540,7 @@ class Guard:
                 identity=call.identity,
                 session=call.session,
                 tool=call.via or call.tool,
-                args=dict(call.args),
+                args=dict(call.args) if call.target is None else {**call.args, "resource": call.target},
                 decision=decision,
                 rule=rule,
                 reason=reason,

@@ -75,6 +75,7 @@ class Workspace:
                 events = "codex-jsonl"
                 max_concurrent = {self.max_concurrent}
                 timeout_s = 600
+                state_dirs = [{json.dumps(str(self.root / "agent-state"))}]
 
                 [workers.missing]
                 command = ["no-such-agent-binary-xyz", "--json"]
@@ -268,6 +269,49 @@ async def wait_until(predicate: Any, timeout: float = 20, interval: float = 0.05
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await anyio.sleep(interval)
+
+
+def host_pid(task_id: str, pid: int) -> int:
+    """The host pid of a process that a sandboxed turn knows as ``pid``.
+
+    Each turn has its own PID namespace, so a pid a worker writes down is
+    the namespace's; the turn's processes (found by their TASKWARDEN_TASK_ID)
+    name that namespace, and /proc/*/status NSpid maps the number back.
+    """
+    ours = os.readlink("/proc/self/ns/pid")
+    namespaces = set()
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("TASKWARDEN_TASK_ID") == task_id:
+                namespaces.add(os.readlink(f"/proc/{proc.pid}/ns/pid"))
+        except (psutil.Error, OSError):
+            continue
+    namespaces.discard(ours)
+    if not namespaces:
+        return pid  # not sandboxed: the numbers are the host's
+    for proc in psutil.process_iter():
+        try:
+            if os.readlink(f"/proc/{proc.pid}/ns/pid") not in namespaces:
+                continue
+            with open(f"/proc/{proc.pid}/status") as status:
+                nspid = next(line.split()[1:] for line in status if line.startswith("NSpid:"))
+        except (OSError, StopIteration, psutil.Error):
+            continue
+        if int(nspid[-1]) == pid:
+            return proc.pid
+    raise AssertionError(f"no process {pid} in the sandbox of {task_id}")
+
+
+def marked_processes(task_id: str) -> list[int]:
+    """Live processes carrying the task's TASKWARDEN_TASK_ID (its worker, the sandbox around it)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("TASKWARDEN_TASK_ID") == task_id and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
+        except (psutil.Error, OSError):
+            continue
+    return found
 
 
 def pid_alive(pid: int) -> bool:

@@ -203,8 +203,26 @@ def _run(fn: Callable[[], Awaitable[int]]) -> int:
     return anyio.run(fn)
 
 
+# Commands by which a person decides or acts as a person: never from inside a worker turn.
+PERSON_ONLY = {
+    ("approvals", "approve"), ("approvals", "deny"),
+    ("humans", "add"), ("humans", "remove"),
+    ("tasks", "claim"), ("tasks", "release"), ("tasks", "reply"), ("tasks", "ask"), ("tasks", "handin"),
+}  # fmt: skip
+EXIT_INSIDE_TURN = 3
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from guard import commands, policy_cli
+
+    action = getattr(args, f"{args.command}_command", None)
+    if (args.command, action) in PERSON_ONLY:
+        from worker_server.turn_origin import enclosing_turn, refusal
+
+        turn = enclosing_turn()
+        if turn is not None:
+            print(f"taskwarden: {refusal(turn)}", file=sys.stderr)
+            return EXIT_INSIDE_TURN
 
     if args.command == "serve":
         from worker_server.server import serve_http, serve_stdio

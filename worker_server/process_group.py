@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Set as AbstractSet
 
 import anyio
 import psutil
@@ -77,13 +78,17 @@ def _started_after(proc: psutil.Process, when: float) -> bool:
         return False
 
 
-def _signal_all(procs: list[psutil.Process], pgid: int | None, group: bool, sig: signal.Signals) -> None:
-    if group and pgid is not None:
+def _signal_all(
+    procs: list[psutil.Process], pgid: int | None, group: bool, sig: signal.Signals, spare: AbstractSet[int] = frozenset()
+) -> None:
+    if group and pgid is not None and not spare:
         try:
             os.killpg(pgid, sig)
         except (ProcessLookupError, PermissionError):
             pass
     for proc in procs:
+        if proc.pid in spare:
+            continue
         try:
             proc.send_signal(sig)
         except (psutil.Error, OSError):
@@ -108,9 +113,12 @@ async def terminate(
     *,
     group_is_ours: bool = False,
     not_before: float | None = None,
+    spare_gentle: AbstractSet[int] = frozenset(),
 ) -> bool:
     """SIGTERM the turn's processes, wait ``grace_s``, SIGKILL what is left.
 
+    ``spare_gentle``: processes that get only the SIGKILL (a sandbox wrapper
+    that would end its whole sandbox on SIGTERM, cutting the grace short).
     Returns True when something had to be signalled.
     """
     how = {"group_is_ours": group_is_ours, "not_before": not_before}
@@ -118,7 +126,7 @@ async def terminate(
     if not procs:
         return False
     logger.info("stopping task %s: %d process(es)", task_id, len(procs))
-    _signal_all(procs, pgid, group, signal.SIGTERM)
+    _signal_all(procs, pgid, group, signal.SIGTERM, spare_gentle)
     remaining = await _wait_gone(task_id, pgid, grace_s, **how)
     if remaining:
         logger.warning("task %s: %d process(es) ignored SIGTERM; killing", task_id, len(remaining))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -30,6 +31,7 @@ from worker_server.budget_meter import TurnMeter
 from worker_server.event_formats import reader_for
 from worker_server.process_group import MARKER_ENV, terminate
 from worker_server.profiles import WorkerProfile
+from worker_server.sandbox import Sandbox, SandboxError, state_paths
 from worker_server.store import Store, TaskRow
 from worker_server.task import TaskStatus
 from worker_server.turn_output import LogFile, Tail, append_note, pump_lines
@@ -98,8 +100,12 @@ class Runner:
         logs_dir: Path,
         reconcile_s: float = 30.0,
         budgets: BudgetLedger | None = None,
+        sandbox: Sandbox | None = None,
+        scratch_dir: Path | None = None,
     ) -> None:
         self.store = store
+        self.sandbox = sandbox or Sandbox(backend="none")
+        self.scratch_dir = scratch_dir or logs_dir.parent / "scratch"
         self.reconcile_s = reconcile_s
         self.feed = feed
         self.profiles = profiles
@@ -230,7 +236,33 @@ class Runner:
         # The work tree before the turn, to tell what the turn changed.
         before = await git_work.snapshot(cwd) if Path(cwd).is_dir() else None
         started = time.time()  # whatever this turn starts is created after this
+        scratch: Path | None = None
         try:
+            # Inside the sandbox bwrap itself always starts: say what is missing here.
+            if not Path(cwd).is_dir():
+                message = f"cwd {cwd!r} does not exist"
+            elif shutil.which(argv[0], path=env.get("PATH")) is None:
+                message = f"worker binary not found: {argv[0]!r} (is it installed and on PATH?)"
+            else:
+                message = None
+            if message is None and self.sandbox.enabled:
+                scratch = self.scratch_dir / task.id
+                try:
+                    scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
+                    argv = self.sandbox.wrap(
+                        argv,
+                        cwd=Path(cwd),
+                        scratch=scratch,
+                        state_paths=state_paths(profile.state_dirs, env),
+                        tmpdir=env.get("TMPDIR"),
+                    )
+                except (SandboxError, OSError) as exc:
+                    message = f"sandbox: {exc}"
+            if message is not None:
+                log.note(message)
+                log.flush()
+                await self.store.finish(task.id, TaskStatus.FAILED, message=message)
+                return
             try:
                 proc = await anyio.open_process(
                     argv,
@@ -248,11 +280,13 @@ class Runner:
                 else:
                     message = f"worker binary not found: {argv[0]!r} (is it installed and on PATH?)"
                 log.note(message)
+                log.flush()
                 await self.store.finish(task.id, TaskStatus.FAILED, message=message)
                 return
             except OSError as exc:
                 message = f"could not start {argv[0]!r}: {exc.strerror or exc}"
                 log.note(message)
+                log.flush()
                 await self.store.finish(task.id, TaskStatus.FAILED, message=message)
                 return
             try:
@@ -261,10 +295,19 @@ class Runner:
             except BaseException:
                 # Whatever went wrong here, the worker must not outlive its turn.
                 with anyio.CancelScope(shield=True):
-                    await terminate(task.id, proc.pid, group_is_ours=True, not_before=started)
+                    await self._terminate(task.id, proc.pid, started)
                 raise
         finally:
             log.close()
+            if scratch is not None:
+                # Scratch lives as long as its turn.
+                await anyio.to_thread.run_sync(lambda: shutil.rmtree(scratch, ignore_errors=True))
+
+    async def _terminate(self, task_id: str, pid: int, started: float) -> None:
+        # bwrap dies at once on SIGTERM, taking its PID namespace with it: the
+        # gentle signal goes to the worker inside, the bwrap processes are spared.
+        spare = self.sandbox.wrapper_pids(pid)
+        await terminate(task_id, pid, group_is_ours=True, not_before=started, spare_gentle=spare)
 
     async def _supervise(
         self,
@@ -295,6 +338,7 @@ class Runner:
             now = time.monotonic()
             if now - flushed_at >= ACTIVITY_FLUSH_S and self._tg is not None:
                 flushed_at = now
+                log.flush()  # the log resource shows the turn so far
                 self._tg.start_soon(self.store.set_activity, task.id, line, turn.tail.text(50))
 
         def on_stdout(line: str) -> None:
@@ -354,7 +398,7 @@ class Runner:
                 log.note(
                     (turn.failure or _cancel_message(turn.cancel_reason)) if outcome == "cancelled" else "timed out"
                 )
-                await terminate(task.id, proc.pid, group_is_ours=True, not_before=started)
+                await self._terminate(task.id, proc.pid, started)
                 with anyio.CancelScope(shield=True):
                     await proc.wait()
             with anyio.move_on_after(DRAIN_S):
@@ -362,6 +406,8 @@ class Runner:
                 await err_done.wait()
             pumps.cancel_scope.cancel()
 
+        # Whoever the end of the turn wakes may read the whole log at once.
+        log.flush()
         code = proc.returncode
         tail = turn.tail.text(50)
         worker_s = time.monotonic() - clock_start
@@ -405,7 +451,7 @@ class Runner:
         # The turn is over (and recorded, so waiters are already awake):
         # nothing it started may outlive it, escapees from its group included.
         if outcome == "exited":
-            await terminate(task.id, proc.pid, group_is_ours=True, not_before=started)
+            await self._terminate(task.id, proc.pid, started)
 
 
 async def _exit_or_stop(proc: Process, turn: RunningTurn, timeout: float | None) -> str:

@@ -43,7 +43,6 @@ from worker_server.task import (
     Usage,
     WaitResult,
 )
-from worker_server.turn_output import read_log_tail
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +57,6 @@ MIN_TASK_BUDGET = 512
 # this many characters; list-task-messages has them all, whole.
 THREAD_MESSAGES = 50
 THREAD_BODY_CHARS = 2000
-# The log resource: up to this much (its end, if the log is longer).
-LOG_RESOURCE_BYTES = 64 * 1024 * 1024
 # How long cancel-task waits for another server process to stop its turn.
 REMOTE_CANCEL_WAIT_S = 15.0
 
@@ -83,6 +80,23 @@ class InvalidArgument(Exception):
 class Caller:
     identity: str
     session: str
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Whose sessions a request may see: its identity's own, or every one when the
+    policy's ``share`` names it. ``None`` in place of a viewer is an operator on
+    this machine (the CLI, the inbox), who sees everything."""
+
+    identity: str
+    sees_all: bool = False
+
+    def may_see(self, owner: str | None) -> bool:
+        return self.sees_all or owner == self.identity
+
+
+def _visible(row: TaskRow, viewer: Viewer | None) -> bool:
+    return viewer is None or viewer.may_see(row.session_owner)
 
 
 class TaskService:
@@ -231,6 +245,7 @@ class TaskService:
         timeout_s: float = 25,
         mode: str = "any",
         progress: ProgressFn | None = None,
+        viewer: Viewer | None = None,
     ) -> WaitResult:
         ids = list(dict.fromkeys(task_ids))
         start = time.monotonic()
@@ -238,7 +253,7 @@ class TaskService:
         last_progress = start
         while True:
             since = self.feed.generation
-            rows = await self.store.get_many(ids)
+            rows = [r for r in await self.store.get_many(ids) if _visible(r, viewer)]
             if len(rows) != len(ids):
                 missing = sorted(set(ids) - {r.id for r in rows})
                 raise InvalidArgument("task_ids", f"no task {missing[0]!r}")
@@ -272,10 +287,10 @@ class TaskService:
 
     # -- message-task ------------------------------------------------------
 
-    async def message(self, caller: Caller, task_id: str, message: str) -> TaskView:
+    async def message(self, caller: Caller, task_id: str, message: str, viewer: Viewer | None = None) -> TaskView:
         if not message.strip():
             raise InvalidArgument("message", "must not be empty (1..100000 characters)")
-        task = await self._get(task_id)
+        task = await self._get(task_id, viewer)
         if task.kind == "human":
             if self.humans is None:
                 raise InvalidArgument("task_id", "human workers are not configured on this server")
@@ -294,10 +309,12 @@ class TaskService:
 
     # -- cancel-task -------------------------------------------------------
 
-    async def cancel(self, task_ids: Sequence[str], reason: str | None = None) -> CancelResult:
+    async def cancel(
+        self, task_ids: Sequence[str], reason: str | None = None, viewer: Viewer | None = None
+    ) -> CancelResult:
         ids = list(dict.fromkeys(task_ids))
         reason = (reason or "").strip() or "cancelled by the agent"
-        rows = {r.id: r for r in await self.store.get_many(ids)}
+        rows = {r.id: r for r in await self.store.get_many(ids) if _visible(r, viewer)}
         result = CancelResult(cancelled=[], already_terminal=[], not_found=[])
         outcomes: dict[str, str] = {}
 
@@ -355,14 +372,18 @@ class TaskService:
         label: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        viewer: Viewer | None = None,
     ) -> TaskList:
         before = _decode_cursor(cursor) if cursor else None
-        rows, more = await self.store.list(status=status, worker=worker, label=label, limit=limit, before_seq=before)
+        owner = viewer.identity if viewer is not None and not viewer.sees_all else None
+        rows, more = await self.store.list(
+            status=status, worker=worker, label=label, limit=limit, before_seq=before, owner=owner
+        )
         next_cursor = _encode_cursor(rows[-1].seq) if more and rows else None
         return TaskList(tasks=[self.summary(r) for r in rows], next_cursor=next_cursor)
 
-    async def get(self, task_id: str, tail_lines: int = 20) -> TaskDetail:
-        row = await self._get(task_id)
+    async def get(self, task_id: str, tail_lines: int = 20, viewer: Viewer | None = None) -> TaskDetail:
+        row = await self._get(task_id, viewer)
         view = await self.view(row, tail_lines=tail_lines)
         turns = [
             Turn(
@@ -392,22 +413,24 @@ class TaskService:
                 m.body = m.body[: THREAD_BODY_CHARS - 1] + "… [cut: list-task-messages has it whole]"
         return messages
 
-    async def _get(self, task_id: str) -> TaskRow:
+    async def _get(self, task_id: str, viewer: Viewer | None = None) -> TaskRow:
+        """The task, if ``viewer`` may see it; another identity's task does not exist for it."""
         try:
-            return await self.store.get(task_id)
+            row = await self.store.get(task_id)
         except TaskNotFound:
-            raise InvalidArgument("task_id", f"no task {task_id!r}") from None
+            row = None
+        if row is None or not _visible(row, viewer):
+            raise InvalidArgument("task_id", f"no task {task_id!r}")
+        return row
 
-    async def log_text(self, task_id: str) -> str:
-        row = await self._get(task_id)
-        if not row.log_path:
-            return ""
-        text, cut = read_log_tail(Path(row.log_path), max_bytes=LOG_RESOURCE_BYTES)
-        if cut:
-            # A resource is one string in memory; a log of gigabytes stays on disk.
-            note = f"[taskwarden] the log is longer than {LOG_RESOURCE_BYTES >> 20} MB; this is its end."
-            return f"{note} The whole log: {row.log_path}\n{text}"
-        return text
+    async def check_visible(self, task_id: str, viewer: Viewer | None) -> None:
+        """Raise the task's not-found error unless ``viewer`` may see it."""
+        await self._get(task_id, viewer)
+
+    async def log_path(self, task_id: str, viewer: Viewer | None = None) -> Path | None:
+        """Where the task's log is (None: its turn has not started yet)."""
+        row = await self._get(task_id, viewer)
+        return Path(row.log_path) if row.log_path else None
 
     # -- rendering ---------------------------------------------------------
 
@@ -427,6 +450,7 @@ class TaskService:
             exit_code=row.exit_code,
             labels=row.labels,
             usage=Usage(**row.usage) if row.usage else None,
+            owner=row.session_owner,
         )
 
     async def view(self, row: TaskRow, tail_lines: int = DEFAULT_TAIL_LINES, budget: int | None = None) -> TaskView:

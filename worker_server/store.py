@@ -109,6 +109,12 @@ SCHEMA: list[str] = [
     ALTER TABLE tasks ADD COLUMN budgets TEXT;
     ALTER TABLE sessions ADD COLUMN caps TEXT NOT NULL DEFAULT '{}';
     """,
+    # 4: a session belongs to the identity that created it
+    """
+    ALTER TABLE sessions ADD COLUMN owner TEXT;
+    UPDATE sessions SET owner = created_by;
+    CREATE INDEX sessions_owner ON sessions(owner);
+    """,
 ]
 
 
@@ -160,6 +166,7 @@ class TaskRow:
     worktree: str | None = None
     branch: str | None = None
     caps: dict[str, float] = field(default_factory=dict)
+    session_owner: str | None = None  # the identity the session belongs to
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> TaskRow:
@@ -202,7 +209,7 @@ class MessageRow:
 
 _TASK_SELECT = (
     "SELECT t.*, s.worker_session AS worker_session, s.options AS options, s.worktree AS worktree,"
-    " s.branch AS branch, s.caps AS caps FROM tasks t JOIN sessions s ON s.id = t.session_id"
+    " s.branch AS branch, s.caps AS caps, s.owner AS session_owner FROM tasks t JOIN sessions s ON s.id = t.session_id"
 )
 
 
@@ -264,11 +271,16 @@ class Store:
         label: str | None = None,
         limit: int = 50,
         before_seq: int | None = None,
+        owner: str | None = None,
     ) -> tuple[list[TaskRow], bool]:
-        """Newest first; returns the page and whether more rows follow."""
+        """Newest first; returns the page and whether more rows follow. ``owner``: only
+        sessions of this identity."""
 
         def read(c: sqlite3.Connection) -> tuple[list[TaskRow], bool]:
             where, args = [], []
+            if owner is not None:
+                where.append("s.owner = ?")
+                args.append(owner)
             if status:
                 where.append("t.status = ?")
                 args.append(status)
@@ -324,9 +336,9 @@ class Store:
                 if row:
                     return TaskRow.from_row(row), False
             c.execute(
-                "INSERT INTO sessions (id, kind, worker, title, cwd, labels, created_by, created_at, options,"
-                " worktree, branch, caps) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (session_id, kind, worker, title, cwd, json.dumps(labels), created_by, now,
+                "INSERT INTO sessions (id, kind, worker, title, cwd, labels, created_by, owner, created_at, options,"
+                " worktree, branch, caps) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (session_id, kind, worker, title, cwd, json.dumps(labels), created_by, created_by, now,
                  json.dumps(options or {}), worktree, branch, json.dumps(caps or {})),
             )
             _insert_task(

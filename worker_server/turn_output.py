@@ -58,6 +58,10 @@ class LogFile:
         """A line from taskwarden itself, set apart from the worker's output."""
         self._file.write(_note_line(text))
 
+    def flush(self) -> None:
+        """Make what was written readable by others (the log resource)."""
+        self._file.flush()
+
     def close(self) -> None:
         self._file.close()
 
@@ -106,15 +110,3 @@ def append_note(path: Path, text: str) -> None:
 def _note_line(text: str) -> bytes:
     return f"\n[taskwarden] {text}\n".encode()
 
-
-def read_log_tail(path: Path, max_bytes: int) -> tuple[str, bool]:
-    """The last ``max_bytes`` of a log file; True if that is not all of it."""
-    try:
-        with path.open("rb") as f:
-            f.seek(0, 2)
-            size = f.tell()
-            f.seek(max(0, size - max_bytes))
-            data = f.read()
-    except FileNotFoundError:
-        return "", False
-    return data.decode("utf-8", errors="replace"), size > max_bytes

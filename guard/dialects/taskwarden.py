@@ -13,7 +13,8 @@ The catalogue format (what PolicyLayer's catalogue pages print)::
             reason: "Blocked by default — enable with approval"
 
 Extended with top-level ``version`` ("1"), ``default`` (allow|deny),
-``mode`` (enforce|shadow) and ``hide``; per rule ``action``
+``mode`` (enforce|shadow), ``hide`` and ``share`` (identities that see every
+identity's sessions; ``"*"`` for all); per rule ``action``
 (allow|deny|require_approval, required), ``reason``, ``conditions``
 (``[{path, op, value}]``; ``value`` may be left out for ``exists``),
 ``match`` (all|any), ``identities``, ``rate_limit`` and ``approval``
@@ -50,7 +51,7 @@ from guard.dialects.fields import (
 from guard.dialects.source import Node
 from guard.policy import ApprovalSettings, Budget, Condition, Policy, RateLimit, Rule
 
-TOP_KEYS = ("version", "default", "mode", "hide", "tools")
+TOP_KEYS = ("version", "default", "mode", "hide", "share", "tools")
 TOOL_KEYS = ("rules",)
 RULE_KEYS = (
     "action", "reason", "conditions", "match", "identities", "rate_limit", "approval", "budget",
@@ -78,6 +79,7 @@ def read(root: Node) -> Policy:
         tools=tools,
         counters=registry.counters,
         listing_permits=False,
+        share=top["share"].strings() if "share" in top else (),
     )
 
 

@@ -71,6 +71,8 @@ class RunningTurn:
     tail: Tail = field(default_factory=Tail)
     # The worker's usage so far, as its events reported it.
     usage: dict | None = None
+    # The worker process, once started.
+    pid: int | None = None
 
     def request_cancel(self, reason: str, *, interrupted: bool = False) -> None:
         if self.cancel_reason is None:
@@ -173,6 +175,14 @@ class Runner:
             if turn is not None:
                 turn.request_cancel(task.cancel_reason or "cancelled")
 
+    def _worker_pids(self, but: str) -> set[int]:
+        """The worker processes of the other running turns: never another turn's escapees."""
+        return {t.pid for t in self._running.values() if t.pid is not None and t.task.id != but}
+
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
+
     def running(self, task_id: str) -> RunningTurn | None:
         return self._running.get(task_id)
 
@@ -242,13 +252,14 @@ class Runner:
                 log.note(message)
                 await self.store.finish(task.id, TaskStatus.FAILED, message=message)
                 return
+            turn.pid = proc.pid
             try:
                 await self.store.set_process(task.id, proc.pid, str(log.path))
                 await self._supervise(turn, proc, profile, log, started, before)
             except BaseException:
                 # Whatever went wrong here, the worker must not outlive its turn.
                 with anyio.CancelScope(shield=True):
-                    await terminate(task.id, proc.pid, group_is_ours=True, not_before=started)
+                    await terminate(task.id, proc.pid, group_is_ours=True, not_before=started, spare=self._worker_pids(task.id))
                 raise
         finally:
             log.close()
@@ -329,7 +340,7 @@ class Runner:
             outcome = await _exit_or_stop(proc, turn, timeout)
             if outcome in ("cancelled", "timed_out"):
                 log.note(_cancel_message(turn.cancel_reason) if outcome == "cancelled" else "timed out")
-                await terminate(task.id, proc.pid, group_is_ours=True, not_before=started)
+                await terminate(task.id, proc.pid, group_is_ours=True, not_before=started, spare=self._worker_pids(task.id))
                 with anyio.CancelScope(shield=True):
                     await proc.wait()
             with anyio.move_on_after(DRAIN_S):
@@ -371,7 +382,7 @@ class Runner:
         # The turn is over (and recorded, so waiters are already awake):
         # nothing it started may outlive it, escapees from its group included.
         if outcome == "exited":
-            await terminate(task.id, proc.pid, group_is_ours=True, not_before=started)
+            await terminate(task.id, proc.pid, group_is_ours=True, not_before=started, spare=self._worker_pids(task.id))
 
 
 async def _exit_or_stop(proc: Process, turn: RunningTurn, timeout: float | None) -> str:

@@ -61,6 +61,8 @@ class Workspace:
             'identity = "bench"',
             # INFO would put a line per turn on our stderr.
             'log_level = "WARNING"',
+            # Each workspace's database has its daemon; none outlives the bench for long.
+            "idle_exit_s = 10",
         ]
         if self.policy is not None:
             # The policy gets a directory of its own, as an operator's would.

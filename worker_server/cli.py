@@ -220,9 +220,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.in_process and args.http:
             raise ConfigError("--in-process only applies to stdio, not with --http")
         if args.http:
+            from worker_server.daemon import run_daemon
+            from worker_server.server import check_http, serve_http_app
+
             host, port = args.http
-            anyio.run(lambda: serve_http(settings, host, port, allow_anonymous=args.allow_anonymous,
-                                         with_inbox=not args.no_inbox))
+            check_http(settings, host, allow_anonymous=args.allow_anonymous)
+            # The daemon of the database, with an HTTP listener: stdio clients
+            # share it. Another daemon already serves the database: HTTP alone.
+            code = anyio.run(lambda: run_daemon(settings, lambda app: serve_http_app(
+                app, host, port, allow_anonymous=args.allow_anonymous, with_inbox=not args.no_inbox)))
+            if code == 3:
+                anyio.run(lambda: serve_http(settings, host, port, allow_anonymous=args.allow_anonymous,
+                                             with_inbox=not args.no_inbox))
         else:
             if args.allow_anonymous:
                 raise ConfigError("--allow-anonymous only applies with --http")

@@ -146,7 +146,8 @@ class Daemon:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._accept, listener, tg)
-                tg.start_soon(self._watch_idle)
+                # With an HTTP listener the daemon serves until stopped, idle or not.
+                tg.start_soon(self._watch_idle, extra is None)
                 tg.start_soon(self._reap)
                 if extra is not None:
 
@@ -193,7 +194,7 @@ class Daemon:
         assert runner is not None
         return runner.running_count, await self.app.store.queued_count(runner.owner)
 
-    async def _watch_idle(self) -> None:
+    async def _watch_idle(self, may_idle_out: bool) -> None:
         idle_exit_s = self.app.settings.idle_exit_s
         idle_since: float | None = None
         while True:
@@ -204,7 +205,7 @@ class Daemon:
                 logger.info("drained; exiting")
                 self._done.set()
                 return
-            if work or self.sessions:
+            if work or self.sessions or not may_idle_out:
                 idle_since = None
                 continue
             if self.retiring:

@@ -312,3 +312,29 @@ async def test_daemon_status_and_stop(ws: Workspace) -> None:
     finally:
         fwd.close()
     assert ws.cli("daemon", "status", check=False).returncode == 1
+
+
+async def test_the_forwarder_imports_only_the_standard_library(ws: Workspace) -> None:
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": LEGACY, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "worker_server", "serve", "--config", str(ws.config)],
+        input=json.dumps(init) + "\n", capture_output=True, text=True, timeout=60, env=ws.server_env(), cwd=ws.work,
+    )  # fmt: skip
+    assert json.loads(out.stdout.splitlines()[0])["id"] == 1
+    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    heavy = {name for name in imported if name.split(".")[0] in ("mcp", "mcp_types", "pydantic", "anyio", "guard")}
+    assert not heavy, sorted(heavy)
+    assert "worker_server.forwarder" in imported
+
+
+async def test_serve_http_is_the_daemon_stdio_clients_share(ws: Workspace) -> None:
+    from tests.support import http_server
+
+    async with http_server(ws, "--allow-anonymous"):
+        status = json.loads(ws.cli("daemon", "status", "--json").stdout)
+        assert "--http" in psutil.Process(status["pid"]).cmdline()
+        async with stdio_client(ws) as client:
+            done = await call(client, "spawn-task", {"prompt": "say via the http daemon"})
+            assert done["status"] in ("queued", "working")
+        assert json.loads(ws.cli("daemon", "status", "--json").stdout)["pid"] == status["pid"]

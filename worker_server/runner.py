@@ -205,9 +205,16 @@ class Runner:
             # half-way; server shutdown goes through _stop_all.
             with anyio.CancelScope(shield=True):
                 await self._execute(turn)
-        except Exception:
+        except Exception as exc:
             logger.exception("task %s: the runner failed", task.id)
-            await self.store.finish(task.id, TaskStatus.FAILED, message="internal error: see the server log")
+            # A full disk (the log, the database) fails this turn, not the daemon.
+            message = "internal error: see the server log"
+            if isinstance(exc, OSError) and exc.strerror:
+                message = f"failed: {exc.strerror}" + (f" ({exc.filename})" if exc.filename else "")
+            try:
+                await self.store.finish(task.id, TaskStatus.FAILED, message=message)
+            except Exception:
+                logger.exception("task %s: could not record that it failed", task.id)
         finally:
             # The store write that ended the turn already woke the scheduler
             # (slots are counted in the store): nothing more to announce.
@@ -259,7 +266,9 @@ class Runner:
             except BaseException:
                 # Whatever went wrong here, the worker must not outlive its turn.
                 with anyio.CancelScope(shield=True):
-                    await terminate(task.id, proc.pid, group_is_ours=True, not_before=started, spare=self._worker_pids(task.id))
+                    await terminate(
+                        task.id, proc.pid, group_is_ours=True, not_before=started, spare=self._worker_pids(task.id)
+                    )
                 raise
         finally:
             log.close()
@@ -340,7 +349,9 @@ class Runner:
             outcome = await _exit_or_stop(proc, turn, timeout)
             if outcome in ("cancelled", "timed_out"):
                 log.note(_cancel_message(turn.cancel_reason) if outcome == "cancelled" else "timed out")
-                await terminate(task.id, proc.pid, group_is_ours=True, not_before=started, spare=self._worker_pids(task.id))
+                await terminate(
+                    task.id, proc.pid, group_is_ours=True, not_before=started, spare=self._worker_pids(task.id)
+                )
                 with anyio.CancelScope(shield=True):
                     await proc.wait()
             with anyio.move_on_after(DRAIN_S):
@@ -382,7 +393,9 @@ class Runner:
         # The turn is over (and recorded, so waiters are already awake):
         # nothing it started may outlive it, escapees from its group included.
         if outcome == "exited":
-            await terminate(task.id, proc.pid, group_is_ours=True, not_before=started, spare=self._worker_pids(task.id))
+            await terminate(
+                task.id, proc.pid, group_is_ours=True, not_before=started, spare=self._worker_pids(task.id)
+            )
 
 
 async def _exit_or_stop(proc: Process, turn: RunningTurn, timeout: float | None) -> str:

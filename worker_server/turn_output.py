@@ -7,6 +7,7 @@ tail keeps a fixed number of lines.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,8 @@ MAX_LINE = 1024 * 1024
 READ_SIZE = 64 * 1024
 TAIL_LINES = 500
 TAIL_LINE_CHARS = 2000
+
+logger = logging.getLogger(__name__)
 
 
 class Tail:
@@ -59,7 +62,10 @@ class LogFile:
         self._file.write(_note_line(text))
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as exc:  # a full disk: what was buffered is lost, the turn's end is not
+            logger.warning("could not finish writing %s: %s", self.path, exc.strerror)
 
 
 async def pump_lines(stream: ByteReceiveStream, log: LogFile, on_line: Callable[[str], None]) -> None:

@@ -16,13 +16,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
-from tests.support import Workspace, call, pid_alive, server_process, stdio_client, wait_until
+from tests.support import Workspace, call, pid_alive, server_process, stdio_client, stop_daemons, wait_until
 from worker_server import forwarder
 
 pytestmark = pytest.mark.anyio
@@ -338,3 +339,34 @@ async def test_serve_http_is_the_daemon_stdio_clients_share(ws: Workspace) -> No
             done = await call(client, "spawn-task", {"prompt": "say via the http daemon"})
             assert done["status"] in ("queued", "working")
         assert json.loads(ws.cli("daemon", "status", "--json").stdout)["pid"] == status["pid"]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MB tmpfs (the tests run as root, as CI does)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        stop_daemons(tmp_path)
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+async def test_a_full_log_disk_fails_the_turn_and_the_daemon_serves_on(tmp_path: Path, small_disk: Path) -> None:
+    ws = Workspace(tmp_path)
+    line = f"log_dir = {json.dumps(str(small_disk))}"
+    ws.config.write_text(ws.config.read_text().replace('identity = "tester"', f'identity = "tester"\n{line}'))
+    async with stdio_client(ws) as client:
+        full = await call(client, "spawn-task", {"prompt": "flood 8\nsay never"})
+        done = await call(client, "wait-task", {"task_ids": full["task_id"], "timeout_s": 30})
+        task = done["tasks"][0]
+        assert task["status"] == "failed"
+        assert "No space left on device" in task["status_message"], task["status_message"]
+        assert (await call(client, "list-tasks", {}))["tasks"], "the daemon still answers"
+        for log in small_disk.glob("*.log"):
+            log.unlink()
+        ok = await call(client, "spawn-task", {"prompt": "say room again"})
+        after = await call(client, "wait-task", {"task_ids": ok["task_id"], "timeout_s": 30})
+        assert after["tasks"][0]["status"] == "completed"

@@ -209,8 +209,9 @@ class Runner:
             logger.exception("task %s: the runner failed", task.id)
             # A full disk (the log, the database) fails this turn, not the daemon.
             message = "internal error: see the server log"
-            if isinstance(exc, OSError) and exc.strerror:
-                message = f"failed: {exc.strerror}" + (f" ({exc.filename})" if exc.filename else "")
+            cause = _os_error(exc)
+            if cause is not None and cause.strerror:
+                message = f"failed: {cause.strerror}" + (f": {cause.filename}" if cause.filename else "")
             try:
                 await self.store.finish(task.id, TaskStatus.FAILED, message=message)
             except Exception:
@@ -396,6 +397,18 @@ class Runner:
             await terminate(
                 task.id, proc.pid, group_is_ours=True, not_before=started, spare=self._worker_pids(task.id)
             )
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` (task groups wrap what their tasks raise)."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _os_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 async def _exit_or_stop(proc: Process, turn: RunningTurn, timeout: float | None) -> str:

@@ -55,11 +55,14 @@ class LogFile:
         self._file: BinaryIO = path.open("ab", buffering=256 * 1024)
 
     def write(self, data: bytes) -> None:
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as exc:  # name the file: "No space left on device" alone says not where
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
 
     def note(self, text: str) -> None:
         """A line from taskwarden itself, set apart from the worker's output."""
-        self._file.write(_note_line(text))
+        self.write(_note_line(text))
 
     def close(self) -> None:
         try:

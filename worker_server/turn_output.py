@@ -8,17 +8,21 @@ tail keeps a fixed number of lines.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import ByteReceiveStream
 
 # Longer lines are cut before parsing (the log keeps them whole).
 MAX_LINE = 1024 * 1024
 READ_SIZE = 64 * 1024
+#: The longest a pump parses lines before letting other work run.
+YIELD_AFTER_S = 0.005
 TAIL_LINES = 500
 TAIL_LINE_CHARS = 2000
 
@@ -75,6 +79,8 @@ async def pump_lines(stream: ByteReceiveStream, log: LogFile, on_line: Callable[
     """Copy ``stream`` into ``log`` and hand each line (cut to MAX_LINE) to ``on_line``."""
     pending = bytearray()
     overlong = False  # inside a line already cut and reported
+    lines = 0
+    slice_start = time.monotonic()
     while True:
         try:
             chunk = await stream.receive(READ_SIZE)
@@ -93,6 +99,12 @@ async def pump_lines(stream: ByteReceiveStream, log: LogFile, on_line: Callable[
                 on_line(pending.decode("utf-8", errors="replace"))
             pending.clear()
             start = end + 1
+            lines += 1
+            # A worker printing tiny lines flat out must not hold the event
+            # loop: other clients' calls get a turn every few milliseconds.
+            if lines % 256 == 0 and time.monotonic() - slice_start > YIELD_AFTER_S:
+                await anyio.lowlevel.checkpoint()
+                slice_start = time.monotonic()
         if not overlong:
             pending += chunk[start:]
             if len(pending) > MAX_LINE:

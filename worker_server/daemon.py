@@ -300,7 +300,7 @@ class Daemon:
         if not isinstance(identity, str) or not 0 < len(identity) <= 200:
             identity = self.app.settings.identity
         CONNECTION.set(
-            Connection(identity=identity, session=new_id("sock"), cwd=cwd if isinstance(cwd, str) else None)
+            Connection(identity=identity, session=new_id("stdio"), cwd=cwd if isinstance(cwd, str) else None)
         )
         self.sessions += 1
         try:

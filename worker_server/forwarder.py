@@ -37,6 +37,10 @@ _DRAIN_S = 2.0
 class ForwarderError(Exception):
     """The daemon could not be found or started."""
 
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
 
 # -- where things are (mirrors worker_server.config, without pydantic) -------
 
@@ -157,7 +161,9 @@ def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(p) if p.isdigit() else 0 for p in version.split("."))
 
 
-def start_daemon(directory: Path, db: Path, config: Path | None, policy: str | None, log_dir: Path) -> None:
+def start_daemon(
+    directory: Path, db: Path, config: Path | None, policy: str | None, log_dir: Path
+) -> subprocess.Popen[bytes]:
     """Start ``taskwarden daemon run`` detached: its own session, stdio on /dev/null, log in the log dir."""
     log_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "worker_server", "daemon", "run", "--db", str(db.resolve())]
@@ -166,7 +172,7 @@ def start_daemon(directory: Path, db: Path, config: Path | None, policy: str | N
     if policy:
         argv += ["--policy", str(Path(policy).expanduser().resolve())]
     with open(log_dir / "daemon.log", "ab") as log:
-        subprocess.Popen(
+        return subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
             close_fds=True,
         )  # fmt: skip
@@ -185,13 +191,25 @@ def daemon_socket(
     for version in other_versions(directory):
         if _version_key(version) < _version_key(__version__):
             request(directory, "retire", version)
-    start_daemon(directory, db, config, policy, log_dir)
+    log_file = log_dir / "daemon.log"
+    try:
+        seen = log_file.stat().st_size
+    except OSError:
+        seen = 0
+    daemon = start_daemon(directory, db, config, policy, log_dir)
     deadline = time.monotonic() + timeout
     delay = 0.005
     while time.monotonic() < deadline:
         sock = connect(path)
         if sock is not None:
             return sock
+        code = daemon.poll()
+        # 3: another daemon won the race to start; its socket comes soon.
+        if code is not None and code != 3:
+            with open(log_file, "rb") as f:
+                f.seek(seen)
+                said = f.read(8192).decode(errors="replace").strip()
+            raise ForwarderError(said or f"the daemon exited with {code}", code)
         time.sleep(delay)
         delay = min(delay * 2, 0.1)
     raise ForwarderError(f"the daemon did not start within {timeout:.0f} s; see {log_dir / 'daemon.log'}")
@@ -271,7 +289,11 @@ def main(argv: list[str]) -> int:
             if not answer.get("ok"):
                 raise ForwarderError(f"the daemon refused the session: {answer.get('error')}")
             relay(sock, early)
-    except (ForwarderError, OSError, ValueError) as exc:
+    except ForwarderError as exc:
+        # The daemon's own message (a bad config) already names taskwarden.
+        print(exc if str(exc).startswith("taskwarden:") else f"taskwarden: {exc}", file=sys.stderr)
+        return exc.code
+    except (OSError, ValueError) as exc:
         print(f"taskwarden: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -68,6 +68,7 @@ class Workspace:
                 allowed_roots = [{json.dumps(str(self.root))}]
                 db = {json.dumps(str(self.db))}
                 identity = "tester"
+                idle_exit_s = 5
                 {policy}
                 [workers.fake]
                 command = [{py}, {agent}, "exec", "--json", "-C", "{{cwd}}", "-"]
@@ -163,15 +164,32 @@ async def stdio_client(ws: Workspace, *extra: str, **client_kwargs: Any) -> Asyn
 
 
 def server_process(ws: Workspace) -> psutil.Process:
-    """The running ``taskwarden serve`` process for this workspace (a child of the test)."""
-    for proc in psutil.Process().children(recursive=True):
+    """The daemon serving this workspace's database (``serve`` relays to it)."""
+    db = str(ws.db.resolve())
+    for proc in psutil.process_iter():
         try:
             cmd = proc.cmdline()
         except psutil.Error:
             continue
-        if "serve" in cmd and str(ws.config) in cmd:
+        if "daemon" in cmd and "run" in cmd and db in cmd and proc.status() != psutil.STATUS_ZOMBIE:
             return proc
-    raise AssertionError("no server process found")
+    raise AssertionError("no daemon process found")
+
+
+def stop_daemons(root: Path, timeout: float = 20) -> None:
+    """Stop (now) every daemon of a database under ``root`` and wait until each has exited."""
+    from worker_server import forwarder
+
+    pids = []
+    for directory in root.rglob("*.daemon"):
+        for version in {p.stem for p in directory.glob("*.sock")}:
+            answer = forwarder.request(directory, "stop", version, now=True)
+            if answer is not None:
+                pids.append(int(answer["pid"]))  # type: ignore[arg-type]
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def free_port() -> int:

@@ -471,22 +471,26 @@ def test_serve_writes_only_mcp_to_stdout(ws: Workspace) -> None:
         "jsonrpc": "2.0", "id": 1, "method": "initialize",
         "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
     }
-    proc = subprocess.run(
-        [sys.executable, "-m", "worker_server", "serve", "--config", str(ws.config)],
-        input=json.dumps(init) + "\n", capture_output=True, text=True, timeout=30, env=ws.server_env(),
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    assert lines, proc.stderr
-    for line in lines:
-        assert json.loads(line)["jsonrpc"] == "2.0"
+    # The forwarder relays the daemon's answers; --in-process serves them itself.
+    for extra in ([], ["--in-process"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "worker_server", "serve", "--config", str(ws.config), *extra],
+            input=json.dumps(init) + "\n", capture_output=True, text=True, timeout=30, env=ws.server_env(),
+        )
+        lines = [line for line in proc.stdout.splitlines() if line.strip()]
+        assert lines, proc.stderr
+        for line in lines:
+            assert json.loads(line)["jsonrpc"] == "2.0"
     assert "serving MCP on stdio" in proc.stderr
+    assert "daemon (pid" in (ws.root / "logs" / "daemon.log").read_text()
     assert os.path.exists(ws.db)
     assert psutil is not None
 
 
-async def test_stopping_the_server_fails_running_turns_as_interrupted(ws: Workspace) -> None:
+async def test_stopping_an_in_process_server_fails_running_turns_as_interrupted(ws: Workspace) -> None:
+    # (With the daemon, the default, turns outlive the client: see test_daemon.py.)
     worker_file = ws.work / "worker.pid"
-    async with stdio_client(ws) as client:
+    async with stdio_client(ws, "--in-process") as client:
         task = await call(client, "spawn-task", {"prompt": f"pid {worker_file}\nsleep 300"})
         await wait_until(lambda: worker_file.exists() and worker_file.read_text())
         worker = host_pid(task["task_id"], int(worker_file.read_text()))
@@ -561,11 +565,12 @@ async def test_a_finished_turn_leaves_nothing_running(ws: Workspace) -> None:
 
 
 async def test_a_server_takes_over_from_a_sibling_that_died(tmp_path: Path) -> None:
-    # Two MCP clients, two stdio servers, one database: the usual setup.
+    # Two in-process stdio servers on one database (two daemons of one
+    # PostgreSQL database are the same case): one dies, the other takes over.
     ws = Workspace(tmp_path, max_concurrent=1)
     ws.config.write_text(ws.config.read_text().replace('identity = "tester"', 'identity = "tester"\nreconcile_s = 0.5'))
     worker_file = ws.work / "worker.pid"
-    async with stdio_client(ws) as first, stdio_client(ws) as second:
+    async with stdio_client(ws, "--in-process") as first, stdio_client(ws, "--in-process") as second:
         stuck = await call(first, "spawn-task", {"prompt": f"pid {worker_file}\nsleep 300"})
         await wait_until(lambda: worker_file.exists() and worker_file.read_text())
         worker = host_pid(stuck["task_id"], int(worker_file.read_text()))

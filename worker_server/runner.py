@@ -78,6 +78,8 @@ class RunningTurn:
     # Set when the turn is stopped because it failed (a budget ran out),
     # not because someone cancelled it: it ends failed with this message.
     failure: str | None = None
+    # The worker process, once started.
+    pid: int | None = None
 
     def stop_failed(self, message: str) -> None:
         if self.cancel_reason is None:
@@ -192,6 +194,14 @@ class Runner:
             if turn is not None:
                 turn.request_cancel(task.cancel_reason or "cancelled")
 
+    def _worker_pids(self, but: str) -> set[int]:
+        """The worker processes of the other running turns: never another turn's escapees."""
+        return {t.pid for t in self._running.values() if t.pid is not None and t.task.id != but}
+
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
+
     def running(self, task_id: str) -> RunningTurn | None:
         return self._running.get(task_id)
 
@@ -214,9 +224,17 @@ class Runner:
             # half-way; server shutdown goes through _stop_all.
             with anyio.CancelScope(shield=True):
                 await self._execute(turn)
-        except Exception:
+        except Exception as exc:
             logger.exception("task %s: the runner failed", task.id)
-            await self.store.finish(task.id, TaskStatus.FAILED, message="internal error: see the server log")
+            # A full disk (the log, the database) fails this turn, not the daemon.
+            message = "internal error: see the server log"
+            cause = _os_error(exc)
+            if cause is not None and cause.strerror:
+                message = f"failed: {cause.strerror}" + (f": {cause.filename}" if cause.filename else "")
+            try:
+                await self.store.finish(task.id, TaskStatus.FAILED, message=message)
+            except Exception:
+                logger.exception("task %s: could not record that it failed", task.id)
         finally:
             # The store write that ended the turn already woke the scheduler
             # (slots are counted in the store): nothing more to announce.
@@ -289,6 +307,7 @@ class Runner:
                 log.flush()
                 await self.store.finish(task.id, TaskStatus.FAILED, message=message)
                 return
+            turn.pid = proc.pid
             try:
                 await self.store.set_process(task.id, proc.pid, str(log.path))
                 await self._supervise(turn, proc, profile, log, started, before)
@@ -307,7 +326,10 @@ class Runner:
         # bwrap dies at once on SIGTERM, taking its PID namespace with it: the
         # gentle signal goes to the worker inside, the bwrap processes are spared.
         spare = self.sandbox.wrapper_pids(pid)
-        await terminate(task_id, pid, group_is_ours=True, not_before=started, spare_gentle=spare)
+        await terminate(
+            task_id, pid, group_is_ours=True, not_before=started, spare_gentle=spare,
+            spare=self._worker_pids(task_id),
+        )  # fmt: skip
 
     async def _supervise(
         self,
@@ -452,6 +474,18 @@ class Runner:
         # nothing it started may outlive it, escapees from its group included.
         if outcome == "exited":
             await self._terminate(task.id, proc.pid, started)
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` (task groups wrap what their tasks raise)."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _os_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 async def _exit_or_stop(proc: Process, turn: RunningTurn, timeout: float | None) -> str:

@@ -183,30 +183,41 @@ async def serve_stdio(settings: Settings) -> None:
             await mcp.run_stdio_async()
 
 
-async def serve_http(settings: Settings, host: str, port: int, *, allow_anonymous: bool, with_inbox: bool = True) -> None:
-    import uvicorn
-
-    loopback = _is_loopback(host)
-    if allow_anonymous and not loopback:
+def check_http(settings: Settings, host: str, *, allow_anonymous: bool) -> None:
+    """Refuse an HTTP listener that would let strangers in, before anything starts."""
+    if allow_anonymous and not _is_loopback(host):
         raise ConfigError(f"--allow-anonymous is only allowed on a loopback address, not {host}")
     if not allow_anonymous and not settings.identities:
         raise ConfigError(
             "HTTP needs bearer tokens: add [identities.NAME] token_sha256 = \"...\" to the config, "
             "or listen on 127.0.0.1 with --allow-anonymous"
         )
-    watch_children_with_pidfds()
-    # uvicorn handles SIGTERM/SIGINT itself and shuts down gracefully (open
-    # streams end, the MCP session manager stops); then open_app stops turns.
-    async with open_app(settings) as app:
-        mcp = build_mcp(app, token_auth=not allow_anonymous, issuer=f"http://{host}:{port}")
-        starlette_app = mcp.streamable_http_app(host=host, transport_security=_rebinding_guard(host))
-        if with_inbox:
-            from worker_server.inbox.app import mount_inbox
 
-            mount_inbox(starlette_app, app)
-        config = uvicorn.Config(starlette_app, host=host, port=port, log_config=None, access_log=False, lifespan="on")
-        logger.info("taskwarden %s serving MCP at http://%s:%d/mcp", __version__, host, port)
-        await run_uvicorn(uvicorn.Server(config))
+
+async def serve_http(settings: Settings, host: str, port: int, *, allow_anonymous: bool, with_inbox: bool = True) -> None:
+    check_http(settings, host, allow_anonymous=allow_anonymous)
+    watch_children_with_pidfds()
+    async with open_app(settings) as app:
+        await serve_http_app(app, host, port, allow_anonymous=allow_anonymous, with_inbox=with_inbox)
+
+
+async def serve_http_app(app: App, host: str, port: int, *, allow_anonymous: bool, with_inbox: bool = True) -> None:
+    """Serve /mcp (and the inbox) for ``app`` until SIGTERM/SIGINT.
+
+    uvicorn handles SIGTERM/SIGINT itself and shuts down gracefully (open
+    streams end, the MCP session manager stops); then open_app stops turns.
+    """
+    import uvicorn
+
+    mcp = build_mcp(app, token_auth=not allow_anonymous, issuer=f"http://{host}:{port}")
+    starlette_app = mcp.streamable_http_app(host=host, transport_security=_rebinding_guard(host))
+    if with_inbox:
+        from worker_server.inbox.app import mount_inbox
+
+        mount_inbox(starlette_app, app)
+    config = uvicorn.Config(starlette_app, host=host, port=port, log_config=None, access_log=False, lifespan="on")
+    logger.info("taskwarden %s serving MCP at http://%s:%d/mcp", __version__, host, port)
+    await run_uvicorn(uvicorn.Server(config))
 
 
 async def run_uvicorn(server: Any) -> None:

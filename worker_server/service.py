@@ -80,6 +80,8 @@ class InvalidArgument(Exception):
 class Caller:
     identity: str
     session: str
+    # The client's working directory (a forwarder's), the default cwd of its tasks.
+    cwd: str | None = None
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,7 @@ class TaskService:
             if isolation not in (None, *ISOLATIONS):
                 raise InvalidArgument("isolation", f"must be one of {', '.join(ISOLATIONS)}, got {isolation!r}")
             _check_installed(worker, profile)
-            path = str(self._check_cwd(cwd))
+            path = str(self._check_cwd(cwd, caller.cwd))
             session_id = new_id("ses")
             worktree = branch = None
             if (isolation or "none") == "worktree":
@@ -210,11 +212,11 @@ class TaskService:
             raise InvalidArgument("isolation", f"worktree needs cwd in a git work tree with a commit: {exc}") from None
         return path, branch
 
-    def _check_cwd(self, cwd: str | None) -> Path:
+    def _check_cwd(self, cwd: str | None, default: str | None = None) -> Path:
         roots = self.settings.roots
         shown = ", ".join(self.settings.allowed_roots)
         if cwd is None:
-            path = Path(os.getcwd()).resolve()
+            path = Path(default or os.getcwd()).resolve()
             if not _inside(path, roots):
                 raise InvalidArgument(
                     "cwd",

@@ -702,6 +702,18 @@ class Store:
 
         return await self.db.read(read)
 
+    async def queued_count(self, owner: tuple[int, float]) -> int:
+        """Agent turns waiting for a slot that this server (or any) may run."""
+
+        def read(c: sqlite3.Connection) -> int:
+            return c.execute(
+                "SELECT count(*) FROM tasks WHERE status = 'queued' AND kind = 'agent'"
+                " AND (owner_pid IS NULL OR (owner_pid = ? AND owner_started = ?))",
+                owner,
+            ).fetchone()[0]
+
+        return await self.db.read(read)
+
     async def queued_workers(self) -> list[str]:
         def read(c: sqlite3.Connection) -> list[str]:
             rows = c.execute("SELECT DISTINCT worker FROM tasks WHERE status = 'queued' AND kind = 'agent'")

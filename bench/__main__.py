@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         machine = describe(scratch)
         sections = anyio.run(_run_all, names, sizes, scratch)
     finally:
+        _stop_daemons(scratch)
         if args.keep:
             progress(f"scratch kept in {scratch}")
         else:
@@ -77,6 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"report written to {out}")
     print(json.dumps(_summary(sections, sizes, seconds)), flush=True)
     return 1 if any(s.error for s in sections) else 0
+
+
+def _stop_daemons(scratch: Path) -> None:
+    """Stop now every daemon a measurement started (one per workspace database)."""
+    from worker_server import forwarder
+
+    for directory in scratch.rglob("*.daemon"):
+        for sock in directory.glob("*.sock"):
+            forwarder.request(directory, "stop", sock.stem, now=True)
 
 
 async def _run_all(names: list[str], sizes: Sizes, scratch: Path) -> list[Section]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -12,11 +13,18 @@ import anyio
 
 from bench.core import Metric, Section, Sizes, fmt, median, progress, rounded
 from bench.workspace import Workspace
+from worker_server import forwarder
 
 TITLE = "Cold start"
 METHOD = """\
-The bench starts `python -m worker_server serve --config FILE` (an existing
-database, the built-in policy), writes one JSON-RPC `initialize` request
+`taskwarden serve` over stdio is a forwarder (standard library only) to the
+daemon of its database. The bench starts `python -m worker_server serve
+--config FILE` (an existing database, the built-in policy) three ways: with
+the daemon already running (`cold_start_warm_s`, what a client sees from its
+second server start on), with no daemon (`cold_start_s`: the forwarder starts
+it), and `serve --in-process` (the single-process server); and in the same
+rounds the bare SDK server of `bench/bare_server.py` (one tool), the
+reference for `cold_start_ratio` = warm ÷ bare. Each writes one JSON-RPC `initialize` request
 (protocol 2025-11-25) to its stdin at once, and stops the clock when the
 response line arrives on its stdout; then it closes stdin and the server
 exits. No SDK client is involved, so the client's own start-up is not
@@ -53,9 +61,17 @@ async def run(sizes: Sizes, scratch: Path) -> Section:
     ws = Workspace(scratch, policy=None)
     env = ws.env()
 
-    def one_round() -> tuple[float, float, float, float]:
+    daemons = forwarder.daemon_dir(ws.db)
+    bare = [sys.executable, "-m", "bench.bare_server"]
+
+    def one_round() -> tuple[float, ...]:
+        _stop_daemon(daemons)
+        no_daemon = _initialize(ws, env)  # starts the daemon
         return (
+            no_daemon,
             _initialize(ws, env),
+            _initialize(ws, env, [*ws.serve_argv(), "--in-process"]),
+            _initialize(ws, env, bare),
             _python_pass(env, ws.work),
             _timed_inside(IMPORT_MCP, env, ws.work),
             _timed_inside(IMPORT_OURS, env, ws.work),
@@ -65,10 +81,18 @@ async def run(sizes: Sizes, scratch: Path) -> Section:
     rounds = []
     for _ in range(sizes.cold_samples):
         rounds.append(await anyio.to_thread.run_sync(one_round))
-    start, python, mcp_import, ours_import = (median(column) for column in zip(*rounds))
-    progress(f"cold start: {start:.3f} s (python {python:.3f} s, import mcp {mcp_import:.3f} s)")
+    _stop_daemon(daemons)
+    start, warm, in_process, bare_s, python, mcp_import, ours_import = (median(c) for c in zip(*rounds))
+    ratio = warm / bare_s
+    progress(f"cold start: warm {warm:.3f} s, no daemon {start:.3f} s, bare SDK {bare_s:.3f} s (ratio {ratio:.2f})")
     section.metrics = [
-        Metric("cold_start_s", rounded(start), "s", "process start → initialize answered", 0.8, "lower"),
+        Metric("cold_start_warm_s", rounded(warm), "s", "forwarder start → initialize answered, daemon running"),
+        Metric("cold_start_ratio", rounded(ratio), "×", "warm start ÷ a bare SDK server's cold start", 0.1, "lower"),
+        Metric("cold_start_s", rounded(start), "s", "no daemon: process start → initialize answered", 0.8, "lower"),
+        Metric("cold_start_no_daemon_ratio", rounded(start / bare_s), "×", "no daemon ÷ bare SDK server", 1.2,
+               "lower"),  # fmt: skip
+        Metric("cold_start_in_process_s", rounded(in_process), "s", "`serve --in-process` → initialize answered"),
+        Metric("bare_sdk_start_s", rounded(bare_s), "s", "bare SDK server (one tool) → initialize answered"),
         Metric("mcp_import_s", rounded(mcp_import), "s", "`import mcp, mcp.server.mcpserver` alone (the floor)"),
         Metric("python_start_s", rounded(python), "s", "an empty interpreter, start to exit"),
     ]
@@ -77,12 +101,15 @@ async def run(sizes: Sizes, scratch: Path) -> Section:
         "",
         "| step | seconds |",
         "|---|---|",
+        f"| forwarder, daemon running → `initialize` answered | {fmt(warm)} |",
+        f"| bare SDK server → `initialize` answered | {fmt(bare_s)} |",
+        f"| `serve --in-process` → `initialize` answered | {fmt(in_process)} |",
         f"| `python -c pass`, start to exit | {fmt(python)} |",
         f"| `import mcp, mcp.server.mcpserver` (timed inside the process) | {fmt(mcp_import)} |",
         f"| `import worker_server.cli, worker_server.server` (all of the above and ours) | {fmt(ours_import)} |",
-        f"| **process start → `initialize` answered** | **{fmt(start)}** |",
+        f"| **no daemon: process start → `initialize` answered** | **{fmt(start)}** |",
         "",
-        f"So of the {fmt(start)} s: about {fmt(python)} s is the interpreter, {fmt(mcp_import)} s importing the "
+        f"So of the {fmt(start)} s without a daemon: about {fmt(python)} s is the interpreter, {fmt(mcp_import)} s importing the "
         f"SDK, {fmt(max(0.0, ours_import - mcp_import))} s importing taskwarden and the rest of its dependencies, "
         f"and {fmt(max(0.0, start - python - ours_import))} s opening the database, building the server and "
         "answering.",
@@ -90,12 +117,26 @@ async def run(sizes: Sizes, scratch: Path) -> Section:
     return section
 
 
-def _initialize(ws: Workspace, env: dict[str, str]) -> float:
+def _stop_daemon(directory: Path) -> None:
+    answer = forwarder.request(directory, "stop", now=True)
+    if answer is None:
+        return
+    pid = int(answer["pid"])  # type: ignore[arg-type]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.01)
+
+
+def _initialize(ws: Workspace, env: dict[str, str], argv: list[str] | None = None) -> float:
     request = (json.dumps(INITIALIZE) + "\n").encode()
     log = (ws.root / "cold-start.log").open("ab")
     start = time.perf_counter()
     proc = subprocess.Popen(
-        ws.serve_argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=ws.work, env=env
+        argv or ws.serve_argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=ws.work, env=env
     )
     try:
         assert proc.stdin is not None and proc.stdout is not None

@@ -61,6 +61,8 @@ class Workspace:
             'identity = "bench"',
             # INFO would put a line per turn on our stderr.
             'log_level = "WARNING"',
+            # Each workspace's database has its daemon; none outlives the bench for long.
+            "idle_exit_s = 10",
         ]
         if self.policy is not None:
             # The policy gets a directory of its own, as an operator's would.
@@ -106,14 +108,16 @@ class Workspace:
             log.close()
 
     def server_process(self) -> psutil.Process:
-        for proc in psutil.Process().children(recursive=True):
+        """The daemon of this workspace's database: it does the work ``serve`` relays."""
+        db = str(self.db.resolve())
+        for proc in psutil.process_iter():
             try:
                 cmd = proc.cmdline()
             except psutil.Error:
                 continue
-            if "serve" in cmd and str(self.config) in cmd:
+            if "daemon" in cmd and "run" in cmd and db in cmd:
                 return proc
-        raise RuntimeError(f"no taskwarden server running for {self.config}")
+        raise RuntimeError(f"no taskwarden daemon running for {self.db}")
 
 
 def structured(result: CallToolResult, tool: str) -> dict[str, Any]:

@@ -49,11 +49,14 @@ class Decision(str, enum.Enum):
     APPROVAL_DENIED = "approval_denied"
     #: the approval expired before anyone decided
     APPROVAL_EXPIRED = "approval_expired"
+    #: a budget the call's rule charges is spent
+    BUDGET_EXHAUSTED = "budget_exhausted"
     # Shadow mode: what enforce mode would have done; the call was allowed.
     SHADOW_DENY = "shadow_deny"
     SHADOW_HIDDEN = "shadow_hidden"
     SHADOW_RATE_LIMITED = "shadow_rate_limited"
     SHADOW_APPROVAL_REQUIRED = "shadow_approval_required"
+    SHADOW_BUDGET_EXHAUSTED = "shadow_budget_exhausted"
 
 
 DECISIONS: tuple[str, ...] = tuple(d.value for d in Decision)

@@ -226,6 +226,57 @@ async def audit(
     return await _with_db(db_path, run)
 
 
+async def budgets(db_path: str | Path, as_json: bool, out: TextIO, clock: Clock | None = None) -> int:
+    """``taskwarden budgets``: each budget's use per scope key in its window, and recent crossings."""
+    from guard.budgets import METRICS, BudgetLedger
+
+    async def run(db: Database) -> int:
+        ledger = BudgetLedger(db, clock or SystemClock())
+        uses = await ledger.report()
+        overruns = await ledger.overruns()
+        if as_json:
+            for use in uses:
+                t = use.target
+                limits = {m: t.limit(m) for m in METRICS if t.limit(m) is not None}
+                out.write(json.dumps({"budget": t.name, "rule": t.rule_id, "scope": t.scope, "key": t.scope_value,
+                                      "window_s": t.window_s, "limits": limits,
+                                      "used": {m: use.used[m] for m in limits}}) + "\n")
+            return EXIT_OK
+        if not uses:
+            out.write("no budget has been charged yet\n")
+        for use in uses:
+            t = use.target
+            key = t.scope_value if t.scope != "global" else "(everyone)"
+            shown = "; ".join(t.describe(m, use.used[m]) for m in METRICS if t.limit(m) is not None)
+            out.write(f"{t.name} [{t.scope} {key}]: {shown}\n")
+        if overruns:
+            out.write("recent crossings:\n")
+            for o in overruns:
+                what = "would have stopped (shadow)" if o["shadow"] else "stopped"
+                out.write(f"  {iso(o['at'])} {o['budget']} [{o['scope_value'] or '(everyone)'}] {what} "
+                          f"{o['task'] or ''}: {o['message']}\n")
+        return EXIT_OK
+
+    return await _with_db(db_path, run)
+
+
+async def budget_state(db_path: str | Path, targets: Any, clock: Clock | None = None) -> list[str]:
+    """What each budget key has used now, one line each (for ``policy explain``)."""
+    from guard.budgets import METRICS, BudgetLedger
+
+    lines: list[str] = []
+
+    async def run(db: Database) -> int:
+        for use in await BudgetLedger(db, clock or SystemClock()).uses(targets):
+            t = use.target
+            shown = "; ".join(t.describe(m, use.used[m]) for m in METRICS if t.limit(m) is not None)
+            lines.append(f"{t.name} [{t.scope} {t.scope_value or '(everyone)'}]: used {shown}")
+        return EXIT_OK
+
+    await _with_db(db_path, run)
+    return lines
+
+
 # -- helpers ------------------------------------------------------------------
 
 

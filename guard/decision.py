@@ -36,7 +36,7 @@ from typing import Any, Literal, Protocol
 
 from guard import conditions as cond
 from guard.limits import LimitRequest
-from guard.policy import Action, ApprovalSettings, Policy, RateLimit, Rule, Scope
+from guard.policy import Action, ApprovalSettings, Budget, Policy, RateLimit, Rule, Scope
 
 # The ``max`` given to the limiter for a counter that only counts.
 COUNT_ONLY_MAX = 2**53
@@ -71,6 +71,9 @@ class Verdict:
     reason: str  # the rule's reason, or a generated sentence
     approval: ApprovalSettings | None = None  # set when action is require_approval
     limits: tuple[LimitRequest, ...] = ()  # room to reserve before the call runs
+    # (rule id, budget) of every applicable rule with a budget: the call is
+    # refused while one is spent, and the turns it starts are charged to them.
+    budgets: tuple[tuple[str, Budget], ...] = ()
     shadow: bool = False  # the policy's mode is shadow: log, do not enforce
     trace: tuple[str, ...] = ()  # how the verdict was reached, for `policy explain`
 
@@ -92,6 +95,21 @@ def describe_limit(limit: RateLimit, cost: int | None = None) -> str:
     if limit.max is None:
         return f"counts {unit} per {limit.window_s:g} s {scope} (no limit)"
     return f"{limit.max} {unit} per {limit.window_s:g} s {scope}"
+
+
+def describe_budget(budget: Budget) -> str:
+    """``tokens 2,000,000, cost $5 per day per identity``."""
+    parts = []
+    if budget.tokens is not None:
+        parts.append(f"tokens {budget.tokens:,}")
+    if budget.cost_usd is not None:
+        parts.append(f"cost ${budget.cost_usd:g}")
+    if budget.worker_s is not None:
+        parts.append(f"worker seconds {budget.worker_s:g}")
+    named = {1: "second", 60: "minute", 3600: "hour", 86400: "day", 604800: "week"}
+    window = f"per {named[budget.window_s]}" if budget.window_s in named else f"per {budget.window_s:g} s"
+    who = {"session": "per session", "identity": "per identity", "global": "across all callers"}[budget.scope]
+    return f"{', '.join(parts)} {window} {who}"
 
 
 def resolve_cost(limit: RateLimit, args: Mapping[str, Any]) -> int | str:
@@ -148,6 +166,7 @@ class _Decider:
         self.counters = counters
         self.trace: list[str] = []
         self.noted_fresh_counters = False
+        self.budgets: list[tuple[str, Budget]] = []
 
     def verdict(self, action: Action, rule_id: str | None, reason: str, **more: Any) -> Verdict:
         self.trace.append(f"decision: {action} ({rule_id or 'no rule'}): {reason}")
@@ -158,6 +177,7 @@ class _Decider:
             reason=reason,
             shadow=self.policy.mode == "shadow",
             trace=tuple(self.trace),
+            budgets=tuple(self.budgets) if action != "deny" else (),
             **more,
         )
 
@@ -239,6 +259,9 @@ class _Decider:
                     f" (counter {request.counter}, cost {request.cost})"
                 )
                 limits.append(request)
+            if rule.budget is not None:
+                line += f"; budget {describe_budget(rule.budget)} (name {rule.budget.name or rule.id})"
+                self.budgets.append((rule.id, rule.budget))
             self.trace.append(line)
             if rule.action == "require_approval" and approval_rule is None:
                 approval_rule = rule

@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from guard.approvals import Approval
 from guard.audit import Outcome
+from guard.budgets import reset_admitted, set_admitted
 from guard.outcomes import Refusal
 from guard.runtime import Admission, AskLater, Call, Guard, Unknown
 
@@ -84,6 +85,8 @@ class GuardMiddleware:
     async def __call__(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
         if ctx.method == "tools/list":
             return self._without_hidden(await call_next(ctx))
+        if ctx.method == "resources/read":
+            return await self._read_resource(ctx, call_next)
         if ctx.method != "tools/call":
             return await call_next(ctx)
         params = ctx.params or {}
@@ -103,7 +106,25 @@ class GuardMiddleware:
             return refusal_result(decided)
         return await self._run(ctx, call_next, decided)
 
+    async def _read_resource(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        """A resource read passes the guard as the tool call the host maps it to (and is audited)."""
+        uri = (ctx.params or {}).get("uri")
+        mapped = self.guard.resource_calls(uri) if isinstance(uri, str) and self.guard.resource_calls else None
+        if mapped is None:
+            return await call_next(ctx)
+        tool, args = mapped
+        call = self._call(ctx, tool, args, via="resources/read", target=uri)
+        try:
+            decided = await self.guard.admit(call, None)  # a read is never held for a client's answer
+        except Unknown:
+            raise MCPError(code=INVALID_PARAMS, message=f"Resource not found: {uri}", data={"uri": uri}) from None
+        if isinstance(decided, Refusal):
+            raise MCPError(code=INVALID_PARAMS, message=decided.text(), data={**decided.structured(), "uri": uri})
+        return await self._run(ctx, call_next, decided)
+
     async def _run(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext, admission: Admission) -> HandlerResult:
+        # The handler reads the budgets it must record on the turns it starts.
+        token = set_admitted(admission.budgets)
         try:
             result = await call_next(ctx)
         except (MCPError, ValidationError):
@@ -118,15 +139,24 @@ class GuardMiddleware:
             with anyio.CancelScope(shield=True):
                 await self.guard.settle(admission, Outcome.ERROR)
             raise
+        finally:
+            reset_admitted(token)
         failed = isinstance(result, dict) and bool(result.get("isError"))
         await self.guard.settle(admission, Outcome.TOOL_ERROR if failed else Outcome.OK)
         return result
 
-    def _call(self, ctx: ServerRequestContext[Any, Any], name: str, args: dict[str, Any]) -> Call:
+    def _call(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        name: str,
+        args: dict[str, Any],
+        via: str | None = None,
+        target: str | None = None,
+    ) -> Call:
         if self.guard.callers is not None:
             caller = self.guard.callers(ctx)
-            return Call(name, args, caller.identity, caller.session)
-        return Call(name, args, self._fallback_identity, f"conn-{id(ctx.session):x}")
+            return Call(name, args, caller.identity, caller.session, via, target)
+        return Call(name, args, self._fallback_identity, f"conn-{id(ctx.session):x}", via, target)
 
     def _without_hidden(self, result: HandlerResult) -> HandlerResult:
         if isinstance(result, dict) and isinstance(result.get("tools"), list):

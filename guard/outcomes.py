@@ -1,7 +1,8 @@
 """The shape of a refused call: an ``isError`` result a model can act on.
 
 The first text line says what happened and what to do; the structured
-content carries ``{error, tool, rule, reason, field?, retry_after_s?, approval?}``.
+content carries ``{error, tool, rule, reason, field?, retry_after_s?, approval?,
+budget?, used?}``.
 
 Strict clients (the TypeScript SDK v1, the MCP Inspector) validate an error
 result's structured content against the tool's output schema before showing
@@ -43,6 +44,8 @@ REFUSAL_SCHEMA: dict[str, Any] = {
         "reason": {"type": "string"},
         "field": {"type": "string", "description": "invalid_arguments: the argument at fault"},
         "retry_after_s": {"type": "number", "minimum": 0},
+        "budget": {"type": "string", "description": "budget_exhausted: the spent budget's name"},
+        "used": {"type": "object", "description": "budget_exhausted: what was used in the window, by metric"},
         "approval": {
             "type": "object",
             "properties": {

@@ -59,6 +59,21 @@ class RateLimit(_Frozen):
     reason: str | None = None
 
 
+class Budget(_Frozen):
+    """What the turns started by matching calls may use in ``window_s``, per ``scope``.
+
+    At least one of ``tokens`` (input + output), ``cost_usd`` and ``worker_s``.
+    Rules sharing a ``name`` share one budget; unnamed budgets belong to their rule.
+    """
+
+    tokens: Annotated[int, Field(ge=0)] | None = None
+    cost_usd: Annotated[float, Field(ge=0)] | None = None
+    worker_s: Annotated[float, Field(ge=0)] | None = None
+    window_s: float = Field(gt=0)
+    scope: Scope = "session"
+    name: str | None = None
+
+
 class Counter(_Frozen):
     """A named counter, readable by conditions as ``state.<name>``."""
 
@@ -97,6 +112,7 @@ class Rule(_Frozen):
     identities: tuple[str, ...] | None = None
     rate_limit: RateLimit | None = None
     approval: ApprovalSettings | None = None
+    budget: Budget | None = None
     line: int | None = None  # where the rule starts in its file
 
 
@@ -116,6 +132,9 @@ class Policy(_Frozen):
     # under ``tools`` permits it, its rules only deny or limit, and with
     # ``default: deny`` an unlisted tool is refused before any ``*`` rule.
     listing_permits: bool = False
+    # Identities that see every identity's sessions ("*": every identity).
+    # The guard only states it (``Guard.sees_all``); the host app enforces it.
+    share: tuple[str, ...] = ()
     source: str | None = None  # the file it came from, for messages
 
     @property

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from guard.decision import Verdict, decide, fresh_counters
+from guard.decision import Verdict, decide, describe_budget, fresh_counters
 from guard.dialects import PolicyError, load_policy, parse_document
 from guard.dialects.source import Node
 from guard.policy import Policy, Scope
@@ -70,8 +70,10 @@ def explain(
     args_json: str,
     identity: str | None = None,
     out: TextIO | None = None,
+    db_path: str | Path | None = None,
 ) -> int:
-    """Print the decision on one call, the rate limits it would reserve, and why."""
+    """Print the decision on one call, the rate limits it would reserve, its
+    budgets (with their use now, for the identity, when ``db_path`` exists), and why."""
     try:
         args = json.loads(args_json)
     except json.JSONDecodeError as exc:
@@ -105,6 +107,20 @@ def explain(
             )
     elif verdict.action != "deny":
         _print(out, "rate limits reserved: none")
+    if verdict.budgets:
+        _print(out, "budgets charged by the turns it starts:")
+        for rule_id, budget in verdict.budgets:
+            _print(out, f"  {budget.name or rule_id} ({rule_id}): {describe_budget(budget)}")
+        if db_path is not None and Path(db_path).exists():
+            import anyio
+
+            from guard.budgets import targets_for
+            from guard.commands import budget_state
+
+            # A session is not known here: session budgets are shown for no session.
+            targets = targets_for(verdict.budgets, "", identity or "", False)
+            for line in anyio.run(budget_state, db_path, targets):
+                _print(out, f"  now: {line}")
     _print(out, "trace:")
     for line in verdict.trace:
         _print(out, f"  {line}")

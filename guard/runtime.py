@@ -26,6 +26,7 @@ from guard.approvals import (
 )
 from guard.audit import AuditLog, AuditRecord, Decision, Outcome
 from guard import detectors
+from guard.budgets import BudgetLedger, BudgetTarget, targets_for
 from guard.changes import ChangeFeed
 from guard.clock import Clock, SystemClock
 from guard.database import Database
@@ -52,6 +53,13 @@ class Call:
     #: The request that made this call when it is not ``tools/call`` (e.g.
     #: ``tasks/cancel``, decided as ``cancel-task``); the audit names it.
     via: str | None = None
+    #: What that request named, e.g. the resource URI of a ``resources/read``
+    #: decided as ``get-task``; kept in the audit record's arguments.
+    target: str | None = None
+
+
+#: Maps a resource URI to the tool call that decides reading it, or None (not guarded).
+ResourceCalls = Callable[[str], "tuple[str, dict[str, Any]] | None"]
 
 
 class Caller(Protocol):
@@ -102,6 +110,8 @@ class Admission:
     reservation: Reservation | None
     approval_id: str | None
     started: float
+    # The budget keys the turns this call starts are charged to (guard.budgets).
+    budgets: tuple[BudgetTarget, ...] = ()
 
 
 class Guard:
@@ -115,10 +125,12 @@ class Guard:
         enabled: bool = True,
         callers: Callable[[Any], Caller] | None = None,
         inbox_url: str | None = None,
+        resource_calls: ResourceCalls | None = None,
     ) -> None:
         self.db = db
         # Where a person approves held calls; named in approval_required results.
         self.inbox_url = inbox_url
+        self.resource_calls = resource_calls
         self.feed = feed
         self.policies = policies
         self.clock = clock or SystemClock()
@@ -126,6 +138,7 @@ class Guard:
         self.callers = callers
         self.limiter = Limiter(db, self.clock)
         digester = Digester.for_database(db.path)
+        self.budgets = BudgetLedger(db, self.clock)
         self.approvals = Approvals(db, self.clock, feed, digester)
         self.audit = AuditLog(db, self.clock, digester=digester)
         self._checker: ArgumentChecker | None = None
@@ -146,11 +159,13 @@ class Guard:
         callers: Callable[[Any], Caller] | None = None,
         clock: Clock | None = None,
         inbox_url: str | None = None,
+        resource_calls: ResourceCalls | None = None,
     ) -> Guard:
         await migrate(db)
         return cls(
-            db, feed, PolicySource(policy_path), clock=clock, enabled=enabled, callers=callers, inbox_url=inbox_url
-        )
+            db, feed, PolicySource(policy_path), clock=clock, enabled=enabled, callers=callers, inbox_url=inbox_url,
+            resource_calls=resource_calls,
+        )  # fmt: skip
 
     @property
     def policy(self) -> Policy:
@@ -191,6 +206,11 @@ class Guard:
         finally:
             with anyio.CancelScope(shield=True):
                 await self.audit.flush()
+
+    def sees_all(self, identity: str) -> bool:
+        """Whether the policy's ``share`` lets ``identity`` see every identity's sessions."""
+        share = self.policy.share
+        return "*" in share or identity in share
 
     def is_hidden(self, tool: str) -> bool:
         policy = self.policy
@@ -256,6 +276,20 @@ class Guard:
                 approval = outcome
         approval_id = approval.id if approval is not None else None
 
+        budgets: tuple[BudgetTarget, ...] = ()
+        if verdict.budgets:
+            budgets = targets_for(verdict.budgets, call.session, call.identity, shadow)
+            spent = await self.budgets.check(budgets)
+            if spent is not None:
+                retry = None if spent.retry_after_s is None else round(spent.retry_after_s, 3)
+                refusal = Refusal(
+                    "budget_exhausted", call.tool, spent.target.rule_id, spent.message, retry_after_s=retry,
+                    extra={"budget": spent.target.name, "used": {spent.metric: spent.used}},
+                )
+                if not shadow:
+                    return await self._refuse(call, refusal, Decision.BUDGET_EXHAUSTED, started, approval_id)
+                await self._record(call, Decision.SHADOW_BUDGET_EXHAUSTED, refusal.rule, refusal.reason, started, None)
+
         reservation: Reservation | None = None
         if verdict.limits:
             held = await self.limiter.reserve(verdict.limits, ScopeKeys(session=call.session, identity=call.identity))
@@ -281,7 +315,7 @@ class Guard:
             return await self._refuse(call, refusal, Decision.APPROVAL_REQUIRED, started, approval.id)
 
         rule = verdict.rule_id
-        return Admission(call, Decision.ALLOW, rule, verdict.reason, reservation, approval_id, started)
+        return Admission(call, Decision.ALLOW, rule, verdict.reason, reservation, approval_id, started, budgets)
 
     async def _decide(self, policy: Policy, call: Call) -> Verdict:
         """decide(), remembered when the tool's rules cannot depend on the arguments."""
@@ -506,7 +540,7 @@ class Guard:
                 identity=call.identity,
                 session=call.session,
                 tool=call.via or call.tool,
-                args=dict(call.args),
+                args=dict(call.args) if call.target is None else {**call.args, "resource": call.target},
                 decision=decision,
                 rule=rule,
                 reason=reason,

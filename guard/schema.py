@@ -107,7 +107,43 @@ BEGIN
 END;
 """
 
-STEPS: list[Step] = [_V1]
+# 2: spend budgets (guard.budgets): an append-only usage log in exact
+# integer units, the last known spec of each budget, and its crossings.
+_V2 = """
+CREATE TABLE guard_budget_usage (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    budget      TEXT    NOT NULL,
+    scope       TEXT    NOT NULL CHECK (scope IN ('session', 'identity', 'global')),
+    scope_value TEXT    NOT NULL,
+    at_us       INTEGER NOT NULL,
+    tokens      INTEGER NOT NULL CHECK (tokens >= 0),
+    cost_nusd   INTEGER NOT NULL CHECK (cost_nusd >= 0),   -- nano-dollars
+    worker_us   INTEGER NOT NULL CHECK (worker_us >= 0),
+    task        TEXT
+);
+CREATE INDEX guard_budget_usage_by_key
+    ON guard_budget_usage (budget, scope, scope_value, at_us, tokens, cost_nusd, worker_us);
+CREATE TRIGGER guard_budget_usage_no_update BEFORE UPDATE ON guard_budget_usage
+BEGIN
+    SELECT RAISE(ABORT, 'guard_budget_usage is append-only');
+END;
+CREATE TABLE guard_budgets (
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL      -- JSON: limits, window, scope (for `taskwarden budgets`)
+);
+CREATE TABLE guard_budget_overruns (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    budget      TEXT    NOT NULL,
+    scope_value TEXT    NOT NULL,
+    task        TEXT,
+    at_us       INTEGER NOT NULL,
+    message     TEXT    NOT NULL,
+    shadow      INTEGER NOT NULL   -- 1: shadow mode, nothing was stopped
+);
+CREATE INDEX guard_budget_overruns_by_task ON guard_budget_overruns (task, budget);
+"""
+
+STEPS: list[Step] = [_V1, _V2]
 
 
 async def migrate(db: Database) -> int:

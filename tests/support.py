@@ -68,6 +68,7 @@ class Workspace:
                 allowed_roots = [{json.dumps(str(self.root))}]
                 db = {json.dumps(str(self.db))}
                 identity = "tester"
+                idle_exit_s = 5
                 {policy}
                 [workers.fake]
                 command = [{py}, {agent}, "exec", "--json", "-C", "{{cwd}}", "-"]
@@ -75,6 +76,7 @@ class Workspace:
                 events = "codex-jsonl"
                 max_concurrent = {self.max_concurrent}
                 timeout_s = 600
+                state_dirs = [{json.dumps(str(self.root / "agent-state"))}]
 
                 [workers.missing]
                 command = ["no-such-agent-binary-xyz", "--json"]
@@ -162,15 +164,32 @@ async def stdio_client(ws: Workspace, *extra: str, **client_kwargs: Any) -> Asyn
 
 
 def server_process(ws: Workspace) -> psutil.Process:
-    """The running ``taskwarden serve`` process for this workspace (a child of the test)."""
-    for proc in psutil.Process().children(recursive=True):
+    """The daemon serving this workspace's database (``serve`` relays to it)."""
+    db = str(ws.db.resolve())
+    for proc in psutil.process_iter():
         try:
             cmd = proc.cmdline()
         except psutil.Error:
             continue
-        if "serve" in cmd and str(ws.config) in cmd:
+        if "daemon" in cmd and "run" in cmd and db in cmd and proc.status() != psutil.STATUS_ZOMBIE:
             return proc
-    raise AssertionError("no server process found")
+    raise AssertionError("no daemon process found")
+
+
+def stop_daemons(root: Path, timeout: float = 20) -> None:
+    """Stop (now) every daemon of a database under ``root`` and wait until each has exited."""
+    from worker_server import forwarder
+
+    pids = []
+    for directory in root.rglob("*.daemon"):
+        for version in {p.stem for p in directory.glob("*.sock")}:
+            answer = forwarder.request(directory, "stop", version, now=True)
+            if answer is not None:
+                pids.append(int(answer["pid"]))  # type: ignore[arg-type]
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def free_port() -> int:
@@ -268,6 +287,49 @@ async def wait_until(predicate: Any, timeout: float = 20, interval: float = 0.05
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await anyio.sleep(interval)
+
+
+def host_pid(task_id: str, pid: int) -> int:
+    """The host pid of a process that a sandboxed turn knows as ``pid``.
+
+    Each turn has its own PID namespace, so a pid a worker writes down is
+    the namespace's; the turn's processes (found by their TASKWARDEN_TASK_ID)
+    name that namespace, and /proc/*/status NSpid maps the number back.
+    """
+    ours = os.readlink("/proc/self/ns/pid")
+    namespaces = set()
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("TASKWARDEN_TASK_ID") == task_id:
+                namespaces.add(os.readlink(f"/proc/{proc.pid}/ns/pid"))
+        except (psutil.Error, OSError):
+            continue
+    namespaces.discard(ours)
+    if not namespaces:
+        return pid  # not sandboxed: the numbers are the host's
+    for proc in psutil.process_iter():
+        try:
+            if os.readlink(f"/proc/{proc.pid}/ns/pid") not in namespaces:
+                continue
+            with open(f"/proc/{proc.pid}/status") as status:
+                nspid = next(line.split()[1:] for line in status if line.startswith("NSpid:"))
+        except (OSError, StopIteration, psutil.Error):
+            continue
+        if int(nspid[-1]) == pid:
+            return proc.pid
+    raise AssertionError(f"no process {pid} in the sandbox of {task_id}")
+
+
+def marked_processes(task_id: str) -> list[int]:
+    """Live processes carrying the task's TASKWARDEN_TASK_ID (its worker, the sandbox around it)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("TASKWARDEN_TASK_ID") == task_id and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
+        except (psutil.Error, OSError):
+            continue
+    return found
 
 
 def pid_alive(pid: int) -> bool:

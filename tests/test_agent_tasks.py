@@ -15,6 +15,8 @@ from tests.support import (
     Workspace,
     call,
     call_error,
+    host_pid,
+    marked_processes,
     pid_alive,
     server_process,
     spawn_and_wait,
@@ -121,7 +123,8 @@ async def test_timeout_fails_the_task_as_timed_out(ws: Workspace) -> None:
         task = result["tasks"][0]
         assert task["status"] == "failed"
         assert task["status_message"] == "timed_out"
-        assert not pid_alive(int(pidfile.read_text()))
+        assert pidfile.exists()
+        assert not marked_processes(spawned["task_id"])
 
 
 async def test_failing_exit_code_fails_the_task(ws: Workspace) -> None:
@@ -139,7 +142,7 @@ async def test_cancel_a_list_with_all_three_outcomes_and_no_grandchild_survives(
         gc_file = ws.work / "grandchild.pid"
         running = await call(client, "spawn-task", {"prompt": f"grandchild {gc_file}\nsleep 120"})
         await wait_until(lambda: gc_file.exists() and gc_file.read_text())
-        grandchild = int(gc_file.read_text())
+        grandchild = host_pid(running["task_id"], int(gc_file.read_text()))
         assert pid_alive(grandchild)
 
         result = await call(
@@ -163,7 +166,8 @@ async def test_cancel_kills_a_worker_that_ignores_sigterm_and_an_escaped_child(w
         gc_file = ws.work / "escapee.pid"
         running = await call(client, "spawn-task", {"prompt": f"ignore-term\nescapee {gc_file}\nsleep 120"})
         await wait_until(lambda: gc_file.exists() and gc_file.read_text())
-        escapee = int(gc_file.read_text())
+        escapee = host_pid(running["task_id"], int(gc_file.read_text()))
+        assert pid_alive(escapee)
         result = await call(client, "cancel-task", {"task_id": running["task_id"]})
         assert result["cancelled"] == [running["task_id"]]
         assert not pid_alive(escapee)
@@ -217,13 +221,13 @@ async def test_kill_9_mid_task_then_restart_marks_it_interrupted_and_kills_the_t
             {"prompt": f"say started\npid {worker_file}\ngrandchild {gc_file}\nbare-child {bare_file}\nsleep 300"},
         )
         await wait_until(lambda: bare_file.exists() and bare_file.read_text())
-        worker, grandchild = int(worker_file.read_text()), int(gc_file.read_text())
-        bare = int(bare_file.read_text())
+        worker = host_pid(task["task_id"], int(worker_file.read_text()))
+        grandchild = host_pid(task["task_id"], int(gc_file.read_text()))
+        bare = host_pid(task["task_id"], int(bare_file.read_text()))
+        assert pid_alive(worker) and pid_alive(grandchild) and pid_alive(bare)
         server = server_process(ws)
         server.send_signal(signal.SIGKILL)
         server.wait(10)
-        # The worker runs in its own session: killing the server leaves it orphaned.
-        assert pid_alive(worker) and pid_alive(grandchild)
         with pytest.raises(Exception):  # noqa: B017 - the connection is gone
             with anyio.fail_after(10):
                 await client.call_tool("list-tasks", {})
@@ -402,7 +406,11 @@ async def test_resources_serve_the_task_and_its_whole_log(ws: Workspace) -> None
         detail = await client.read_resource(f"task://{task['task_id']}")
         assert json.loads(detail.contents[0].text)["status"] == "completed"
         templates = await client.list_resource_templates()
-        assert {t.uri_template for t in templates.resource_templates} >= {"task://{task_id}", "task://{task_id}/log"}
+        assert {t.uri_template for t in templates.resource_templates} >= {
+            "task://{task_id}", "task://{task_id}/log{?offset,limit}"
+        }
+        assert log.contents[0].meta["taskwarden/log"]["next_offset"] == len(text.encode())
+        assert log.contents[0].meta["taskwarden/log"]["eof"] is True
 
 
 async def test_tools_have_descriptions_schemas_with_bounds_and_annotations(ws: Workspace) -> None:
@@ -463,26 +471,31 @@ def test_serve_writes_only_mcp_to_stdout(ws: Workspace) -> None:
         "jsonrpc": "2.0", "id": 1, "method": "initialize",
         "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
     }
-    proc = subprocess.run(
-        [sys.executable, "-m", "worker_server", "serve", "--config", str(ws.config)],
-        input=json.dumps(init) + "\n", capture_output=True, text=True, timeout=30, env=ws.server_env(),
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    assert lines, proc.stderr
-    for line in lines:
-        assert json.loads(line)["jsonrpc"] == "2.0"
+    # The forwarder relays the daemon's answers; --in-process serves them itself.
+    for extra in ([], ["--in-process"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "worker_server", "serve", "--config", str(ws.config), *extra],
+            input=json.dumps(init) + "\n", capture_output=True, text=True, timeout=30, env=ws.server_env(),
+        )
+        lines = [line for line in proc.stdout.splitlines() if line.strip()]
+        assert lines, proc.stderr
+        for line in lines:
+            assert json.loads(line)["jsonrpc"] == "2.0"
     assert "serving MCP on stdio" in proc.stderr
+    assert "daemon (pid" in (ws.root / "logs" / "daemon.log").read_text()
     assert os.path.exists(ws.db)
     assert psutil is not None
 
 
-async def test_stopping_the_server_fails_running_turns_as_interrupted(ws: Workspace) -> None:
+async def test_stopping_an_in_process_server_fails_running_turns_as_interrupted(ws: Workspace) -> None:
+    # (With the daemon, the default, turns outlive the client: see test_daemon.py.)
     worker_file = ws.work / "worker.pid"
-    async with stdio_client(ws) as client:
+    async with stdio_client(ws, "--in-process") as client:
         task = await call(client, "spawn-task", {"prompt": f"pid {worker_file}\nsleep 300"})
         await wait_until(lambda: worker_file.exists() and worker_file.read_text())
+        worker = host_pid(task["task_id"], int(worker_file.read_text()))
     # Closing stdin ends the server; it stops its workers on the way out.
-    assert not pid_alive(int(worker_file.read_text()))
+    assert not pid_alive(worker)
     async with stdio_client(ws) as client:
         after = await call(client, "get-task", {"task_id": task["task_id"]})
         assert after["status"] == "failed"
@@ -530,36 +543,44 @@ async def test_cancel_kills_a_grandchild_with_a_clean_environment(ws: Workspace)
         bare_file = ws.work / "bare.pid"
         running = await call(client, "spawn-task", {"prompt": f"bare-child {bare_file}\nsleep 120"})
         await wait_until(lambda: bare_file.exists() and bare_file.read_text())
-        bare = int(bare_file.read_text())
+        bare = host_pid(running["task_id"], int(bare_file.read_text()))
         assert (await call(client, "cancel-task", {"task_id": running["task_id"]}))["cancelled"]
         assert not pid_alive(bare)
 
 
 async def test_a_finished_turn_leaves_nothing_running(ws: Workspace) -> None:
-    escapee_file, bare_file = ws.work / "escapee.pid", ws.work / "bare.pid"
+    escapee_file, bare_file, go = ws.work / "escapee.pid", ws.work / "bare.pid", ws.work / "go"
     async with stdio_client(ws) as client:
-        done = await spawn_and_wait(client, f"escapee {escapee_file}\nbare-child {bare_file}\nsay finished")
+        task = await call(
+            client, "spawn-task", {"prompt": f"escapee {escapee_file}\nbare-child {bare_file}\nwait-for {go}\nsay finished"}
+        )
+        await wait_until(lambda: bare_file.exists() and bare_file.read_text())
+        left = [host_pid(task["task_id"], int(f.read_text())) for f in (escapee_file, bare_file)]
+        assert all(pid_alive(pid) for pid in left)
+        go.touch()
+        done = (await call(client, "wait-task", {"task_ids": task["task_id"], "timeout_s": 30}))["tasks"][0]
         assert done["status"] == "completed"
-        left = [int(escapee_file.read_text()), int(bare_file.read_text())]
         # The clean-up runs just after the result is recorded (off the wake path).
         await wait_until(lambda: not any(pid_alive(pid) for pid in left), timeout=20)
 
 
 async def test_a_server_takes_over_from_a_sibling_that_died(tmp_path: Path) -> None:
-    # Two MCP clients, two stdio servers, one database: the usual setup.
+    # Two in-process stdio servers on one database (two daemons of one
+    # PostgreSQL database are the same case): one dies, the other takes over.
     ws = Workspace(tmp_path, max_concurrent=1)
     ws.config.write_text(ws.config.read_text().replace('identity = "tester"', 'identity = "tester"\nreconcile_s = 0.5'))
     worker_file = ws.work / "worker.pid"
-    async with stdio_client(ws) as first, stdio_client(ws) as second:
+    async with stdio_client(ws, "--in-process") as first, stdio_client(ws, "--in-process") as second:
         stuck = await call(first, "spawn-task", {"prompt": f"pid {worker_file}\nsleep 300"})
         await wait_until(lambda: worker_file.exists() and worker_file.read_text())
+        worker = host_pid(stuck["task_id"], int(worker_file.read_text()))
         waiting = await call(second, "spawn-task", {"prompt": "say my turn"})
         assert waiting["status"] == "queued"
         servers = [p for p in psutil.Process().children(recursive=True) if "serve" in p.cmdline()]
-        owner = next(p for p in servers if any(c.pid == int(worker_file.read_text()) for c in p.children()))
+        owner = next(p for p in servers if p in psutil.Process(worker).parents())
         owner.kill()
         done = (await call(second, "wait-task", {"task_ids": waiting["task_id"], "timeout_s": 30}))["tasks"][0]
         assert done["status"] == "completed"
         gone = await call(second, "get-task", {"task_id": stuck["task_id"]})
         assert gone["status"] == "failed" and gone["status_message"] == "interrupted: server restarted"
-        assert not pid_alive(int(worker_file.read_text()))
+        assert not pid_alive(worker)

@@ -499,12 +499,14 @@ async def test_hot_reload_applies_a_changed_policy_and_keeps_it_on_a_bad_change(
 
             policy.write_text("default: allow\ntools:\n  list-tasks:\n    rules:\n      - action: maybe\n")
             deadline = time.monotonic() + 20
-            while "policy reload failed" not in stderr_path.read_text():
+            # The daemon's log, beside the database (serve only relays).
+            daemon_log = ws.db.parent / "logs" / "daemon.log"
+            while "policy reload failed" not in daemon_log.read_text():
                 assert time.monotonic() < deadline, "the bad change was never read"
                 await anyio.sleep(0.1)
             # Read and refused: the policy in force is still the last good one.
             assert await denied(), "a bad change must keep the policy in force"
-    log = stderr_path.read_text()
+    log = daemon_log.read_text()
     assert "keeping the previous policy" in log
     assert f"{policy}:5" in log and "action" in log
 

@@ -3,6 +3,10 @@
 Output meant for people goes to stdout (these commands never share stdout
 with the MCP transport; ``serve`` writes nothing there but MCP). Logs go to
 stderr.
+
+``serve`` over stdio is the forwarder (worker_server.forwarder): ``main``
+hands it over before importing anything beyond the standard library, so an
+MCP client gets ``initialize`` answered by the already running daemon fast.
 """
 
 from __future__ import annotations
@@ -13,12 +17,12 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anyio
+from worker_server import __version__, forwarder
 
-from worker_server import __version__
-from worker_server.config import ConfigError, Settings, load_settings
+if TYPE_CHECKING:
+    from worker_server.config import Settings
 
 logger = logging.getLogger("taskwarden")
 
@@ -54,6 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-anonymous", action="store_true", help="accept HTTP requests without a bearer token (loopback only)"
     )
     serve.add_argument("--no-inbox", action="store_true", help="with --http: do not serve the inbox at /inbox")
+    serve.add_argument(
+        "--in-process", action="store_true",
+        help="serve stdio in this process instead of relaying to the daemon (tasks end with the client)",
+    )  # fmt: skip
+
+    daemon = sub.add_parser("daemon", help="the daemon that owns running tasks").add_subparsers(
+        dest="daemon_command", required=True, metavar="ACTION"
+    )
+    d_run = daemon.add_parser("run", help="run the daemon of the database in the foreground", description=(
+        "Run the daemon: one per database; it serves the MCP sessions that `taskwarden serve` relays and "
+        "owns every running task. `serve` starts it by itself when none runs."
+    ))
+    _common(d_run)
+    d_run.add_argument("--policy", metavar="FILE", help="policy file (default: the built-in policy)")
+    d_status = daemon.add_parser("status", help="is the daemon running; its sessions and turns")
+    _common(d_status)
+    d_status.add_argument("--json", action="store_true", help="print JSON")
+    d_stop = daemon.add_parser("stop", help="stop the daemon once its running turns finish")
+    _common(d_stop)
+    d_stop.add_argument("--now", action="store_true", help="cancel running turns (failed: interrupted) and stop at once")
 
     guard = sub.add_parser("guard", help="put the policy guard in front of another MCP server", description=(
         "Start another MCP server (the command after --, spoken to over stdio) or connect to one "
@@ -153,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_explain.add_argument("--tool", required=True)
     p_explain.add_argument("--args", default="{}", metavar="JSON", help="the call's arguments as a JSON object")
     p_explain.add_argument("--identity", help="the caller (default: none)")
+    _common(p_explain)
     p_test = policy.add_parser("test", help="run expected decisions from a CASES.yaml file")
     p_test.add_argument("file", metavar="FILE")
     p_test.add_argument("cases", metavar="CASES.yaml")
@@ -160,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_scan.add_argument("--upstream", metavar="URL", help="scan a streamable-HTTP MCP server instead of a command")
     p_scan.add_argument("upstream_command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
                         help="the MCP server to start")
+
+    budgets = sub.add_parser("budgets", help="each spend budget's use per scope key and window")
+    _common(budgets)
+    budgets.add_argument("--json", action="store_true", help="one JSON object per budget key")
 
     audit = sub.add_parser("audit", help="read the audit trail")
     _common(audit)
@@ -173,11 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if forwarder.wants_forwarder(argv):
+        return forwarder.main(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     from guard.dialects.source import PolicyError
+    from worker_server.config import ConfigError
 
     try:
         return _dispatch(args)
@@ -189,26 +222,64 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    from worker_server.config import load_settings
+
     settings = load_settings(getattr(args, "config", None), db=getattr(args, "db", None), **extra)
     logging.getLogger().setLevel(settings.log_level)
     return settings
 
 
 def _run(fn: Callable[[], Awaitable[int]]) -> int:
+    import anyio
+
     return anyio.run(fn)
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    from guard import commands, policy_cli
+# Commands by which a person decides or acts as a person: never from inside a worker turn.
+PERSON_ONLY = {
+    ("approvals", "approve"), ("approvals", "deny"),
+    ("humans", "add"), ("humans", "remove"),
+    ("tasks", "claim"), ("tasks", "release"), ("tasks", "reply"), ("tasks", "ask"), ("tasks", "handin"),
+}  # fmt: skip
+EXIT_INSIDE_TURN = 3
 
+
+def _dispatch(args: argparse.Namespace) -> int:
+    import anyio
+
+    from guard import commands, policy_cli
+    from worker_server.config import ConfigError
+
+    action = getattr(args, f"{args.command}_command", None)
+    if (args.command, action) in PERSON_ONLY:
+        from worker_server.turn_origin import enclosing_turn, refusal
+
+        turn = enclosing_turn()
+        if turn is not None:
+            print(f"taskwarden: {refusal(turn)}", file=sys.stderr)
+            return EXIT_INSIDE_TURN
+
+    if args.command == "daemon":
+        return _daemon(args)
     if args.command == "serve":
         from worker_server.server import serve_http, serve_stdio
 
         settings = _settings(args, policy=args.policy)
+        if args.in_process and args.http:
+            raise ConfigError("--in-process only applies to stdio, not with --http")
         if args.http:
+            from worker_server.daemon import run_daemon
+            from worker_server.server import check_http, serve_http_app
+
             host, port = args.http
-            anyio.run(lambda: serve_http(settings, host, port, allow_anonymous=args.allow_anonymous,
-                                         with_inbox=not args.no_inbox))
+            check_http(settings, host, allow_anonymous=args.allow_anonymous)
+            # The daemon of the database, with an HTTP listener: stdio clients
+            # share it. Another daemon already serves the database: HTTP alone.
+            code = anyio.run(lambda: run_daemon(settings, lambda app: serve_http_app(
+                app, host, port, allow_anonymous=args.allow_anonymous, with_inbox=not args.no_inbox)))
+            if code == 3:
+                anyio.run(lambda: serve_http(settings, host, port, allow_anonymous=args.allow_anonymous,
+                                             with_inbox=not args.no_inbox))
         else:
             if args.allow_anonymous:
                 raise ConfigError("--allow-anonymous only applies with --http")
@@ -253,8 +324,15 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(text, end="")
             return 0
         if args.policy_command == "explain":
-            return policy_cli.explain(args.file, args.tool, args.args, args.identity)
+            try:  # budget use is shown when there is a database to read it from
+                db_path = _settings(args).db_path
+            except ConfigError:
+                db_path = None
+            return policy_cli.explain(args.file, args.tool, args.args, args.identity, db_path=db_path)
         return policy_cli.test(args.file, args.cases)
+    if args.command == "budgets":
+        db = _settings(args).db_path
+        return _run(lambda: commands.budgets(db, args.json, sys.stdout))
     if args.command == "audit":
         db = _settings(args).db_path
         return _run(
@@ -267,6 +345,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _upstream_target(args: argparse.Namespace) -> Any:
     from guard.upstream import HttpTarget, StdioTarget
+    from worker_server.config import ConfigError
 
     command = list(args.upstream_command)
     if command and command[0] == "--":
@@ -283,7 +362,10 @@ def _upstream_target(args: argparse.Namespace) -> Any:
 
 
 def _guard(args: argparse.Namespace) -> int:
+    import anyio
+
     from guard.proxy import run_guard
+    from worker_server.config import ConfigError
     from guard.upstream import RestartPolicy, UpstreamExited
     from worker_server.identity import CallerResolver, TokenIdentities
     from worker_server.server import _is_loopback, _rebinding_guard
@@ -337,6 +419,39 @@ def _upstream_exit(exc: BaseException, kind: type[BaseException]) -> BaseExcepti
             if found is not None:
                 return found
     return None
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    import json
+
+    if args.daemon_command == "run":
+        import anyio
+
+        from worker_server.daemon import run_daemon
+
+        settings = _settings(args, policy=args.policy)
+        return anyio.run(run_daemon, settings)
+    directory = forwarder.daemon_dir(_settings(args).db_path)
+    if args.daemon_command == "status":
+        answer = forwarder.request(directory, "status")
+        if answer is None:
+            print(json.dumps({"running": False}) if args.json else "No daemon is running for this database.")
+            return 1
+        if args.json:
+            print(json.dumps({"running": True, **{k: v for k, v in answer.items() if k != "ok"}}))
+        else:
+            print(f"daemon pid {answer['pid']}, taskwarden {answer['version']}, up {answer['uptime_s']} s")
+            print(f"  sessions: {answer['sessions']}   turns running: {answer['running_turns']}   queued: {answer['queued_turns']}")
+            print(f"  database: {answer['database']}")
+            if answer.get("draining"):
+                print("  stopping: waiting for running turns")
+        return 0
+    answer = forwarder.request(directory, "stop", now=args.now)
+    if answer is None:
+        print("No daemon is running for this database.")
+        return 0
+    print(f"daemon pid {answer['pid']}: " + ("stopping now" if args.now else "stopping once its turns finish"))
+    return 0
 
 
 async def _tasks(args: argparse.Namespace, settings: Settings) -> int:

@@ -60,9 +60,16 @@ class Settings(BaseSettings):
     # How often a server looks for turns left "working" by another server on
     # the same database that died (it always does at start).
     reconcile_s: float = Field(default=30.0, ge=0.1, le=3600)
+    # A daemon with no sessions and no turns running or queued exits after this long.
+    idle_exit_s: float = Field(default=600.0, ge=0.1, le=30 * 86_400)
     inbox_url: str = "http://127.0.0.1:8765/inbox"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     workers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # taskwarden's own sandbox around every turn (see worker_server.sandbox):
+    # "none" runs workers unsandboxed and must be chosen explicitly.
+    sandbox_backend: Literal["bwrap", "none"] = "bwrap"
+    # More paths workers must not see (the database and log directories always are hidden).
+    sandbox_hide: list[str] = Field(default_factory=list)
     identities: dict[str, IdentityConfig] = Field(default_factory=dict)
 
     # Set by load_settings: where the values came from, for messages.
@@ -105,6 +112,24 @@ class Settings(BaseSettings):
     @property
     def worktrees_path(self) -> Path:
         return (self.worktrees_dir or self.logs_path.parent / "worktrees").expanduser()
+
+    @property
+    def scratch_path(self) -> Path:
+        """Per-turn scratch directories (the sandbox's /tmp)."""
+        return self.db_path.parent / "scratch"
+
+    def sandbox_hidden(self) -> list[Path]:
+        """What no worker may see: the database's directory, the logs, the runtime
+        directory (``$XDG_RUNTIME_DIR/taskwarden``, where a daemon's socket lives),
+        and ``sandbox_hide``."""
+        hidden = [self.db_path.parent, self.logs_path]
+        if os.environ.get("XDG_RUNTIME_DIR"):
+            hidden.append(Path(os.environ["XDG_RUNTIME_DIR"]) / "taskwarden")
+        return [*hidden, *(Path(p).expanduser() for p in self.sandbox_hide)]
+
+    def sandbox_read_only(self) -> list[Path]:
+        """Files that stay read-only inside the sandbox even when inside a writable directory."""
+        return [p for p in (self.policy, self.config_file) if p is not None]
 
     @cached_property
     def roots(self) -> list[Path]:

@@ -1,7 +1,9 @@
 """Who is calling: an identity and an MCP session for every request.
 
 stdio: one client per server process, so the identity comes from the config
-(default: the OS user) and the session is this connection. HTTP: a bearer
+(default: the OS user) and the session is this connection. The daemon's
+socket: one MCP session per connection, whose forwarder said who it is and
+where it runs (``CONNECTION``, set for the life of the connection's tasks). HTTP: a bearer
 token maps to an identity through ``[identities.NAME] token_sha256``; the
 session is the transport's own session (``transport_session``), which
 2026-07-28 clients do not have: they count per identity.
@@ -12,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 from mcp.server.auth.middleware.auth_context import get_access_token
@@ -29,6 +33,19 @@ ANONYMOUS = "anonymous"
 SESSIONLESS_VERSION = "2026-07-28"
 
 
+@dataclass(frozen=True)
+class Connection:
+    """A client of the daemon's socket, as its forwarder introduced it."""
+
+    identity: str
+    session: str
+    cwd: str | None
+
+
+#: The socket connection the current request came in on (unset: stdio or HTTP).
+CONNECTION: ContextVar[Connection | None] = ContextVar("taskwarden_connection", default=None)
+
+
 class CallerResolver:
     def __init__(self, stdio_identity: str) -> None:
         self.stdio_identity = stdio_identity
@@ -39,6 +56,9 @@ class CallerResolver:
         """The caller of the request whose ``ServerRequestContext`` is ``ctx``."""
         request = getattr(ctx, "request", None)
         if request is None:
+            conn = CONNECTION.get()
+            if conn is not None:
+                return Caller(identity=conn.identity, session=conn.session, cwd=conn.cwd)
             return Caller(identity=self.stdio_identity, session=self.stdio_session)
         token = get_access_token()
         identity = token.client_id if token is not None else ANONYMOUS

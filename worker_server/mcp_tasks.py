@@ -66,7 +66,7 @@ from guard.audit import Outcome
 from guard.clock import iso
 from guard.outcomes import Refusal
 from guard.runtime import Call, Guard, Unknown
-from worker_server.service import Caller, InvalidArgument, TaskService
+from worker_server.service import Caller, InvalidArgument, TaskService, Viewer
 from worker_server.store import TaskNotFound, TaskRow
 from worker_server.task import TaskStatus
 
@@ -112,11 +112,15 @@ class TaskViews:
         self.service = service
         self.poll_ms = int(round(service.settings.poll_interval_s * 1000))
 
-    async def row(self, task_id: str) -> TaskRow:
+    async def row(self, task_id: str, viewer: Viewer | None = None) -> TaskRow:
+        """The task, if ``viewer`` may see it: another identity's task is unknown here too."""
         try:
-            return await self.service.store.get(task_id)
+            row = await self.service.store.get(task_id)
         except TaskNotFound:
-            raise MCPError(code=INVALID_PARAMS, message=f"Unknown task: no task {task_id!r}") from None
+            row = None
+        if row is None or (viewer is not None and not viewer.may_see(row.session_owner)):
+            raise MCPError(code=INVALID_PARAMS, message=f"Unknown task: no task {task_id!r}")
+        return row
 
     def base(self, row: TaskRow, *, modern: bool) -> dict[str, Any]:
         status = row.status.value
@@ -288,7 +292,7 @@ class TasksExtension(Extension):
     async def _get(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
         async with self._audited(ctx, "tasks/get", params.task_id, read_only=True):
             self._gate(ctx, params.task_id)
-            row = await self.views.row(params.task_id)
+            row = await self.views.row(params.task_id, self.viewer(ctx))
             if _modern(ctx):
                 return await self.views.detailed(row)
             return self.views.base(row, modern=False)
@@ -296,10 +300,10 @@ class TasksExtension(Extension):
     async def _result(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
         """2025-11-25: block until the task is terminal, then its tool result."""
         async with self._audited(ctx, "tasks/result", params.task_id, read_only=True):
-            row = await self.views.row(params.task_id)
+            row = await self.views.row(params.task_id, self.viewer(ctx))
             while not row.terminal:
                 since = self.service.feed.generation
-                row = await self.views.row(params.task_id)
+                row = await self.views.row(params.task_id, self.viewer(ctx))
                 if row.terminal:
                     break
                 await self.service.feed.wait(since, 30.0)
@@ -310,7 +314,7 @@ class TasksExtension(Extension):
     async def _list(self, ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams) -> dict[str, Any]:
         async with self._audited(ctx, "tasks/list", None, read_only=True, args={"cursor": params.cursor}):
             try:
-                page = await self.service.list(cursor=params.cursor)
+                page = await self.service.list(cursor=params.cursor, viewer=self.viewer(ctx))
             except InvalidArgument as exc:
                 raise MCPError(code=INVALID_PARAMS, message=f"{exc.field}: {exc.message}") from None
             rows = await self.service.store.get_many([t.task_id for t in page.tasks])
@@ -325,7 +329,7 @@ class TasksExtension(Extension):
         args = {"task_id": params.task_id, "input_responses": params.input_responses}
         async with self._audited(ctx, "tasks/update", params.task_id, args=args):
             self._gate(ctx, params.task_id)
-            row = await self.views.row(params.task_id)
+            row = await self.views.row(params.task_id, self.viewer(ctx))
             pending = _pending(row) if row.status == TaskStatus.INPUT_REQUIRED else None
             # Keys that are not outstanding (never issued, answered, superseded) are ignored.
             if pending is not None and pending[1] in params.input_responses:
@@ -393,7 +397,7 @@ class TasksExtension(Extension):
         started = time.monotonic()
         try:
             self._gate(ctx, params.task_id)
-            row = await self.views.row(params.task_id)
+            row = await self.views.row(params.task_id, self.viewer(ctx))
             if not modern and row.terminal:
                 raise MCPError(code=INVALID_PARAMS, message=f"Task {row.id} is already {row.status.value}")
         except MCPError as exc:
@@ -405,6 +409,10 @@ class TasksExtension(Extension):
         return self.views.base(await self.views.row(row.id), modern=False)
 
     # -- helpers -----------------------------------------------------------------
+
+    def viewer(self, ctx: ServerRequestContext[Any, Any]) -> Viewer:
+        identity = self.callers(ctx).identity
+        return Viewer(identity, self.guard.sees_all(identity))
 
     def _gate(self, ctx: ServerRequestContext[Any, Any], task_id: str) -> None:
         if _modern(ctx):
@@ -557,8 +565,9 @@ class TaskMiddleware:
             raise MCPError(code=INVALID_PARAMS, message="notifications.taskIds: must be a list of at most 100 task ids")
         subscription_id = ctx.request_id
         meta = {SUBSCRIPTION_ID_META: subscription_id}
+        viewer = self.ext.viewer(ctx)
         rows = await self.ext.service.store.get_many(list(dict.fromkeys(wanted)))
-        honored = [r.id for r in rows]  # unknown ids are not honored
+        honored = [r.id for r in rows if viewer.may_see(r.session_owner)]  # unknown ids are not honored
         await ctx.session.send_notification(
             SubscriptionsAcknowledgedNotification(
                 params=SubscriptionsAcknowledgedNotificationParams(

@@ -44,6 +44,10 @@ class WorkerProfile(BaseModel):
     model_args: list[str] | None = None
     effort_args: list[str] | None = None
     sandbox_args: dict[Sandbox, list[str]] | None = None
+    # The CLI's own state (sessions, settings, caches): writable inside
+    # taskwarden's sandbox. ``~`` is the server's home; ``$VAR`` comes from
+    # the turn's environment (skipped when unset).
+    state_dirs: list[str] = Field(default_factory=list, max_length=32)
 
     @model_validator(mode="after")
     def _check_templates(self) -> WorkerProfile:
@@ -131,6 +135,7 @@ BUILTIN_PROFILES: dict[str, WorkerProfile] = {
             "read-only": ["-c", 'sandbox_mode="read-only"'],
             "workspace-write": ["-c", 'sandbox_mode="workspace-write"'],
         },
+        state_dirs=["~/.codex", "$CODEX_HOME"],
     ),
     # Tested with @anthropic-ai/claude-code 2.1.332. acceptEdits lets edits
     # (and shell output) inside cwd through and refuses any outside it; manual
@@ -147,6 +152,7 @@ BUILTIN_PROFILES: dict[str, WorkerProfile] = {
             "read-only": ["--permission-mode", "manual"],
             "workspace-write": ["--permission-mode", "acceptEdits"],
         },
+        state_dirs=["~/.claude", "~/.claude.json", "$CLAUDE_CONFIG_DIR"],
     ),
     # The prompt is a shell script; the session is its working directory, so
     # every turn simply runs in the same cwd.

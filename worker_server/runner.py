@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -22,12 +23,15 @@ import anyio
 import psutil
 from anyio.abc import Process, TaskGroup
 
+from guard.budgets import BudgetLedger, BudgetTarget
 from guard.changes import ChangeFeed
 from worker_server import git_work
 from worker_server import usage as usage_
+from worker_server.budget_meter import TurnMeter
 from worker_server.event_formats import reader_for
 from worker_server.process_group import MARKER_ENV, terminate
 from worker_server.profiles import WorkerProfile
+from worker_server.sandbox import Sandbox, SandboxError, state_paths
 from worker_server.store import Store, TaskRow
 from worker_server.task import TaskStatus
 from worker_server.turn_output import LogFile, Tail, append_note, pump_lines
@@ -71,6 +75,16 @@ class RunningTurn:
     tail: Tail = field(default_factory=Tail)
     # The worker's usage so far, as its events reported it.
     usage: dict | None = None
+    # Set when the turn is stopped because it failed (a budget ran out),
+    # not because someone cancelled it: it ends failed with this message.
+    failure: str | None = None
+    # The worker process, once started.
+    pid: int | None = None
+
+    def stop_failed(self, message: str) -> None:
+        if self.cancel_reason is None:
+            self.failure = message
+        self.request_cancel(message)
 
     def request_cancel(self, reason: str, *, interrupted: bool = False) -> None:
         if self.cancel_reason is None:
@@ -87,13 +101,20 @@ class Runner:
         profiles: dict[str, WorkerProfile],
         logs_dir: Path,
         reconcile_s: float = 30.0,
+        budgets: BudgetLedger | None = None,
+        sandbox: Sandbox | None = None,
+        scratch_dir: Path | None = None,
     ) -> None:
         self.store = store
+        self.sandbox = sandbox or Sandbox(backend="none")
+        self.scratch_dir = scratch_dir or logs_dir.parent / "scratch"
         self.reconcile_s = reconcile_s
         self.feed = feed
         self.profiles = profiles
         self.logs_dir = logs_dir
         self.owner = current_owner()
+        # Where turns' usage is charged (the guard's ledger); None: not metered.
+        self.budgets = budgets
         self._running: dict[str, RunningTurn] = {}
         self._tg: TaskGroup | None = None
 
@@ -173,6 +194,14 @@ class Runner:
             if turn is not None:
                 turn.request_cancel(task.cancel_reason or "cancelled")
 
+    def _worker_pids(self, but: str) -> set[int]:
+        """The worker processes of the other running turns: never another turn's escapees."""
+        return {t.pid for t in self._running.values() if t.pid is not None and t.task.id != but}
+
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
+
     def running(self, task_id: str) -> RunningTurn | None:
         return self._running.get(task_id)
 
@@ -195,9 +224,17 @@ class Runner:
             # half-way; server shutdown goes through _stop_all.
             with anyio.CancelScope(shield=True):
                 await self._execute(turn)
-        except Exception:
+        except Exception as exc:
             logger.exception("task %s: the runner failed", task.id)
-            await self.store.finish(task.id, TaskStatus.FAILED, message="internal error: see the server log")
+            # A full disk (the log, the database) fails this turn, not the daemon.
+            message = "internal error: see the server log"
+            cause = _os_error(exc)
+            if cause is not None and cause.strerror:
+                message = f"failed: {cause.strerror}" + (f": {cause.filename}" if cause.filename else "")
+            try:
+                await self.store.finish(task.id, TaskStatus.FAILED, message=message)
+            except Exception:
+                logger.exception("task %s: could not record that it failed", task.id)
         finally:
             # The store write that ended the turn already woke the scheduler
             # (slots are counted in the store): nothing more to announce.
@@ -217,7 +254,33 @@ class Runner:
         # The work tree before the turn, to tell what the turn changed.
         before = await git_work.snapshot(cwd) if Path(cwd).is_dir() else None
         started = time.time()  # whatever this turn starts is created after this
+        scratch: Path | None = None
         try:
+            # Inside the sandbox bwrap itself always starts: say what is missing here.
+            if not Path(cwd).is_dir():
+                message = f"cwd {cwd!r} does not exist"
+            elif shutil.which(argv[0], path=env.get("PATH")) is None:
+                message = f"worker binary not found: {argv[0]!r} (is it installed and on PATH?)"
+            else:
+                message = None
+            if message is None and self.sandbox.enabled:
+                scratch = self.scratch_dir / task.id
+                try:
+                    scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
+                    argv = self.sandbox.wrap(
+                        argv,
+                        cwd=Path(cwd),
+                        scratch=scratch,
+                        state_paths=state_paths(profile.state_dirs, env),
+                        tmpdir=env.get("TMPDIR"),
+                    )
+                except (SandboxError, OSError) as exc:
+                    message = f"sandbox: {exc}"
+            if message is not None:
+                log.note(message)
+                log.flush()
+                await self.store.finish(task.id, TaskStatus.FAILED, message=message)
+                return
             try:
                 proc = await anyio.open_process(
                     argv,
@@ -235,23 +298,38 @@ class Runner:
                 else:
                     message = f"worker binary not found: {argv[0]!r} (is it installed and on PATH?)"
                 log.note(message)
+                log.flush()
                 await self.store.finish(task.id, TaskStatus.FAILED, message=message)
                 return
             except OSError as exc:
                 message = f"could not start {argv[0]!r}: {exc.strerror or exc}"
                 log.note(message)
+                log.flush()
                 await self.store.finish(task.id, TaskStatus.FAILED, message=message)
                 return
+            turn.pid = proc.pid
             try:
                 await self.store.set_process(task.id, proc.pid, str(log.path))
                 await self._supervise(turn, proc, profile, log, started, before)
             except BaseException:
                 # Whatever went wrong here, the worker must not outlive its turn.
                 with anyio.CancelScope(shield=True):
-                    await terminate(task.id, proc.pid, group_is_ours=True, not_before=started)
+                    await self._terminate(task.id, proc.pid, started)
                 raise
         finally:
             log.close()
+            if scratch is not None:
+                # Scratch lives as long as its turn.
+                await anyio.to_thread.run_sync(lambda: shutil.rmtree(scratch, ignore_errors=True))
+
+    async def _terminate(self, task_id: str, pid: int, started: float) -> None:
+        # bwrap dies at once on SIGTERM, taking its PID namespace with it: the
+        # gentle signal goes to the worker inside, the bwrap processes are spared.
+        spare = self.sandbox.wrapper_pids(pid)
+        await terminate(
+            task_id, pid, group_is_ours=True, not_before=started, spare_gentle=spare,
+            spare=self._worker_pids(task_id),
+        )  # fmt: skip
 
     async def _supervise(
         self,
@@ -268,6 +346,12 @@ class Runner:
         notices: list[str] = []
         flushed_at = 0.0
         clock_start = time.monotonic()
+        meter: TurnMeter | None = None
+        if task.budgets or task.caps:
+            meter = TurnMeter(
+                self.budgets, task.id, [BudgetTarget.from_json(t) for t in task.budgets or []], task.caps,
+                lambda: turn.usage, turn.stop_failed, log.note,
+            )
 
         def activity(line: str) -> None:
             nonlocal flushed_at
@@ -276,6 +360,7 @@ class Runner:
             now = time.monotonic()
             if now - flushed_at >= ACTIVITY_FLUSH_S and self._tg is not None:
                 flushed_at = now
+                log.flush()  # the log resource shows the turn so far
                 self._tg.start_soon(self.store.set_activity, task.id, line, turn.tail.text(50))
 
         def on_stdout(line: str) -> None:
@@ -291,6 +376,8 @@ class Runner:
                     activity(f"error: {event.text}")
                 elif event.kind == "usage":
                     turn.usage = event.usage
+                    if meter is not None:
+                        meter.poke()
                     if self._tg is not None and event.usage is not None:
                         # Readable (and countable) while the turn still runs.
                         self._tg.start_soon(self.store.set_usage, task.id, event.usage)
@@ -325,11 +412,15 @@ class Runner:
             assert proc.stdout is not None and proc.stderr is not None
             pumps.start_soon(pump, proc.stdout, on_stdout, out_done)
             pumps.start_soon(pump, proc.stderr, on_stderr, err_done)
+            if meter is not None:
+                pumps.start_soon(meter.run)
 
             outcome = await _exit_or_stop(proc, turn, timeout)
             if outcome in ("cancelled", "timed_out"):
-                log.note(_cancel_message(turn.cancel_reason) if outcome == "cancelled" else "timed out")
-                await terminate(task.id, proc.pid, group_is_ours=True, not_before=started)
+                log.note(
+                    (turn.failure or _cancel_message(turn.cancel_reason)) if outcome == "cancelled" else "timed out"
+                )
+                await self._terminate(task.id, proc.pid, started)
                 with anyio.CancelScope(shield=True):
                     await proc.wait()
             with anyio.move_on_after(DRAIN_S):
@@ -337,12 +428,23 @@ class Runner:
                 await err_done.wait()
             pumps.cancel_scope.cancel()
 
+        # Whoever the end of the turn wakes may read the whole log at once.
+        log.flush()
         code = proc.returncode
         tail = turn.tail.text(50)
-        ran = {"usage": usage_.add([usage_.empty() | {"worker_s": time.monotonic() - clock_start}, turn.usage])}
+        worker_s = time.monotonic() - clock_start
+        ran = {"usage": usage_.add([usage_.empty() | {"worker_s": worker_s}, turn.usage])}
+        if meter is not None:
+            await meter.settle(turn.usage, worker_s)  # charged before the end is visible
         after = await git_work.snapshot(task.run_dir or os.getcwd()) if before else None
         ran["changes"] = await git_work.changes(task.run_dir or os.getcwd(), before, after) if before and after else None
-        if outcome == "cancelled" and turn.interrupted:
+        if outcome == "cancelled" and turn.failure is not None:
+            # Stopped by a budget: failed, with what it produced until then.
+            await self.store.finish(
+                task.id, TaskStatus.FAILED, message=turn.failure, final=reader.final(), exit_code=code, tail=tail,
+                **ran,
+            )  # fmt: skip
+        elif outcome == "cancelled" and turn.interrupted:
             # The server is stopping: the turn did not finish, nobody cancelled it.
             await self.store.finish(
                 task.id, TaskStatus.FAILED, message=turn.cancel_reason, exit_code=code, tail=tail, **ran
@@ -371,7 +473,19 @@ class Runner:
         # The turn is over (and recorded, so waiters are already awake):
         # nothing it started may outlive it, escapees from its group included.
         if outcome == "exited":
-            await terminate(task.id, proc.pid, group_is_ours=True, not_before=started)
+            await self._terminate(task.id, proc.pid, started)
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` (task groups wrap what their tasks raise)."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _os_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 async def _exit_or_stop(proc: Process, turn: RunningTurn, timeout: float | None) -> str:

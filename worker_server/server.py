@@ -17,7 +17,9 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 
+from guard.budgets import BudgetLedger
 from guard.changes import ChangeFeed
+from guard.clock import SystemClock
 from guard.database import Database
 from guard.runtime import Guard
 from worker_server import __version__
@@ -27,9 +29,11 @@ from worker_server.identity import CallerResolver, TokenIdentities
 from worker_server.mcp_tasks import TaskMiddleware, TasksExtension
 from worker_server.protocol import ProtocolEdges
 from worker_server.runner import Runner
+from worker_server.sandbox import Sandbox, SandboxError
 from worker_server.service import TaskService
 from worker_server.store import Store
-from worker_server.tools import build_tools, register_resources
+from worker_server.log_pages import PagePosition
+from worker_server.tools import build_tools, register_resources, resource_call
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +68,23 @@ async def open_app(
     keeps human deadlines and reloads the policy (servers and the inbox do,
     one-shot CLI commands do not).
     """
+    sandbox = worker_sandbox(settings) if run_workers else None
     db = await Database.open(settings.db_path)
     feed = ChangeFeed(settings.db_path)
     feed.start()
     try:
         store = await Store.open(db, feed)
         profiles = settings.profiles()
-        runner = Runner(store, feed, profiles, settings.logs_path, settings.reconcile_s) if run_workers else None
+        # The guard's budget ledger: the runner charges turns' usage to it.
+        ledger = BudgetLedger(db, SystemClock())
+        runner = (
+            Runner(
+                store, feed, profiles, settings.logs_path, settings.reconcile_s,
+                sandbox=sandbox, scratch_dir=settings.scratch_path, budgets=ledger,
+            )
+            if run_workers
+            else None
+        )  # fmt: skip
         service = TaskService(store, runner, feed, settings, profiles)
         humans = Humans(store, feed, settings)
         humans.view = service.view
@@ -78,8 +92,8 @@ async def open_app(
         callers = CallerResolver(settings.identity)
         guard = await Guard.open(
             db, feed, policy_path=settings.policy, enabled=guard_enabled, callers=callers.caller,
-            inbox_url=settings.inbox_url,
-        )
+            inbox_url=settings.inbox_url, resource_calls=resource_call,
+        )  # fmt: skip
         tasks = TasksExtension(service, guard, callers.caller)
         async with anyio.create_task_group() as tg:
             if runner is not None:
@@ -98,6 +112,21 @@ async def open_app(
         await db.close()
 
 
+def worker_sandbox(settings: Settings) -> Sandbox:
+    """The sandbox every turn runs in; a server that cannot sandbox as configured does not start."""
+    if settings.sandbox_backend == "none":
+        logger.warning(
+            'sandbox_backend = "none": workers run unsandboxed, as this user, and can read the database '
+            "and decide approvals; set sandbox_backend = \"bwrap\" (the default) to sandbox them"
+        )
+    try:
+        return Sandbox.create(
+            settings.sandbox_backend, hidden=settings.sandbox_hidden(), read_only=settings.sandbox_read_only()
+        )
+    except SandboxError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def build_mcp(app: App, *, token_auth: bool = False, issuer: str = "http://127.0.0.1") -> MCPServer[Any]:
     kwargs: dict[str, Any] = {}
     if token_auth:
@@ -112,13 +141,13 @@ def build_mcp(app: App, *, token_auth: bool = False, issuer: str = "http://127.0
         # The guard is the single way in: every tools/call passes it first.
         # Task surfaces that rewrite whole results sit outside it, so a
         # task-augmented call passes the same rules and limits.
-        middleware=[TaskMiddleware(app.tasks), app.guard.middleware],
+        middleware=[TaskMiddleware(app.tasks), app.guard.middleware, PagePosition()],
         # MCP Tasks (2026-07-28 extension and the 2025-11-25 tasks/* methods).
         extensions=[app.tasks],
-        tools=build_tools(app.service, app.callers),
+        tools=build_tools(app.service, app.callers, app.guard.sees_all),
         **kwargs,
     )
-    register_resources(mcp, app.service)
+    register_resources(mcp, app.service, app.callers, app.guard.sees_all)
     mcp.middleware.append(ProtocolEdges(mcp.list_prompts))
     app.guard.set_tools(mcp)
     return mcp
@@ -154,30 +183,41 @@ async def serve_stdio(settings: Settings) -> None:
             await mcp.run_stdio_async()
 
 
-async def serve_http(settings: Settings, host: str, port: int, *, allow_anonymous: bool, with_inbox: bool = True) -> None:
-    import uvicorn
-
-    loopback = _is_loopback(host)
-    if allow_anonymous and not loopback:
+def check_http(settings: Settings, host: str, *, allow_anonymous: bool) -> None:
+    """Refuse an HTTP listener that would let strangers in, before anything starts."""
+    if allow_anonymous and not _is_loopback(host):
         raise ConfigError(f"--allow-anonymous is only allowed on a loopback address, not {host}")
     if not allow_anonymous and not settings.identities:
         raise ConfigError(
             "HTTP needs bearer tokens: add [identities.NAME] token_sha256 = \"...\" to the config, "
             "or listen on 127.0.0.1 with --allow-anonymous"
         )
-    watch_children_with_pidfds()
-    # uvicorn handles SIGTERM/SIGINT itself and shuts down gracefully (open
-    # streams end, the MCP session manager stops); then open_app stops turns.
-    async with open_app(settings) as app:
-        mcp = build_mcp(app, token_auth=not allow_anonymous, issuer=f"http://{host}:{port}")
-        starlette_app = mcp.streamable_http_app(host=host, transport_security=_rebinding_guard(host))
-        if with_inbox:
-            from worker_server.inbox.app import mount_inbox
 
-            mount_inbox(starlette_app, app)
-        config = uvicorn.Config(starlette_app, host=host, port=port, log_config=None, access_log=False, lifespan="on")
-        logger.info("taskwarden %s serving MCP at http://%s:%d/mcp", __version__, host, port)
-        await run_uvicorn(uvicorn.Server(config))
+
+async def serve_http(settings: Settings, host: str, port: int, *, allow_anonymous: bool, with_inbox: bool = True) -> None:
+    check_http(settings, host, allow_anonymous=allow_anonymous)
+    watch_children_with_pidfds()
+    async with open_app(settings) as app:
+        await serve_http_app(app, host, port, allow_anonymous=allow_anonymous, with_inbox=with_inbox)
+
+
+async def serve_http_app(app: App, host: str, port: int, *, allow_anonymous: bool, with_inbox: bool = True) -> None:
+    """Serve /mcp (and the inbox) for ``app`` until SIGTERM/SIGINT.
+
+    uvicorn handles SIGTERM/SIGINT itself and shuts down gracefully (open
+    streams end, the MCP session manager stops); then open_app stops turns.
+    """
+    import uvicorn
+
+    mcp = build_mcp(app, token_auth=not allow_anonymous, issuer=f"http://{host}:{port}")
+    starlette_app = mcp.streamable_http_app(host=host, transport_security=_rebinding_guard(host))
+    if with_inbox:
+        from worker_server.inbox.app import mount_inbox
+
+        mount_inbox(starlette_app, app)
+    config = uvicorn.Config(starlette_app, host=host, port=port, log_config=None, access_log=False, lifespan="on")
+    logger.info("taskwarden %s serving MCP at http://%s:%d/mcp", __version__, host, port)
+    await run_uvicorn(uvicorn.Server(config))
 
 
 async def run_uvicorn(server: Any) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import anyio
 
+from guard.budgets import admitted_budgets
 from guard.changes import ChangeFeed
 from guard.clock import iso
 from worker_server.config import Settings
@@ -42,7 +43,6 @@ from worker_server.task import (
     Usage,
     WaitResult,
 )
-from worker_server.turn_output import read_log_tail
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,6 @@ MIN_TASK_BUDGET = 512
 # this many characters; list-task-messages has them all, whole.
 THREAD_MESSAGES = 50
 THREAD_BODY_CHARS = 2000
-# The log resource: up to this much (its end, if the log is longer).
-LOG_RESOURCE_BYTES = 64 * 1024 * 1024
 # How long cancel-task waits for another server process to stop its turn.
 REMOTE_CANCEL_WAIT_S = 15.0
 
@@ -82,6 +80,25 @@ class InvalidArgument(Exception):
 class Caller:
     identity: str
     session: str
+    # The client's working directory (a forwarder's), the default cwd of its tasks.
+    cwd: str | None = None
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Whose sessions a request may see: its identity's own, or every one when the
+    policy's ``share`` names it. ``None`` in place of a viewer is an operator on
+    this machine (the CLI, the inbox), who sees everything."""
+
+    identity: str
+    sees_all: bool = False
+
+    def may_see(self, owner: str | None) -> bool:
+        return self.sees_all or owner == self.identity
+
+
+def _visible(row: TaskRow, viewer: Viewer | None) -> bool:
+    return viewer is None or viewer.may_see(row.session_owner)
 
 
 class TaskService:
@@ -118,6 +135,8 @@ class TaskService:
         effort: str | None = None,
         sandbox: str | None = None,
         isolation: str | None = None,
+        max_tokens: int | None = None,
+        max_cost_usd: float | None = None,
     ) -> TaskView:
         if not prompt.strip():
             raise InvalidArgument("prompt", "must not be empty or only whitespace (1..100000 characters)")
@@ -140,6 +159,9 @@ class TaskService:
                     raise InvalidArgument(name, f"{name} is for agent workers, not human tasks")
             if isolation not in (None, "none"):
                 raise InvalidArgument("isolation", "worktree isolation is for agent workers, not human tasks")
+            for name, cap in (("max_tokens", max_tokens), ("max_cost_usd", max_cost_usd)):
+                if cap is not None:
+                    raise InvalidArgument(name, f"{name} is for agent workers, not human tasks")
             timeout = float(timeout_s or self.settings.human_timeout_s)
             row, _ = await self.store.create_session(
                 kind="human", cwd=None, timeout_s=timeout, deadline=self.store.clock.now() + timeout, owner=None,
@@ -157,7 +179,7 @@ class TaskService:
             if isolation not in (None, *ISOLATIONS):
                 raise InvalidArgument("isolation", f"must be one of {', '.join(ISOLATIONS)}, got {isolation!r}")
             _check_installed(worker, profile)
-            path = str(self._check_cwd(cwd))
+            path = str(self._check_cwd(cwd, caller.cwd))
             session_id = new_id("ses")
             worktree = branch = None
             if (isolation or "none") == "worktree":
@@ -172,6 +194,9 @@ class TaskService:
                 options=options,
                 worktree=worktree,
                 branch=branch,
+                # Charged by the runner as the worker reports usage (guard.budgets).
+                budgets=[t.to_json() for t in admitted_budgets()],
+                caps={k: v for k, v in (("max_tokens", max_tokens), ("max_cost_usd", max_cost_usd)) if v is not None},
                 **common,
             )
             if not created and worktree:
@@ -187,11 +212,11 @@ class TaskService:
             raise InvalidArgument("isolation", f"worktree needs cwd in a git work tree with a commit: {exc}") from None
         return path, branch
 
-    def _check_cwd(self, cwd: str | None) -> Path:
+    def _check_cwd(self, cwd: str | None, default: str | None = None) -> Path:
         roots = self.settings.roots
         shown = ", ".join(self.settings.allowed_roots)
         if cwd is None:
-            path = Path(os.getcwd()).resolve()
+            path = Path(default or os.getcwd()).resolve()
             if not _inside(path, roots):
                 raise InvalidArgument(
                     "cwd",
@@ -222,6 +247,7 @@ class TaskService:
         timeout_s: float = 25,
         mode: str = "any",
         progress: ProgressFn | None = None,
+        viewer: Viewer | None = None,
     ) -> WaitResult:
         ids = list(dict.fromkeys(task_ids))
         start = time.monotonic()
@@ -229,7 +255,7 @@ class TaskService:
         last_progress = start
         while True:
             since = self.feed.generation
-            rows = await self.store.get_many(ids)
+            rows = [r for r in await self.store.get_many(ids) if _visible(r, viewer)]
             if len(rows) != len(ids):
                 missing = sorted(set(ids) - {r.id for r in rows})
                 raise InvalidArgument("task_ids", f"no task {missing[0]!r}")
@@ -263,10 +289,10 @@ class TaskService:
 
     # -- message-task ------------------------------------------------------
 
-    async def message(self, caller: Caller, task_id: str, message: str) -> TaskView:
+    async def message(self, caller: Caller, task_id: str, message: str, viewer: Viewer | None = None) -> TaskView:
         if not message.strip():
             raise InvalidArgument("message", "must not be empty (1..100000 characters)")
-        task = await self._get(task_id)
+        task = await self._get(task_id, viewer)
         if task.kind == "human":
             if self.humans is None:
                 raise InvalidArgument("task_id", "human workers are not configured on this server")
@@ -279,15 +305,18 @@ class TaskService:
             prompt=message,
             created_by=caller.identity,
             owner=self.runner.owner if self.runner else None,
+            budgets=[t.to_json() for t in admitted_budgets()],
         )
         return await self.view(row)
 
     # -- cancel-task -------------------------------------------------------
 
-    async def cancel(self, task_ids: Sequence[str], reason: str | None = None) -> CancelResult:
+    async def cancel(
+        self, task_ids: Sequence[str], reason: str | None = None, viewer: Viewer | None = None
+    ) -> CancelResult:
         ids = list(dict.fromkeys(task_ids))
         reason = (reason or "").strip() or "cancelled by the agent"
-        rows = {r.id: r for r in await self.store.get_many(ids)}
+        rows = {r.id: r for r in await self.store.get_many(ids) if _visible(r, viewer)}
         result = CancelResult(cancelled=[], already_terminal=[], not_found=[])
         outcomes: dict[str, str] = {}
 
@@ -345,14 +374,18 @@ class TaskService:
         label: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        viewer: Viewer | None = None,
     ) -> TaskList:
         before = _decode_cursor(cursor) if cursor else None
-        rows, more = await self.store.list(status=status, worker=worker, label=label, limit=limit, before_seq=before)
+        owner = viewer.identity if viewer is not None and not viewer.sees_all else None
+        rows, more = await self.store.list(
+            status=status, worker=worker, label=label, limit=limit, before_seq=before, owner=owner
+        )
         next_cursor = _encode_cursor(rows[-1].seq) if more and rows else None
         return TaskList(tasks=[self.summary(r) for r in rows], next_cursor=next_cursor)
 
-    async def get(self, task_id: str, tail_lines: int = 20) -> TaskDetail:
-        row = await self._get(task_id)
+    async def get(self, task_id: str, tail_lines: int = 20, viewer: Viewer | None = None) -> TaskDetail:
+        row = await self._get(task_id, viewer)
         view = await self.view(row, tail_lines=tail_lines)
         turns = [
             Turn(
@@ -382,22 +415,24 @@ class TaskService:
                 m.body = m.body[: THREAD_BODY_CHARS - 1] + "… [cut: list-task-messages has it whole]"
         return messages
 
-    async def _get(self, task_id: str) -> TaskRow:
+    async def _get(self, task_id: str, viewer: Viewer | None = None) -> TaskRow:
+        """The task, if ``viewer`` may see it; another identity's task does not exist for it."""
         try:
-            return await self.store.get(task_id)
+            row = await self.store.get(task_id)
         except TaskNotFound:
-            raise InvalidArgument("task_id", f"no task {task_id!r}") from None
+            row = None
+        if row is None or not _visible(row, viewer):
+            raise InvalidArgument("task_id", f"no task {task_id!r}")
+        return row
 
-    async def log_text(self, task_id: str) -> str:
-        row = await self._get(task_id)
-        if not row.log_path:
-            return ""
-        text, cut = read_log_tail(Path(row.log_path), max_bytes=LOG_RESOURCE_BYTES)
-        if cut:
-            # A resource is one string in memory; a log of gigabytes stays on disk.
-            note = f"[taskwarden] the log is longer than {LOG_RESOURCE_BYTES >> 20} MB; this is its end."
-            return f"{note} The whole log: {row.log_path}\n{text}"
-        return text
+    async def check_visible(self, task_id: str, viewer: Viewer | None) -> None:
+        """Raise the task's not-found error unless ``viewer`` may see it."""
+        await self._get(task_id, viewer)
+
+    async def log_path(self, task_id: str, viewer: Viewer | None = None) -> Path | None:
+        """Where the task's log is (None: its turn has not started yet)."""
+        row = await self._get(task_id, viewer)
+        return Path(row.log_path) if row.log_path else None
 
     # -- rendering ---------------------------------------------------------
 
@@ -417,6 +452,7 @@ class TaskService:
             exit_code=row.exit_code,
             labels=row.labels,
             usage=Usage(**row.usage) if row.usage else None,
+            owner=row.session_owner,
         )
 
     async def view(self, row: TaskRow, tail_lines: int = DEFAULT_TAIL_LINES, budget: int | None = None) -> TaskView:

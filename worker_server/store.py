@@ -103,6 +103,18 @@ SCHEMA: list[str] = [
     ALTER TABLE tasks ADD COLUMN usage TEXT;
     ALTER TABLE tasks ADD COLUMN changes TEXT;
     """,
+    # 3: spend budgets: the budget keys a turn charges (guard.budgets targets,
+    # JSON), and the session's per-turn caps (max_tokens, max_cost_usd)
+    """
+    ALTER TABLE tasks ADD COLUMN budgets TEXT;
+    ALTER TABLE sessions ADD COLUMN caps TEXT NOT NULL DEFAULT '{}';
+    """,
+    # 4: a session belongs to the identity that created it
+    """
+    ALTER TABLE sessions ADD COLUMN owner TEXT;
+    UPDATE sessions SET owner = created_by;
+    CREATE INDEX sessions_owner ON sessions(owner);
+    """,
 ]
 
 
@@ -146,12 +158,15 @@ class TaskRow:
     ended_at: float | None
     usage: dict[str, Any] | None = None
     changes: dict[str, Any] | None = None
+    budgets: list[dict[str, Any]] | None = None
     # From the session row: the worker's own session id, the options every
     # turn runs with (model, effort, sandbox), and its git worktree if any.
     worker_session: str | None = None
     options: dict[str, str] = field(default_factory=dict)
     worktree: str | None = None
     branch: str | None = None
+    caps: dict[str, float] = field(default_factory=dict)
+    session_owner: str | None = None  # the identity the session belongs to
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> TaskRow:
@@ -159,9 +174,10 @@ class TaskRow:
         data["status"] = TaskStatus(data["status"])
         data["pending"] = json.loads(data["pending"]) if data["pending"] else None
         data["labels"] = json.loads(data["labels"])
-        for key in ("usage", "changes"):
+        for key in ("usage", "changes", "budgets"):
             data[key] = json.loads(data[key]) if data.get(key) else None
         data["options"] = json.loads(data.get("options") or "{}")
+        data["caps"] = json.loads(data.get("caps") or "{}")
         return cls(**data)
 
     @property
@@ -193,7 +209,7 @@ class MessageRow:
 
 _TASK_SELECT = (
     "SELECT t.*, s.worker_session AS worker_session, s.options AS options, s.worktree AS worktree,"
-    " s.branch AS branch FROM tasks t JOIN sessions s ON s.id = t.session_id"
+    " s.branch AS branch, s.caps AS caps, s.owner AS session_owner FROM tasks t JOIN sessions s ON s.id = t.session_id"
 )
 
 
@@ -255,11 +271,16 @@ class Store:
         label: str | None = None,
         limit: int = 50,
         before_seq: int | None = None,
+        owner: str | None = None,
     ) -> tuple[list[TaskRow], bool]:
-        """Newest first; returns the page and whether more rows follow."""
+        """Newest first; returns the page and whether more rows follow. ``owner``: only
+        sessions of this identity."""
 
         def read(c: sqlite3.Connection) -> tuple[list[TaskRow], bool]:
             where, args = [], []
+            if owner is not None:
+                where.append("s.owner = ?")
+                args.append(owner)
             if status:
                 where.append("t.status = ?")
                 args.append(status)
@@ -298,6 +319,8 @@ class Store:
         options: dict[str, str] | None = None,
         worktree: str | None = None,
         branch: str | None = None,
+        budgets: list[dict[str, Any]] | None = None,
+        caps: dict[str, float] | None = None,
     ) -> tuple[TaskRow, bool]:
         """Open a session with its first task. Returns (task, created); an
         idempotency key already used by this caller returns the earlier task."""
@@ -313,10 +336,10 @@ class Store:
                 if row:
                     return TaskRow.from_row(row), False
             c.execute(
-                "INSERT INTO sessions (id, kind, worker, title, cwd, labels, created_by, created_at, options,"
-                " worktree, branch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (session_id, kind, worker, title, cwd, json.dumps(labels), created_by, now,
-                 json.dumps(options or {}), worktree, branch),
+                "INSERT INTO sessions (id, kind, worker, title, cwd, labels, created_by, owner, created_at, options,"
+                " worktree, branch, caps) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (session_id, kind, worker, title, cwd, json.dumps(labels), created_by, created_by, now,
+                 json.dumps(options or {}), worktree, branch, json.dumps(caps or {})),
             )
             _insert_task(
                 c,
@@ -335,6 +358,7 @@ class Store:
                 created_by=created_by,
                 owner=owner,
                 now=now,
+                budgets=budgets,
             )
             _event(c, task_id, now, "created", {"status": "queued"})
             return _task(c, task_id), True
@@ -342,7 +366,8 @@ class Store:
         return await self._write(write)
 
     async def add_turn(
-        self, session_id: str, *, prompt: str, created_by: str, owner: tuple[int, float] | None
+        self, session_id: str, *, prompt: str, created_by: str, owner: tuple[int, float] | None,
+        budgets: list[dict[str, Any]] | None = None,
     ) -> TaskRow:
         """The next task (turn) on an agent session, queued behind any running turn."""
         now = self.clock.now()
@@ -369,6 +394,7 @@ class Store:
                 created_by=created_by,
                 owner=owner,
                 now=now,
+                budgets=budgets,
             )
             _event(c, task_id, now, "created", {"status": "queued", "turn": last["turn"] + 1})
             return _task(c, task_id)
@@ -676,6 +702,18 @@ class Store:
 
         return await self.db.read(read)
 
+    async def queued_count(self, owner: tuple[int, float]) -> int:
+        """Agent turns waiting for a slot that this server (or any) may run."""
+
+        def read(c: sqlite3.Connection) -> int:
+            return c.execute(
+                "SELECT count(*) FROM tasks WHERE status = 'queued' AND kind = 'agent'"
+                " AND (owner_pid IS NULL OR (owner_pid = ? AND owner_started = ?))",
+                owner,
+            ).fetchone()[0]
+
+        return await self.db.read(read)
+
     async def queued_workers(self) -> list[str]:
         def read(c: sqlite3.Connection) -> list[str]:
             rows = c.execute("SELECT DISTINCT worker FROM tasks WHERE status = 'queued' AND kind = 'agent'")
@@ -702,11 +740,12 @@ def _insert_task(
     created_by: str,
     owner: tuple[int, float] | None,
     now: float,
+    budgets: list[dict[str, Any]] | None = None,
 ) -> None:
     c.execute(
         "INSERT INTO tasks (id, session_id, turn, kind, worker, title, prompt, status, labels, cwd,"
-        " timeout_s, deadline, idempotency_key, created_by, owner_pid, owner_started, created_at, updated_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " timeout_s, deadline, idempotency_key, created_by, owner_pid, owner_started, created_at, updated_at,"
+        " budgets) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             task_id,
             session_id,
@@ -725,6 +764,7 @@ def _insert_task(
             owner[1] if owner else None,
             now,
             now,
+            json.dumps(budgets) if budgets else None,
         ),
     )
 

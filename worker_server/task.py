@@ -83,6 +83,7 @@ class TaskSummary(BaseModel):
     exit_code: int | None
     labels: list[str]
     usage: Usage | None = Field(default=None, description="Tokens, cost and time of this turn, once it ran")
+    owner: str | None = Field(default=None, description="The identity the task's session belongs to")
 
 
 class TaskView(TaskSummary):

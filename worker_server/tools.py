@@ -16,8 +16,11 @@ import functools
 import inspect
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, ParamSpec, TypeVar
+from urllib.parse import unquote
 
+import anyio
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 from mcp.server.mcpserver.tools import Tool
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import Field
@@ -25,7 +28,8 @@ from pydantic import Field
 from guard.middleware import refusal_result
 from guard.outcomes import Refusal, admit_refusals
 from worker_server.identity import CallerResolver
-from worker_server.service import InvalidArgument, TaskService
+from worker_server.log_pages import PAGE_BYTES, read_page, remember_page
+from worker_server.service import InvalidArgument, TaskService, Viewer
 from worker_server.task import CancelResult, Message, MessageList, TaskDetail, TaskList, TaskStatus, TaskView, WaitResult
 
 P = ParamSpec("P")
@@ -93,8 +97,9 @@ def strict_tool(fn: Callable[..., Any], *, name: str, title: str, annotations: T
     return tool.model_copy(update={"parameters": parameters, "fn_metadata": metadata})
 
 
-def build_tools(service: TaskService, callers: CallerResolver) -> list[Tool]:
-    """Every taskwarden tool, for ``MCPServer(tools=...)``."""
+def build_tools(service: TaskService, callers: CallerResolver, sees_all: Callable[[str], bool]) -> list[Tool]:
+    """Every taskwarden tool, for ``MCPServer(tools=...)``. ``sees_all(identity)``: whether
+    the policy shares every session with that identity."""
     tools: list[Tool] = []
 
     def tool(name: str, title: str, annotations: ToolAnnotations) -> Callable[[Callable[..., Any]], Any]:
@@ -106,6 +111,10 @@ def build_tools(service: TaskService, callers: CallerResolver) -> list[Tool]:
 
     def caller(ctx: Context) -> Any:
         return callers.caller(ctx.request_context)
+
+    def viewer(ctx: Context) -> Viewer:
+        identity = caller(ctx).identity
+        return Viewer(identity, sees_all(identity))
 
     @tool("spawn-task", "Start a background task", SPAWN)
     @_reports_invalid("spawn-task")
@@ -153,6 +162,16 @@ def build_tools(service: TaskService, callers: CallerResolver) -> list[Tool]:
                 "taskwarden/<session_id> (cwd must be in a git work tree)"
             ),
         ] = "none",
+        max_tokens: Annotated[
+            int | None,
+            Field(ge=1, le=1_000_000_000, description="Agent workers: stop a turn of this session once it has used "
+                  "this many tokens (input + output); budgets in the policy can only narrow further"),
+        ] = None,
+        max_cost_usd: Annotated[
+            float | None,
+            Field(gt=0, le=100_000, description="Agent workers: stop a turn of this session once it has cost this "
+                  "many dollars (as the CLI reports cost)"),
+        ] = None,
     ) -> TaskView:
         """Start work in the background: an agent CLI turn (Codex, Claude Code, a shell script) or a task
         for a person. Returns at once with the task (status queued or working). Then call wait-task with
@@ -170,6 +189,8 @@ def build_tools(service: TaskService, callers: CallerResolver) -> list[Tool]:
             effort=effort,
             sandbox=sandbox,
             isolation=isolation,
+            max_tokens=max_tokens,
+            max_cost_usd=max_cost_usd,
         )
 
     @tool("wait-task", "Wait for tasks", READ)
@@ -198,7 +219,7 @@ def build_tools(service: TaskService, callers: CallerResolver) -> list[Tool]:
             async def progress(elapsed: float, total: float, line: str) -> None:
                 await ctx.report_progress(round(elapsed, 1), total, line)
 
-        return await service.wait(ids, timeout_s=timeout_s, mode=mode, progress=progress)
+        return await service.wait(ids, timeout_s=timeout_s, mode=mode, progress=progress, viewer=viewer(ctx))
 
     @tool("message-task", "Send the next turn", WRITE)
     @_reports_invalid("message-task")
@@ -209,7 +230,7 @@ def build_tools(service: TaskService, callers: CallerResolver) -> list[Tool]:
     ) -> TaskView:
         """Continue a task's session. Agent task: starts the next turn on the same worker session (queued
         behind a running turn) and returns the new task. Human task: posts the message to its thread."""
-        return await service.message(caller(ctx), task_id, message)
+        return await service.message(caller(ctx), task_id, message, viewer=viewer(ctx))
 
     @tool("cancel-task", "Cancel tasks", DESTRUCTIVE)
     @_reports_invalid("cancel-task")
@@ -218,17 +239,19 @@ def build_tools(service: TaskService, callers: CallerResolver) -> list[Tool]:
             TaskId | Annotated[list[TaskId], Field(min_length=1, max_length=100)],
             Field(description="One task id, or a list of 1..100"),
         ],
+        ctx: Context,
         reason: Annotated[str | None, Field(max_length=2000, description="Why; shown to the worker/person")] = None,
     ) -> CancelResult:
         """Cancel tasks: stops their worker processes (SIGTERM, then SIGKILL after 5 s) or withdraws them
         from people. Returns which were cancelled, already finished, or not found. Needs human approval
         under the default policy."""
         ids = [task_id] if isinstance(task_id, str) else task_id
-        return await service.cancel(ids, reason)
+        return await service.cancel(ids, reason, viewer=viewer(ctx))
 
     @tool("list-tasks", "List tasks", READ)
     @_reports_invalid("list-tasks")
     async def list_tasks(
+        ctx: Context,
         status: Annotated[TaskStatus | None, Field(description="Only tasks in this status")] = None,
         worker: Annotated[str | None, Field(min_length=1, max_length=64, description="Only this worker")] = None,
         label: Annotated[Label | None, Field(description="Only tasks with this label")] = None,
@@ -240,18 +263,20 @@ def build_tools(service: TaskService, callers: CallerResolver) -> list[Tool]:
     ) -> TaskList:
         """List tasks, newest first, with optional filters. Page with next_cursor."""
         return await service.list(
-            status=status.value if status else None, worker=worker, label=label, limit=limit, cursor=cursor
+            status=status.value if status else None, worker=worker, label=label, limit=limit, cursor=cursor,
+            viewer=viewer(ctx),
         )
 
     @tool("get-task", "Get a task", READ)
     @_reports_invalid("get-task")
     async def get_task(
         task_id: TaskId,
+        ctx: Context,
         tail_lines: Annotated[int, Field(ge=0, le=500, description="Lines of recent activity to include")] = 20,
     ) -> TaskDetail:
         """One task in full: status, output (capped; the whole log is the resource at output.log_uri),
         its session's turns and, for human tasks, the message thread."""
-        return await service.get(task_id, tail_lines=tail_lines)
+        return await service.get(task_id, tail_lines=tail_lines, viewer=viewer(ctx))
 
     @tool("send-task-message", "Message a person about a task", WRITE)
     @_reports_invalid("send-task-message")
@@ -265,12 +290,14 @@ def build_tools(service: TaskService, callers: CallerResolver) -> list[Tool]:
         """Post a message to a human task's thread, e.g. to answer the person's question
         (pending.kind = question). Then call wait-task again."""
         humans = _humans(service)
+        await service.check_visible(task_id, viewer(ctx))
         return await humans.send(caller(ctx), task_id, body)
 
     @tool("list-task-messages", "Read a task's messages", MARKS_READ)
     @_reports_invalid("list-task-messages")
     async def list_task_messages(
         task_id: TaskId,
+        ctx: Context,
         since: Annotated[
             str | None,
             Field(max_length=64, pattern=r"^msg_[a-z0-9]+$", description="Only messages after this message id"),
@@ -279,6 +306,7 @@ def build_tools(service: TaskService, callers: CallerResolver) -> list[Tool]:
         """The message thread of a human task, oldest first. What people wrote is marked author=human.
         Marks the person's messages as read."""
         humans = _humans(service)
+        await service.check_visible(task_id, viewer(ctx))
         return await humans.list(task_id, since)
 
     @tool("review-task", "Review a person's hand-in", WRITE)
@@ -298,6 +326,7 @@ def build_tools(service: TaskService, callers: CallerResolver) -> list[Tool]:
         """Accept a human task's hand-in (it becomes completed with the result as output.final) or request
         changes with feedback (it goes back to the person, status working)."""
         humans = _humans(service)
+        await service.check_visible(task_id, viewer(ctx))
         return await humans.review(caller(ctx), task_id, decision, feedback)
 
     return tools
@@ -309,24 +338,55 @@ def _humans(service: TaskService) -> Any:
     return service.humans
 
 
-def register_resources(mcp: MCPServer[Any], service: TaskService) -> None:
+def register_resources(
+    mcp: MCPServer[Any], service: TaskService, callers: CallerResolver, sees_all: Callable[[str], bool]
+) -> None:
+    """``task://{id}`` and ``task://{id}/log{?offset,limit}``: the guard decides each read as
+    ``get-task`` (see ``resource_call``); here, another identity's task does not exist."""
+
+    def viewer(ctx: Context) -> Viewer:
+        identity = callers.caller(ctx.request_context).identity
+        return Viewer(identity, sees_all(identity))
+
     @mcp.resource("task://{task_id}", name="task", mime_type="application/json")
-    async def task_resource(task_id: str) -> str:
+    async def task_resource(task_id: str, ctx: Context) -> str:
         """A task in full, as get-task returns it."""
         try:
-            detail = await service.get(task_id)
+            detail = await service.get(task_id, viewer=viewer(ctx))
         except InvalidArgument as exc:
-            from mcp.server.mcpserver.exceptions import ResourceNotFoundError
-
             raise ResourceNotFoundError(str(exc)) from None
         return detail.model_dump_json(indent=2)
 
-    @mcp.resource("task://{task_id}/log", name="task-log", mime_type="text/plain")
-    async def task_log(task_id: str) -> str:
-        """Everything the task's worker printed (stdout and stderr), uncapped."""
+    @mcp.resource("task://{task_id}/log{?offset,limit}", name="task-log", mime_type="text/plain")
+    async def task_log(task_id: str, ctx: Context, offset: str = "0", limit: str = str(PAGE_BYTES)) -> str | bytes:
+        """The task's log (its worker's stdout and stderr) in pages of at most 256 KB from byte
+        ``offset``: UTF-8 text, or a base64 blob where the bytes are binary. The content's
+        _meta["taskwarden/log"] says {offset, next_offset, size, eof}."""
+        start = _bounded("offset", offset, 0, 2**62)
+        count = _bounded("limit", limit, 1, PAGE_BYTES)
         try:
-            return await service.log_text(task_id)
+            path = await service.log_path(task_id, viewer=viewer(ctx))
         except InvalidArgument as exc:
-            from mcp.server.mcpserver.exceptions import ResourceNotFoundError
-
             raise ResourceNotFoundError(str(exc)) from None
+        page = await anyio.to_thread.run_sync(lambda: read_page(path, start, count))
+        remember_page(page)
+        return page.content
+
+
+def _bounded(name: str, value: str, low: int, high: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or not low <= number <= high:
+        raise ResourceError(f"invalid_arguments: {name}: must be an integer in {low}..{high}, got {value[:40]!r}")
+    return number
+
+
+def resource_call(uri: str) -> tuple[str, dict[str, Any]] | None:
+    """The tool call that decides reading ``uri``: any ``task://ID…`` resource is ``get-task`` of ID."""
+    if not uri.startswith("task://"):
+        return None
+    rest = uri[len("task://") :]
+    task_id = unquote(rest.split("/", 1)[0].split("?", 1)[0])
+    return "get-task", {"task_id": task_id}

@@ -7,19 +7,26 @@ tail keeps a fixed number of lines.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import ByteReceiveStream
 
 # Longer lines are cut before parsing (the log keeps them whole).
 MAX_LINE = 1024 * 1024
 READ_SIZE = 64 * 1024
+#: The longest a pump parses lines before letting other work run.
+YIELD_AFTER_S = 0.005
 TAIL_LINES = 500
 TAIL_LINE_CHARS = 2000
+
+logger = logging.getLogger(__name__)
 
 
 class Tail:
@@ -52,20 +59,32 @@ class LogFile:
         self._file: BinaryIO = path.open("ab", buffering=256 * 1024)
 
     def write(self, data: bytes) -> None:
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as exc:  # name the file: "No space left on device" alone says not where
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
 
     def note(self, text: str) -> None:
         """A line from taskwarden itself, set apart from the worker's output."""
-        self._file.write(_note_line(text))
+        self.write(_note_line(text))
+
+    def flush(self) -> None:
+        """Make what was written readable by others (the log resource)."""
+        self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as exc:  # a full disk: what was buffered is lost, the turn's end is not
+            logger.warning("could not finish writing %s: %s", self.path, exc.strerror)
 
 
 async def pump_lines(stream: ByteReceiveStream, log: LogFile, on_line: Callable[[str], None]) -> None:
     """Copy ``stream`` into ``log`` and hand each line (cut to MAX_LINE) to ``on_line``."""
     pending = bytearray()
     overlong = False  # inside a line already cut and reported
+    lines = 0
+    slice_start = time.monotonic()
     while True:
         try:
             chunk = await stream.receive(READ_SIZE)
@@ -84,6 +103,12 @@ async def pump_lines(stream: ByteReceiveStream, log: LogFile, on_line: Callable[
                 on_line(pending.decode("utf-8", errors="replace"))
             pending.clear()
             start = end + 1
+            lines += 1
+            # A worker printing tiny lines flat out must not hold the event
+            # loop: other clients' calls get a turn every few milliseconds.
+            if lines % 256 == 0 and time.monotonic() - slice_start > YIELD_AFTER_S:
+                await anyio.lowlevel.checkpoint()
+                slice_start = time.monotonic()
         if not overlong:
             pending += chunk[start:]
             if len(pending) > MAX_LINE:
@@ -106,15 +131,3 @@ def append_note(path: Path, text: str) -> None:
 def _note_line(text: str) -> bytes:
     return f"\n[taskwarden] {text}\n".encode()
 
-
-def read_log_tail(path: Path, max_bytes: int) -> tuple[str, bool]:
-    """The last ``max_bytes`` of a log file; True if that is not all of it."""
-    try:
-        with path.open("rb") as f:
-            f.seek(0, 2)
-            size = f.tell()
-            f.seek(max(0, size - max_bytes))
-            data = f.read()
-    except FileNotFoundError:
-        return "", False
-    return data.decode("utf-8", errors="replace"), size > max_bytes

@@ -90,6 +90,8 @@ class CounterRegistry:
     counters: dict[str, Counter] = field(default_factory=dict)
     _where: dict[str, Node] = field(default_factory=dict)
     _references: list[tuple[str, Node]] = field(default_factory=list)
+    # Intercept counters fed by ``increment_from: usage.…``: budgets, not counters.
+    usage: set[str] = field(default_factory=set)
 
     def define(self, name: str, window_s: float, scope: Scope, node: Node) -> None:
         """Register a counter; one name must keep one window and scope."""

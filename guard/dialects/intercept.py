@@ -26,6 +26,12 @@ Read from Intercept's own code and docs (``internal/config/config.go``,
   per hour reached. Try again later."; it cannot be combined with
   ``conditions``, ``state`` or ``action: deny``.
 
+* ``state`` with ``increment_from: usage.tokens`` (or ``usage.cost_usd``,
+  ``usage.worker_s``) is a spend budget (``guard.budgets``): not a number the
+  caller passes, but what the turns the call starts report using; the
+  ``lt``/``lte`` condition on it is the budget's limit. Such a counter is
+  read by no other condition.
+
 Where we differ on purpose: ``increment_from`` must be a whole number >= 0
 on every call (Intercept truncates fractions and accepts negative values,
 which would refund the budget); a negative static ``increment`` is refused
@@ -51,7 +57,10 @@ from guard.dialects.fields import (
     version,
 )
 from guard.dialects.source import Node
-from guard.policy import Condition, Policy, RateLimit, Rule
+from guard.policy import Budget, Condition, Policy, RateLimit, Rule
+
+# ``increment_from: usage.<metric>`` makes a state counter a spend budget.
+USAGE_METRICS = ("tokens", "cost_usd", "worker_s")
 
 TOP_KEYS = ("version", "description", "default", "hide", "tools")
 TOOL_KEYS = ("rules",)
@@ -93,6 +102,9 @@ class _State:
     window_s: float
     cost: int
     cost_from: str | None
+    # ``increment_from: usage.<metric>``: the counter is a spend budget
+    # charged with what the started turns use (guard.budgets), not a call counter.
+    usage: str | None = None
 
 
 def read(root: Node) -> Policy:
@@ -170,6 +182,16 @@ def _define_state(tool: str, node: Node, registry: CounterRegistry) -> _State | 
         window_node = values["window"]
         window = window_node.choice(tuple(WINDOWS))
         cost = values["increment"].integer(minimum=0) if "increment" in values else 0
+        source = values.get("increment_from")
+        if source is not None and isinstance(source.value, str) and source.value.startswith("usage."):
+            metric = source.value.removeprefix("usage.")
+            if metric not in USAGE_METRICS:
+                raise source.error(f"usage counters are usage.{', usage.'.join(USAGE_METRICS)}; got {source.value!r}")
+            counter = f"{_scope(tool)}.{name}"
+            if counter in registry.counters or counter in registry.usage:
+                raise where.error(f"duplicate state counter {name!r} on tool {tool!r}")
+            registry.usage.add(counter)
+            return _State(counter, WINDOWS[window], 0, None, usage=metric)
         cost_from = (
             read_cost_from(values["increment_from"]) if "increment_from" in values else None
         )
@@ -226,9 +248,19 @@ def _read_rule(tool: str, node: Node, state: _State | None, registry: CounterReg
 
     own_path = f"state.{state.counter}" if state else None
     limit_max: int | None = None
+    budget_limit: float | None = None
     conditions: list[Condition] = []
     for cond_node in condition_nodes:
         condition, path_node = read_condition(cond_node, ops=INTERCEPT_OPS)
+        if condition.path.removeprefix("state.") in registry.usage:
+            if state is None or state.usage is None or condition.path != own_path or condition.op not in ("lt", "lte"):
+                raise path_node.error(
+                    "a usage counter (increment_from: usage.…) is a budget: only its own rule may limit it, "
+                    "with lt or lte"
+                )
+            if budget_limit is None:
+                budget_limit = float(condition.value)
+            continue
         if condition.path.startswith("state."):
             # Intercept's state paths name the scope too: state.<tool>.<counter>.
             if condition.path.count(".") < 2:
@@ -247,6 +279,20 @@ def _read_rule(tool: str, node: Node, state: _State | None, registry: CounterReg
         conditions.append(condition)
 
     reason = on_deny or f"Denied by rule {name!r}"
+    if state is not None and state.usage is not None:
+        if budget_limit is None:
+            raise entries["state"].error(
+                f"a usage counter needs a limit: a condition {own_path} lte N on the same rule"
+            )
+        metric = state.usage
+        budget = build(
+            entries["state"], Budget, window_s=state.window_s, scope="global", name=state.counter,
+            **{metric: int(budget_limit) if metric == "tokens" else budget_limit},
+        )  # fmt: skip
+        return build(
+            node, Rule, id=name, tool=tool, action="allow", reason=reason, conditions=tuple(conditions),
+            match="all", on_fail="deny", budget=budget, line=node.line,
+        )  # fmt: skip
     rate_limit = None
     if state is not None:
         rate_limit = build(

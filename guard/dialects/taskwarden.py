@@ -13,11 +13,14 @@ The catalogue format (what PolicyLayer's catalogue pages print)::
             reason: "Blocked by default — enable with approval"
 
 Extended with top-level ``version`` ("1"), ``default`` (allow|deny),
-``mode`` (enforce|shadow) and ``hide``; per rule ``action``
+``mode`` (enforce|shadow), ``hide`` and ``share`` (identities that see every
+identity's sessions; ``"*"`` for all); per rule ``action``
 (allow|deny|require_approval, required), ``reason``, ``conditions``
 (``[{path, op, value}]``; ``value`` may be left out for ``exists``),
 ``match`` (all|any), ``identities``, ``rate_limit`` and ``approval``
-(``{expires_s, wait_s, elicit}``, require_approval rules only); and the tool key
+(``{expires_s, wait_s, elicit}``, require_approval rules only), ``budget``
+(``{tokens, cost_usd, worker_s, window, scope, name}``: see guard.budgets);
+and the tool key
 ``"*"`` for rules on every tool.
 
 ``rate_limit`` is ``{max, window, scope, cost}``: ``window`` in seconds or
@@ -46,15 +49,16 @@ from guard.dialects.fields import (
     version,
 )
 from guard.dialects.source import Node
-from guard.policy import ApprovalSettings, Condition, Policy, RateLimit, Rule
+from guard.policy import ApprovalSettings, Budget, Condition, Policy, RateLimit, Rule
 
-TOP_KEYS = ("version", "default", "mode", "hide", "tools")
+TOP_KEYS = ("version", "default", "mode", "hide", "share", "tools")
 TOOL_KEYS = ("rules",)
 RULE_KEYS = (
-    "action", "reason", "conditions", "match", "identities", "rate_limit", "approval",
+    "action", "reason", "conditions", "match", "identities", "rate_limit", "approval", "budget",
 )  # fmt: skip
 RATE_LIMIT_KEYS = ("max", "window", "scope", "cost", "counter", "cost_from")
 APPROVAL_KEYS = ("expires_s", "wait_s", "elicit")
+BUDGET_KEYS = ("tokens", "cost_usd", "worker_s", "window", "scope", "name")
 
 
 def read(root: Node) -> Policy:
@@ -75,6 +79,7 @@ def read(root: Node) -> Policy:
         tools=tools,
         counters=registry.counters,
         listing_permits=False,
+        share=top["share"].strings() if "share" in top else (),
     )
 
 
@@ -136,6 +141,12 @@ def _read_rule(tool: str, index: int, node: Node, registry: CounterRegistry) -> 
             **({"elicit": values["elicit"].boolean()} if "elicit" in values else {}),
         )
 
+    budget = None
+    if "budget" in entries:
+        if action == "deny":
+            raise entries["budget"].error("a deny rule refuses every call; a budget here has no effect")
+        budget = _read_budget(entries["budget"])
+
     return build(
         node,
         Rule,
@@ -149,6 +160,7 @@ def _read_rule(tool: str, index: int, node: Node, registry: CounterRegistry) -> 
         identities=identities,
         rate_limit=rate_limit,
         approval=approval,
+        budget=budget,
         line=node.line,
     )
 
@@ -171,4 +183,21 @@ def _read_rate_limit(node: Node, registry: CounterRegistry) -> RateLimit:
         cost=entries["cost"].integer(minimum=0) if "cost" in entries else 1,
         cost_from=read_cost_from(entries["cost_from"]) if "cost_from" in entries else None,
         counter=counter,
+    )
+
+
+def _read_budget(node: Node) -> Budget:
+    entries = node.mapping(BUDGET_KEYS, required=("window",))
+    limits = [m for m in ("tokens", "cost_usd", "worker_s") if m in entries]
+    if not limits:
+        raise node.error("a budget needs at least one of tokens, cost_usd, worker_s")
+    return build(
+        node,
+        Budget,
+        tokens=entries["tokens"].integer(minimum=0) if "tokens" in entries else None,
+        cost_usd=entries["cost_usd"].number(minimum=0) if "cost_usd" in entries else None,
+        worker_s=entries["worker_s"].number(minimum=0) if "worker_s" in entries else None,
+        window_s=read_window(entries["window"]),
+        scope=entries["scope"].choice(("session", "identity", "global")) if "scope" in entries else "session",
+        name=entries["name"].string() if "name" in entries else None,
     )

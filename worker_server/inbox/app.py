@@ -61,6 +61,7 @@ from worker_server.inbox.security import (
     set_session_cookie,
 )
 from worker_server.service import InvalidArgument
+from worker_server.turn_origin import peer_turn, refusal
 from worker_server.store import TaskNotFound, TaskRow
 
 if TYPE_CHECKING:
@@ -272,6 +273,13 @@ class Inbox:
             return self.error(request, 404, "Not found", f"There is no approval action {decision!r}.")
         form: FormData = request.state.form
         note = str(form.get("reason") or form.get("comment") or "")
+        server = request.scope.get("server")
+        turn = await anyio.to_thread.run_sync(
+            lambda: peer_turn(tuple(request.client) if request.client else None, tuple(server) if server else None)
+        )
+        if turn is not None:
+            logger.warning("approval %s: a decision from inside the turn of %s was refused", approval_id, turn)
+            return self.error(request, 403, "Refused", _sentence(refusal(turn)))
         try:
             await self.app.guard.approvals.decide(approval_id, decision == "approve", by=request.state.human, note=note)
         except ReasonRequired:

@@ -332,3 +332,32 @@ def test_state_dirs_expand_home_and_the_turns_variables(tmp_path: Path, monkeypa
     assert found == [tmp_path / "home" / ".codex", tmp_path / "ch", tmp_path / "home" / ".claude.json"]
     assert (tmp_path / "home" / ".codex").is_dir() and (tmp_path / "ch").is_dir()
     assert not (tmp_path / "home" / ".claude.json").exists(), "a missing file is not invented"
+
+
+async def test_a_worker_installed_under_tmp_still_runs_and_its_files_stay_read_only(tmp_path: Path) -> None:
+    """The scratch /tmp must not shadow the program a turn runs: a checkout, a venv or
+    node_modules under /tmp (as in a CI clone) stays visible inside, read-only."""
+    install = Path(tempfile.mkdtemp(dir="/tmp", prefix="taskwarden-worker-install-"))
+    try:
+        agent = install / "bin" / "agent.sh"
+        agent.parent.mkdir()
+        agent.write_text("#!/bin/sh\necho \"agent ran: $1\"\ntouch \"$0.written\" 2>/dev/null && echo WROTE-INSTALL\nexit 0\n")
+        agent.chmod(0o755)
+        ws = Workspace(
+            tmp_path / "ws",
+            extra=textwrap.dedent(f"""
+                [workers.tmp-agent]
+                command = [{json.dumps(str(agent))}, "{{prompt}}"]
+                prompt = "arg"
+                events = "text"
+                """),
+        )
+        async with stdio_client(ws) as client:
+            task = await call(client, "spawn-task", {"prompt": "hello", "worker": "tmp-agent", "cwd": str(ws.work)})
+            done = (await call(client, "wait-task", {"task_ids": task["task_id"], "timeout_s": 40}))["tasks"][0]
+            log = await log_of(client, task["task_id"])
+        assert done["status"] == "completed", log
+        assert "agent ran: hello" in log and "WROTE-INSTALL" not in log, log
+        assert not Path(f"{agent}.written").exists()
+    finally:
+        subprocess.run(["rm", "-rf", str(install)], check=False)

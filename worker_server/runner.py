@@ -273,6 +273,7 @@ class Runner:
                         scratch=scratch,
                         state_paths=state_paths(profile.state_dirs, env),
                         tmpdir=env.get("TMPDIR"),
+                        search_path=env.get("PATH"),
                     )
                 except (SandboxError, OSError) as exc:
                     message = f"sandbox: {exc}"

@@ -112,11 +112,13 @@ class Sandbox:
         scratch: Path | None,
         state_paths: Sequence[Path] = (),
         tmpdir: str | None = None,
+        search_path: str | None = None,
     ) -> list[str]:
         """The command line that runs ``argv`` inside the sandbox (``argv`` itself for "none").
 
         ``scratch`` appears at ``/tmp``, and at ``tmpdir`` (the turn's ``$TMPDIR``) when that
-        is elsewhere; without one, ``TMPDIR`` is set to ``/tmp``."""
+        is elsewhere; without one, ``TMPDIR`` is set to ``/tmp``. ``search_path`` is the
+        turn's ``$PATH``: programs found through it stay reachable (see ``_under_scratch``)."""
         if not self.enabled:
             return list(argv)
         cwd = _absolute(cwd)
@@ -139,6 +141,11 @@ class Sandbox:
             add(Path(SCRATCH_MOUNT), 0, ["--bind", str(scratch), SCRATCH_MOUNT])
             if moved_tmp:
                 add(_absolute(str(tmpdir)), 0, ["--bind", str(scratch), str(_absolute(str(tmpdir)))])
+        if scratch is not None:
+            # The scratch must not shadow what the turn runs: a worker installed
+            # under /tmp (a checkout, a venv, node_modules) stays visible, read-only.
+            for top in _under_scratch(argv, search_path):
+                add(top, 2, ["--ro-bind", str(top), str(top)])
         git_writable, git_read_only = git_paths(cwd)
         for path in (cwd, *state_paths, *git_writable):
             path = _absolute(path)
@@ -265,3 +272,21 @@ def state_paths(entries: Sequence[str], env: Mapping[str, str]) -> list[Path]:
 
 
 _VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+def _under_scratch(argv: Sequence[str], search_path: str | None) -> set[Path]:
+    """The top directories under the scratch mount that hold the turn's program, the
+    files its command line names, or its ``$PATH`` entries (both as named and resolved)."""
+    mount = Path(SCRATCH_MOUNT)
+    candidates: list[str] = [a for a in argv if os.path.isabs(a)]
+    if argv:
+        found = shutil.which(argv[0], path=search_path)
+        if found:
+            candidates.append(found)
+    candidates += [d for d in (search_path or "").split(os.pathsep) if os.path.isabs(d)]
+    tops: set[Path] = set()
+    for name in candidates:
+        for path in {Path(os.path.abspath(name)), Path(os.path.realpath(name))}:
+            if path.exists() and path.is_relative_to(mount) and len(path.parts) > len(mount.parts):
+                tops.add(mount / path.parts[len(mount.parts)])
+    return tops

@@ -76,7 +76,7 @@ class ChangeFeed:
         """Listen for changes made by other processes (needs a running asyncio loop)."""
         import asyncio
 
-        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        self.dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         _private_dir(self.dir)
         path = self.dir / f"{os.getpid()}-{os.urandom(4).hex()}.sock"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

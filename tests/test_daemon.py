@@ -371,3 +371,21 @@ async def test_a_full_log_disk_fails_the_turn_and_the_daemon_serves_on(tmp_path:
         ok = await call(client, "spawn-task", {"prompt": "say room again"})
         after = await call(client, "wait-task", {"task_ids": ok["task_id"], "timeout_s": 30})
         assert after["tasks"][0]["status"] == "completed"
+
+
+def test_a_daemon_directory_of_ours_left_open_is_narrowed_and_a_writable_one_refused(tmp_path: Path) -> None:
+    from worker_server.daemon import DaemonDirectoryError, private_dir
+
+    # The shared /tmp parent an older taskwarden (or the wake-up bus) made 0755.
+    parent = tmp_path / "taskwarden-open"
+    parent.mkdir()
+    parent.chmod(0o755)
+    private_dir(parent / "db.daemon")
+    assert parent.stat().st_mode & 0o777 == 0o700
+    assert (parent / "db.daemon").stat().st_mode & 0o777 == 0o700
+    # One that others could have written into is never trusted.
+    writable = tmp_path / "taskwarden-writable"
+    writable.mkdir()
+    writable.chmod(0o777)
+    with pytest.raises(DaemonDirectoryError):
+        private_dir(writable / "db.daemon")

@@ -57,8 +57,12 @@ def private_dir(path: Path) -> None:
     for directory in dirs:
         directory.mkdir(exist_ok=True, mode=0o700)
         info = directory.stat()
-        if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
             raise DaemonDirectoryError(f"{directory} must belong to this user with mode 0700")
+        if info.st_mode & 0o077:
+            # Ours and nobody else could write in it (an older taskwarden made
+            # the shared /tmp parent 0755): narrowing it is safe.
+            directory.chmod(0o700)
 
 
 def take_lock(directory: Path) -> int | None:

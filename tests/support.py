@@ -164,14 +164,19 @@ async def stdio_client(ws: Workspace, *extra: str, **client_kwargs: Any) -> Asyn
 
 
 def server_process(ws: Workspace) -> psutil.Process:
-    """The daemon serving this workspace's database (``serve`` relays to it)."""
-    db = str(ws.db.resolve())
+    """The daemon serving this workspace's database (``serve`` relays to it; ``serve --http``
+    is the daemon itself)."""
+    db, config = str(ws.db.resolve()), str(ws.config)
     for proc in psutil.process_iter():
         try:
             cmd = proc.cmdline()
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
         except psutil.Error:
             continue
-        if "daemon" in cmd and "run" in cmd and db in cmd and proc.status() != psutil.STATUS_ZOMBIE:
+        if "daemon" in cmd and "run" in cmd and db in cmd:
+            return proc
+        if "serve" in cmd and "--http" in cmd and config in cmd:
             return proc
     raise AssertionError("no daemon process found")
 

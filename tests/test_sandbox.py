@@ -361,3 +361,22 @@ async def test_a_worker_installed_under_tmp_still_runs_and_its_files_stay_read_o
         assert not Path(f"{agent}.written").exists()
     finally:
         subprocess.run(["rm", "-rf", str(install)], check=False)
+
+
+def test_only_the_program_and_the_files_it_names_stay_visible_behind_the_scratch(tmp_path: Path) -> None:
+    # tmp_path lies under /tmp, which the scratch covers inside the sandbox.
+    install = tmp_path / "clone" / "fixtures"
+    install.mkdir(parents=True)
+    script = install / "worker.py"
+    script.write_text("print('hi')\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    sandbox = Sandbox(backend="bwrap", executable="/usr/bin/bwrap", uid=1000)
+    top = Path("/tmp") / tmp_path.relative_to("/tmp").parts[0]
+    argv = sandbox.wrap(["python3", str(script)], cwd=work, scratch=tmp_path / "scratch", search_path="/usr/bin")
+    assert argv[argv.index(str(top)) - 1] == "--ro-bind", "the script's top stays visible, read-only"
+    # A directory argument (here the cwd, as Codex's `-C` names it) exposes nothing: the
+    # host's view of /tmp would show other turns' scratch and confuse Codex's own sandbox.
+    argv = sandbox.wrap(["codex", "-C", str(work)], cwd=work, scratch=tmp_path / "scratch", search_path="/usr/bin")
+    assert str(top) not in argv
+    assert argv[argv.index(str(work)) - 1] == "--bind"

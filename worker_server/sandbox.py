@@ -276,9 +276,13 @@ _VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 
 def _under_scratch(argv: Sequence[str], search_path: str | None) -> set[Path]:
     """The top directories under the scratch mount that hold the turn's program, the
-    files its command line names, or its ``$PATH`` entries (both as named and resolved)."""
+    files its command line names, or its ``$PATH`` entries (both as named and resolved).
+
+    Only files count among the arguments: a directory named there is the turn's cwd
+    or its like, and exposing its top would also show the host's view of the scratch
+    beside it (Codex's own sandbox then tries to mount into that read-only copy)."""
     mount = Path(SCRATCH_MOUNT)
-    candidates: list[str] = [a for a in argv if os.path.isabs(a)]
+    candidates: list[str] = [a for a in argv if os.path.isabs(a) and os.path.isfile(a)]
     if argv:
         found = shutil.which(argv[0], path=search_path)
         if found:

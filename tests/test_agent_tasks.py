@@ -533,7 +533,7 @@ async def test_waiting_on_many_tasks_keeps_the_result_small(ws: Workspace) -> No
         ids = [(await call(client, "spawn-task", {"prompt": f"say {i} {long_line}"}))["task_id"] for i in range(20)]
         result = await client.call_tool("wait-task", {"task_ids": ids, "mode": "all", "timeout_s": 50})
     tasks = result.structured_content["tasks"]
-    assert [t["status"] for t in tasks] == ["completed"] * 20
+    assert [t["status"] for t in tasks] == ["completed"] * 20, [t.get("status_message") for t in tasks]
     assert all(t["output"]["truncated"] for t in tasks)
     assert len(text_of(result).encode()) < 48 * 1024
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import subprocess
 import sys
@@ -43,6 +44,13 @@ tools:
         reason: "Cancelling needs a human"
         approval: {wait_s: 0, expires_s: 600}
 """
+
+
+def python_on_path() -> dict[str, str]:
+    """Server environment with this interpreter's directory on ``$PATH``: a turn reaches
+    the programs on its PATH even when they live under /tmp (a clone there, as in CI),
+    which the turn's scratch otherwise covers."""
+    return {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
 def cli_in_turn(ws: Workspace, *args: str) -> str:
@@ -93,7 +101,7 @@ async def test_a_turn_cannot_read_or_write_the_database_but_writes_its_cwd(tmp_p
 async def test_a_turn_cannot_approve_its_own_held_call_and_the_approval_stays_pending(tmp_path: Path) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text(HELD_CANCEL)
-    ws = Workspace(tmp_path, policy=policy)
+    ws = Workspace(tmp_path, policy=policy, env=python_on_path())
     async with stdio_client(ws) as client:
         victim = await call(client, "spawn-task", {"prompt": "sleep 120"})
         held = (await call_error(client, "cancel-task", {"task_id": victim["task_id"]})).structured_content
@@ -265,7 +273,7 @@ async def test_an_inbox_decision_sent_from_inside_a_turn_is_refused(tmp_path: Pa
 
     policy = tmp_path / "policy.yaml"
     policy.write_text(HELD_CANCEL)
-    ws = Workspace(tmp_path, policy=policy)
+    ws = Workspace(tmp_path, policy=policy, env=python_on_path())
     async with http_server(ws, "--allow-anonymous") as base:
         async with Client(f"{base}/mcp") as client, signed_in_client(ws, base) as http:
             victim = await call(client, "spawn-task", {"prompt": "sleep 120"})

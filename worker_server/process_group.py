@@ -17,6 +17,7 @@ import ctypes
 import logging
 import os
 import signal
+import time
 from collections.abc import Set as AbstractSet
 from collections.abc import Collection
 
@@ -26,11 +27,15 @@ import psutil
 logger = logging.getLogger(__name__)
 
 MARKER_ENV = "TASKWARDEN_TASK_ID"
+#: Set on the daemon's own helpers (git): children of ours, but never a turn's escapees.
+HELPER_ENV = "TASKWARDEN_HELPER"
 
 #: How long a worker gets between SIGTERM and SIGKILL.
 GRACE_S = 5.0
 
 _PR_SET_CHILD_SUBREAPER = 36
+#: Looks, 5 ms apart, for a child between fork and exec to finish exec'ing.
+_EXEC_LOOKS = 40
 _subreaper = False
 #: Children of ours seen as zombies in the last sweep (see reap_adopted).
 _zombies: set[int] = set()
@@ -143,10 +148,27 @@ def _adopted(proc: psutil.Process, me: int, task_id: str, spare: Collection[int]
     try:
         if proc.ppid() != me or proc.pid in spare:
             return False
-        other = proc.environ().get(MARKER_ENV)
+        cmdline, environ = _after_exec(proc)
+        if HELPER_ENV in environ or cmdline == psutil.Process(me).cmdline():
+            return False
     except (psutil.Error, OSError):
         return False
+    other = environ.get(MARKER_ENV)
     return other is None or other == task_id
+
+
+def _after_exec(proc: psutil.Process) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of a child of ours, read once it has exec'd.
+
+    A child we are starting right now (another turn's worker, a git helper) is
+    caught between fork and exec with an empty command line and environment,
+    which would pass for an escapee that cleared its environment."""
+    for _ in range(_EXEC_LOOKS):
+        cmdline = proc.cmdline()
+        if cmdline:
+            return cmdline, proc.environ()
+        time.sleep(0.005)
+    return proc.cmdline(), proc.environ()
 
 
 def _live_descendants(proc: psutil.Process) -> list[psutil.Process]:
@@ -169,6 +191,13 @@ def _started_after(proc: psutil.Process, when: float) -> bool:
         return proc.create_time() >= when - 1.0  # create_time has clock-tick resolution
     except psutil.Error:
         return False
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"{proc.pid} {proc.name()}"
+    except psutil.Error:
+        return str(proc.pid)
 
 
 def _signal_all(
@@ -220,7 +249,7 @@ async def terminate(
     procs, group = await anyio.to_thread.run_sync(lambda: task_processes(task_id, pgid, **how))
     if not procs:
         return False
-    logger.info("stopping task %s: %d process(es)", task_id, len(procs))
+    logger.info("stopping task %s: %d process(es): %s", task_id, len(procs), ", ".join(_describe(p) for p in procs))
     _signal_all(procs, pgid, group, signal.SIGTERM, spare_gentle)
     remaining = await _wait_gone(task_id, pgid, grace_s, **how)
     if remaining:

@@ -138,15 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
     humans = sub.add_parser("humans", help="people who work in the inbox").add_subparsers(
         dest="humans_command", required=True, metavar="ACTION"
     )
-    h_add = humans.add_parser("add", help="add a person and print a one-time sign-in link")
+    h_add = humans.add_parser("add", help="add (or update) a person and print a one-time sign-in link")
     _common(h_add)
     h_add.add_argument("name", metavar="NAME")
     h_add.add_argument("--url", help="the inbox's address (default: inbox_url from the config)")
+    h_add.add_argument("--role", choices=("worker", "approver", "admin"),
+                       help="worker: claims tasks; approver: also decides approvals; admin: also manages people "
+                            "(default for a new person: worker)")
+    h_add.add_argument("--email", metavar="ADDR", help="send this person's notifications here")
+    h_add.add_argument("--webhook", metavar="URL", help="POST this person's notifications here (Slack-compatible)")
+    h_add.add_argument("--webhook-secret", metavar="SECRET",
+                       help="the key of the X-Taskwarden-Signature HMAC (default: a new random one, printed)")
+    h_add.add_argument("--as", dest="as_name", metavar="NAME", help="who you are (default: the OS user)")
     h_list = humans.add_parser("list", help="list people")
     _common(h_list)
     h_rm = humans.add_parser("remove", help="remove a person (signs them out)")
     _common(h_rm)
     h_rm.add_argument("name", metavar="NAME")
+    h_rm.add_argument("--as", dest="as_name", metavar="NAME", help="who you are (default: the OS user)")
     h_inbox = humans.add_parser("inbox", help="what needs a person, in the terminal")
     _common(h_inbox)
 
@@ -302,10 +311,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         db = _settings(args).db_path
         if args.approvals_command == "list":
             return _run(lambda: commands.approvals_list(db, args.json, sys.stdout))
+        from worker_server.inbox.accounts import role_of
+
         who = args.as_name or getpass.getuser()
         if args.approvals_command == "approve":
-            return _run(lambda: commands.approvals_approve(db, args.approval_id, who, args.comment, sys.stdout))
-        return _run(lambda: commands.approvals_deny(db, args.approval_id, args.reason, sys.stdout, by=who))
+            return _run(lambda: commands.approvals_approve(
+                db, args.approval_id, who, args.comment, sys.stdout, role_of=role_of))
+        return _run(lambda: commands.approvals_deny(
+            db, args.approval_id, args.reason, sys.stdout, by=who, role_of=role_of))
     if args.command == "policy":
         if args.policy_command == "check":
             return policy_cli.check(args.file)
@@ -497,25 +510,43 @@ async def _tasks(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _humans(args: argparse.Namespace, settings: Settings) -> int:
-    from worker_server.inbox.accounts import Accounts, InvalidName
+    from worker_server.inbox.accounts import Accounts, InvalidChannel, InvalidName
     from worker_server.server import open_app
 
     async with open_app(settings, run_workers=False, background=False) as app:
         accounts = Accounts(app.db, app.store.clock)
+        if args.humans_command in ("add", "remove"):
+            # Admins manage people; a name that is nobody's is the operator at the terminal.
+            me = args.as_name or getpass.getuser()
+            my_role = await accounts.role_of(me)
+            if my_role is not None and my_role != "admin":
+                print(f"taskwarden: {me} is a(n) {my_role}; only an admin (or the operator) manages people",
+                      file=sys.stderr)  # fmt: skip
+                return 1
         if args.humans_command == "add":
             try:
-                link = await accounts.add(args.name, base_url=args.url or settings.inbox_url)
-            except InvalidName as exc:
+                link = await accounts.add(
+                    args.name, base_url=args.url or settings.inbox_url, role=args.role, email=args.email,
+                    webhook=args.webhook, webhook_secret=args.webhook_secret,
+                )
+            except (InvalidName, InvalidChannel) as exc:
                 print(f"taskwarden: {exc}", file=sys.stderr)
                 return 2
-            print(f"Sign-in link for {args.name.strip()} (works once, for 7 days):\n{link}")
+            person = await accounts.person(args.name)
+            assert person is not None
+            print(f"Sign-in link for {person.name} ({person.role}; works once, for 7 days):\n{link}")
+            if args.webhook:
+                print(f"Webhook {person.webhook}: requests carry X-Taskwarden-Signature: sha256=HMAC-SHA256 "
+                      f"of the body with this secret:\n{person.webhook_secret}")  # fmt: skip
             return 0
         if args.humans_command == "list":
             people = await accounts.list()
             if not people:
                 print("No people yet; add one with: taskwarden humans add NAME")
             for human in people:
-                print(f"{human.name}\tadded {human.created_at}\t{'signed in' if human.signed_in else 'not signed in'}")
+                channels = ", ".join(x for x in (human.email, human.webhook and "webhook") if x) or "no channels"
+                print(f"{human.name}\tadded {human.created_at}\t"
+                      f"{'signed in' if human.signed_in else 'not signed in'}\t{human.role}\t{channels}")  # fmt: skip
             return 0
         if args.humans_command == "remove":
             if await accounts.remove(args.name):

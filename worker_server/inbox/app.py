@@ -45,7 +45,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp
 
-from guard.approvals import ApprovalError, ApprovalNotFound, ReasonRequired
+from guard.approvals import ApprovalError, ApprovalNotFound, NotAnApprover, ReasonRequired
 from worker_server.inbox import views
 from worker_server.inbox.accounts import SESSION_TTL_S, Accounts, LinkState
 from worker_server.inbox.rendering import pretty_json, render
@@ -196,7 +196,8 @@ class Inbox:
 
     @signed_in
     async def inbox(self, request: Request) -> Response:
-        page = await views.inbox_page(self.app, request.state.human, request.query_params.get("tab", ""))
+        role = await self.accounts.role_of(request.state.human) or "worker"
+        page = await views.inbox_page(self.app, request.state.human, request.query_params.get("tab", ""), role)
         return self.page(request, "inbox.html", page=page, tabs=views.TABS)
 
     @signed_in
@@ -252,7 +253,9 @@ class Inbox:
         self, request: Request, status: int = 200, error: str | None = None, drafts: dict[str, str] | None = None
     ) -> Response:
         approval = await self.app.guard.approvals.get(request.path_params["approval_id"])
-        if approval is None:
+        role = await self.accounts.role_of(request.state.human) or "worker"
+        # Someone who may not decide it does not see it either: it does not exist for them.
+        if approval is None or not approval.may_decide(request.state.human, role):
             return self.error(request, 404, "No such approval", "There is no approval with this id.")
         now = self.app.store.clock.now()
         return self.page(
@@ -261,6 +264,7 @@ class Inbox:
             status,
             approval=approval,
             status_now=approval.status_at(now).value,
+            decisions=await self.app.guard.approvals.decisions(approval.id),
             error=error,
             drafts=drafts or {},
         )
@@ -280,8 +284,13 @@ class Inbox:
         if turn is not None:
             logger.warning("approval %s: a decision from inside the turn of %s was refused", approval_id, turn)
             return self.error(request, 403, "Refused", _sentence(refusal(turn)))
+        role = await self.accounts.role_of(request.state.human) or "worker"
         try:
-            await self.app.guard.approvals.decide(approval_id, decision == "approve", by=request.state.human, note=note)
+            await self.app.guard.approvals.decide(
+                approval_id, decision == "approve", by=request.state.human, note=note, channel="inbox", role=role
+            )
+        except NotAnApprover:
+            return self.error(request, 404, "No such approval", "There is no approval with this id.")
         except ReasonRequired:
             return await self._approval_response(
                 request, 400, error="A reason is required to deny: the agent is shown it.", drafts={"reason": note}

@@ -195,6 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     p_scan.add_argument("upstream_command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
                         help="the MCP server to start")
 
+    notify = sub.add_parser("notify", help="notifications: test a person's channels, list what was sent").add_subparsers(
+        dest="notify_command", required=True, metavar="ACTION"
+    )
+    n_test = notify.add_parser("test", help="send a test notification on each of a person's channels")
+    _common(n_test)
+    n_test.add_argument("name", metavar="NAME")
+    n_list = notify.add_parser("list", help="notifications, newest first: sent, pending, failed")
+    _common(n_list)
+    n_list.add_argument("--failed", action="store_true", help="only those that gave up after every retry")
+    n_list.add_argument("--json", action="store_true", help="print JSON")
+    n_list.add_argument("--limit", type=int, default=50)
+
     budgets = sub.add_parser("budgets", help="each spend budget's use per scope key and window")
     _common(budgets)
     budgets.add_argument("--json", action="store_true", help="one JSON object per budget key")
@@ -249,6 +261,8 @@ PERSON_ONLY = {
     ("approvals", "approve"), ("approvals", "deny"),
     ("humans", "add"), ("humans", "remove"),
     ("tasks", "claim"), ("tasks", "release"), ("tasks", "reply"), ("tasks", "ask"), ("tasks", "handin"),
+    # Channels carry secrets and decision links: nothing a worker may read or send.
+    ("notify", "test"), ("notify", "list"),
 }  # fmt: skip
 EXIT_INSIDE_TURN = 3
 
@@ -307,6 +321,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _run(lambda: _tasks(args, _settings(args)))
     if args.command == "humans":
         return _run(lambda: _humans(args, _settings(args)))
+    if args.command == "notify":
+        return _run(lambda: _notify(args, _settings(args)))
     if args.command == "approvals":
         db = _settings(args).db_path
         if args.approvals_command == "list":
@@ -562,6 +578,65 @@ async def _humans(args: argparse.Namespace, settings: Settings) -> int:
         for line in items:
             print(line)
         return 0
+
+
+async def _notify(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+
+    from guard.clock import iso
+    from worker_server.notify.channels import DeliveryError
+    from worker_server.notify.outbox import Notification, Status
+    from worker_server.server import open_app
+
+    async with open_app(settings, run_workers=False, background=False) as app:
+        deliverer = app.deliverer
+        if args.notify_command == "list":
+            if not 1 <= args.limit <= 1000:
+                print("taskwarden: --limit: must be 1..1000", file=sys.stderr)
+                return 2
+            items = await deliverer.outbox.list(failed_only=args.failed, limit=args.limit)
+            if args.json:
+                print(json.dumps([n.to_dict() for n in items], ensure_ascii=False, indent=2))
+                return 0
+            if not items:
+                print("No failed notifications." if args.failed else "No notifications yet.")
+            for n in items:
+                when = iso(n.sent_at) if n.status is Status.SENT else f"next {iso(n.next_at)}"
+                if n.status is Status.FAILED:
+                    when = "gave up"
+                error = f"  last error: {n.last_error}" if n.last_error and n.status is not Status.SENT else ""
+                print(f"{n.id}  {n.status.value:<7}  {n.kind:<19} {n.recipient} by {n.channel} ({n.target})  "
+                      f"attempts {n.attempts}, {when}{error}")  # fmt: skip
+            return 0
+        from worker_server.inbox.accounts import Accounts
+
+        person = await Accounts(app.db, app.store.clock).person(args.name)
+        if person is None:
+            print(f"taskwarden: no person named {args.name!r}", file=sys.stderr)
+            return 1
+        channels = [(c, t) for c, t in (("email", person.email), ("webhook", person.webhook)) if t]
+        if not channels:
+            print(f"{person.name} has no channels; add one with: taskwarden humans add {person.name} "
+                  "--email ADDR or --webhook URL", file=sys.stderr)  # fmt: skip
+            return 1
+        now = app.store.clock.now()
+        failed = 0
+        for channel, target in channels:
+            test = Notification(
+                id="ntf_test", event_key="test", kind="test", recipient=person.name, channel=channel, target=target,
+                payload={"title": "taskwarden test notification", "recipient": person.name,
+                         "text": f"This is a test for {person.name}; nothing needs doing.",
+                         "link": settings.inbox_url.rstrip("/") + "/"},
+                status=Status.PENDING, attempts=0, next_at=now, last_error=None, created_at=now, sent_at=None,
+            )  # fmt: skip
+            try:
+                await deliverer.send(test, person.webhook_secret if channel == "webhook" else None)
+            except DeliveryError as exc:
+                failed += 1
+                print(f"{channel} {target}: failed: {exc}")
+            else:
+                print(f"{channel} {target}: sent")
+        return 1 if failed else 0
 
 
 def _print_task_table(tasks: Sequence[Any]) -> None:

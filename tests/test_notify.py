@@ -122,3 +122,72 @@ async def test_a_delivery_that_keeps_failing_ends_failed_and_notify_list_shows_i
             assert hook.received[0].json["event"] == "test"
     finally:
         stop_server(server)
+
+
+def events_for(hook: WebhookReceiver, recipient: str) -> list[str]:
+    return [r.json["event"] for r in hook.received if r.json["recipient"] == recipient]
+
+
+async def test_a_claimer_hears_of_answers_requested_changes_a_cancel_and_an_expiry(tmp_path: Path) -> None:
+    port = free_port()
+    ws = notify_workspace(tmp_path, port, FIXTURES / "policies" / "allow-all.yaml")
+    with WebhookReceiver() as hook:
+        ws.cli("humans", "add", "bob", "--webhook", hook.url)
+        server = start_server(ws, port, "server.log")
+        try:
+            await wait_for_port(port, server)
+            async with StrictClient(f"http://127.0.0.1:{port}/mcp") as agent:
+                task = await call(agent, "spawn-task", {"prompt": "Pick a logo", "worker": "human", "title": "Logo"})
+                tid = task["task_id"]
+                ws.cli("tasks", "claim", tid, "--as", "bob")
+                ws.cli("tasks", "ask", tid, "Blue or green?", "--as", "bob")
+                await call(agent, "send-task-message", {"task_id": tid, "body": "Blue, please."})
+                await eventually(lambda: "question_answered" in events_for(hook, "bob"), what="the answer")
+                ws.cli("tasks", "handin", tid, "Green logo attached", "--as", "bob")
+                await call(agent, "review-task", {"task_id": tid, "decision": "request_changes",
+                                                  "feedback": "I said blue"})
+                await eventually(lambda: "changes_requested" in events_for(hook, "bob"), what="the changes")
+                await call(agent, "cancel-task", {"task_id": tid, "reason": "we keep the old logo"})
+                await eventually(lambda: "claimed_task_ended" in events_for(hook, "bob"), what="the cancel")
+
+                short = await call(agent, "spawn-task", {"prompt": "Quick one", "worker": "human", "timeout_s": 20})
+                ws.cli("tasks", "claim", short["task_id"], "--as", "bob")
+                await eventually(lambda: events_for(hook, "bob").count("claimed_task_ended") == 2,
+                                 timeout=90, what="the expiry")  # fmt: skip
+            by_event = {r.json["event"]: r.json for r in hook.received if r.json["task_id"] == tid}
+            assert "Blue, please." in by_event["question_answered"]["text"]
+            assert "I said blue" in by_event["changes_requested"]["text"]
+            assert by_event["claimed_task_ended"]["title"].startswith("A task you claimed was cancelled")
+            assert by_event["task_posted"]["link"] == f"http://127.0.0.1:{port}/inbox/tasks/{tid}"
+            expired = [r.json for r in hook.received if r.json["task_id"] == short["task_id"]]
+            assert "ended (expired)" in expired[-1]["title"]
+        finally:
+            stop_server(server)
+
+
+async def test_an_undecided_approval_warns_before_it_expires_and_escalates(tmp_path: Path) -> None:
+    port = free_port()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "version: '1'\ndefault: allow\ntools:\n  cancel-task:\n    rules:\n      - action: require_approval\n"
+        "        approval: {expires_s: 30, wait_s: 0, escalate_after_s: 1, escalate_to: [admin]}\n"
+    )
+    ws = notify_workspace(tmp_path, port, policy, expiring_warn_s=29)
+    with WebhookReceiver() as hook:
+        ws.cli("humans", "add", "ann", "--role", "approver", "--webhook", hook.url)
+        ws.cli("humans", "add", "ada", "--role", "admin", "--webhook", hook.url)
+        server = start_server(ws, port, "server.log")
+        try:
+            await wait_for_port(port, server)
+            async with StrictClient(f"http://127.0.0.1:{port}/mcp") as agent:
+                task = await call(agent, "spawn-task", {"prompt": "x", "worker": "human"})
+                await call_error(agent, "cancel-task", {"task_id": task["task_id"]})
+            await eventually(lambda: "approval_escalated" in events_for(hook, "ada"), what="the escalation")
+            await eventually(lambda: "approval_expiring" in events_for(hook, "ann"), what="the warning")
+            assert "approval_escalated" not in events_for(hook, "ann")
+            assert sorted(set(events_for(hook, "ann"))) == ["approval_expiring", "approval_pending", "task_posted"]
+            # Each event once per person, however often the daemon looked.
+            assert events_for(hook, "ada").count("approval_escalated") == 1
+            assert events_for(hook, "ann").count("approval_expiring") == 1
+        finally:
+            stop_server(server)

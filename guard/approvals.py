@@ -26,6 +26,7 @@ import json
 import logging
 import secrets
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -462,7 +463,7 @@ class Approvals:
         *,
         channel: str = "cli",
         role: str | None = None,
-        check: Any = None,
+        check: Callable[[sqlite3.Connection], None] | None = None,
     ) -> Approval:
         """Record ``by``'s approval or denial of a pending approval.
 

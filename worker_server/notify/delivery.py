@@ -51,6 +51,7 @@ class Deliverer:
         self.settings = settings
         self.feed = feed
         self.clock = clock
+        self._timed_queued: set[str] = set()
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -77,9 +78,15 @@ class Deliverer:
         pending: list[Approval] = [
             a for a in await self.approvals.list(ApprovalStatus.PENDING) if a.expires_at > now
         ]
-        if not pending:
-            return None
-        return await self.outbox.db.write(lambda c: self.notices.timed(c, pending))
+        due, upcoming = self.notices.due_timed(pending)
+        live = {a.id for a in pending}  # forget approvals that are no longer pending
+        self._timed_queued = {key for key in self._timed_queued if key.split(":", 1)[1] in live}
+        # Each is queued once (the outbox's unique key); skip the write for those this process queued.
+        due = [(key, a) for key, a in due if key not in self._timed_queued]
+        if due:
+            await self.outbox.db.write(lambda c: self.notices.queue_timed(c, due))
+            self._timed_queued.update(key for key, _ in due)
+        return upcoming
 
     def decide_link(self, n: Notification) -> str | None:
         """A signed one-click link for an approver's own notification (never for a team channel)."""

@@ -121,34 +121,44 @@ class Notices:
             f"Needs {approval.who_decides}; expires {iso(approval.expires_at)}.",
         ))  # fmt: skip
 
-    def timed(self, c: sqlite3.Connection, pending: list[Approval]) -> float | None:
-        """Queue the expiring-soon and escalation notices that are due; when the next one is."""
+    def due_timed(self, pending: list[Approval]) -> tuple[list[tuple[str, Approval]], float | None]:
+        """The expiring-soon and escalation notices due now (as (event key, approval)), and
+        when the next one falls due. Reads nothing: the caller queues them with ``queue_timed``."""
         now = self.clock.now()
         warn = self.settings.notify.expiring_warn_s
+        due: list[tuple[str, Approval]] = []
         upcoming: list[float] = []
-        everyone = people(c)
         for a in pending:
             if a.expires_at <= now:
                 continue
             if a.expires_at - warn <= now:
+                due.append((f"approval_expiring:{a.id}", a))
+            else:
+                upcoming.append(a.expires_at - warn)
+            if a.escalate_after_s is not None and a.escalate_to:
+                at = a.created_at + a.escalate_after_s
+                if at <= now:
+                    due.append((f"approval_escalated:{a.id}", a))
+                else:
+                    upcoming.append(at)
+        return due, (min(upcoming) if upcoming else None)
+
+    def queue_timed(self, c: sqlite3.Connection, due: list[tuple[str, Approval]]) -> None:
+        """Queue notices from ``due_timed`` in the caller's transaction (each once: see ``enqueue``)."""
+        everyone = people(c)
+        for key, a in due:
+            if key.startswith("approval_expiring:"):
                 deciders = [p for p in everyone if a.may_decide(p.name, p.role)]
-                self._queue(c, f"approval_expiring:{a.id}", "approval_expiring", deciders, self._approval_payload(
+                self._queue(c, key, "approval_expiring", deciders, self._approval_payload(
                     a, f"Approval expires soon: {a.tool} (asked by {a.identity})",
                     f"Nobody has decided yet; it expires {iso(a.expires_at)} and the call is then refused.",
                 ))  # fmt: skip
             else:
-                upcoming.append(a.expires_at - warn)
-            if a.escalate_after_s is not None and a.escalate_to:
-                due = a.created_at + a.escalate_after_s
-                if due <= now:
-                    group = [p for p in everyone if _in_group(a.escalate_to, p)]
-                    self._queue(c, f"approval_escalated:{a.id}", "approval_escalated", group, self._approval_payload(
-                        a, f"Escalated: approval needed for {a.tool} (asked by {a.identity})",
-                        f"Nobody decided within {a.escalate_after_s:g} s. {a.reason or ''}".strip(),
-                    ))  # fmt: skip
-                else:
-                    upcoming.append(due)
-        return min(upcoming) if upcoming else None
+                group = [p for p in everyone if _in_group(a.escalate_to, p)]
+                self._queue(c, key, "approval_escalated", group, self._approval_payload(
+                    a, f"Escalated: approval needed for {a.tool} (asked by {a.identity})",
+                    f"Nobody decided within {a.escalate_after_s:g} s. {a.reason or ''}".strip(),
+                ))  # fmt: skip
 
 
 def _in_group(entries: tuple[str, ...], person: Person) -> bool:

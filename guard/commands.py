@@ -75,7 +75,9 @@ async def approvals_list(
         await approvals.expire_due()
         items = await approvals.list()
         if as_json:
-            out.write(json.dumps([a.to_dict() for a in items], ensure_ascii=False, indent=2) + "\n")
+            rows = [{**a.to_dict(), "decisions": [d.to_dict() for d in await approvals.decisions(a.id)]}
+                    for a in items]  # fmt: skip
+            out.write(json.dumps(rows, ensure_ascii=False, indent=2) + "\n")
             return EXIT_OK
         if not items:
             out.write("no approvals\n")

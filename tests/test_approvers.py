@@ -67,6 +67,8 @@ async def test_quorum_two_of_three_and_one_denial_denies(tmp_path: Path) -> None
             assert done["cancelled"] == [first["task_id"]]
             record = next(a for a in json.loads(ws.cli("approvals", "list", "--json").stdout) if a["id"] == approval_id)
             assert record["decided_by"] == "ann, bob" and record["approvals_so_far"] == 2
+            assert [(d["by"], d["decision"], d["channel"], d["comment"]) for d in record["decisions"]] == [
+                ("ann", "approve", "cli", "ok by me"), ("bob", "approve", "cli", None)]
 
             held2 = await call_error(client, "cancel-task", {"task_id": second["task_id"]})
             other = held2.structured_content["approval"]["id"]
@@ -75,3 +77,39 @@ async def test_quorum_two_of_three_and_one_denial_denies(tmp_path: Path) -> None
             answer = await call_error(client, "cancel-task", {"task_id": second["task_id"]})
             assert answer.structured_content["error"] == "approval_denied"
             assert "still needed" in answer.structured_content["reason"]
+
+
+def test_only_admins_or_the_operator_manage_people(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    ws.cli("humans", "add", "ada", "--role", "admin")  # the operator (a name that is nobody's)
+    ws.cli("humans", "add", "wes")
+    refused = ws.cli("humans", "add", "eve", "--role", "admin", "--as", "wes", check=False)
+    assert refused.returncode == 1 and "only an admin" in refused.stderr
+    assert ws.cli("humans", "remove", "ada", "--as", "wes", check=False).returncode == 1
+    made = ws.cli("humans", "add", "eve", "--role", "approver", "--as", "ada").stdout
+    assert "Sign-in link for eve (approver;" in made
+    roles = {line.split("\t")[0]: line.split("\t")[3] for line in ws.cli("humans", "list").stdout.splitlines()}
+    assert roles == {"ada": "admin", "eve": "approver", "wes": "worker"}
+    bad = ws.cli("humans", "add", "x", "--email", "not-an-address", check=False)
+    assert bad.returncode == 2 and "--email" in bad.stderr
+
+
+async def test_people_added_before_roles_become_approvers(tmp_path: Path) -> None:
+    """The upgrade keeps what existing people could do: decide approvals."""
+    import sqlite3
+
+    from guard.database import Database
+    from worker_server.inbox.accounts import STEPS, Accounts
+
+    path = tmp_path / "old.db"
+    db = await Database.open(path)
+    await db.migrate_component("inbox", STEPS[:1])  # the schema before roles
+    await db.write(lambda c: c.execute("INSERT INTO inbox_humans (name, created_at) VALUES ('old', 0)"))
+    from guard.clock import SystemClock
+
+    accounts = Accounts(db, SystemClock())
+    assert await accounts.role_of("old") == "approver"
+    await accounts.add("new", "http://x/inbox")
+    assert await accounts.role_of("new") == "worker"
+    await db.close()
+    assert sqlite3.connect(path).execute("SELECT version FROM schema_versions WHERE component = 'inbox'").fetchone()[0] == 2

@@ -9,7 +9,10 @@ approves nothing else. Its life::
        └──expires_at passes────▶ expired ──acknowledge──▶ (used_at set)
 
 ``expires_at`` bounds the whole approval: a pending one can no longer be
-decided, an approved one no longer used. ``used_at`` means "spent": the call
+decided, an approved one no longer used. Who may decide, and how many must agree, comes from the rule
+(``guard.approvers``): an approval stays pending until ``quorum`` distinct
+eligible people approved it; one denial denies. Every decision is recorded
+(``decisions``: who, when, the channel, the comment). ``used_at`` means "spent": the call
 ran (approved), or its caller was told the answer (denied, expired) — after
 which the next identical call opens a new approval. Only ``decide`` changes
 the answer, and only the CLI and the inbox call it; no MCP tool can.
@@ -23,13 +26,16 @@ import json
 import logging
 import secrets
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from guard.changes import ChangeFeed, notify_others
 from guard.clock import Clock, iso
 from guard.database import Database
+from guard.approvers import may_decide
 from guard.digests import Digester
+from guard.policy import ApprovalSettings
 from guard.redaction import redact_off_loop
 
 logger = logging.getLogger(__name__)
@@ -82,6 +88,22 @@ class ApprovalExpired(ApprovalError):
         self.approval = approval
 
 
+class NotAnApprover(ApprovalError):
+    """The person may not decide this approval (their role, or the rule's approvers)."""
+
+    def __init__(self, approval: Approval, name: str) -> None:
+        super().__init__(f"{name} may not decide {approval.id}: it needs {approval.who_decides}")
+        self.approval = approval
+
+
+class AlreadyDecided(ApprovalError):
+    """This person already approved; the approval waits for others (the quorum)."""
+
+    def __init__(self, approval: Approval, name: str) -> None:
+        super().__init__(f"{name} already approved {approval.id}; it waits for {approval.who_decides}")
+        self.approval = approval
+
+
 class ReasonRequired(ApprovalError, ValueError):
     def __init__(self) -> None:
         super().__init__("a reason is required to deny an approval")
@@ -104,6 +126,22 @@ class Approval:
     decided_by: str | None
     decision_note: str | None  # the approver's comment or the denier's reason
     used_at: float | None
+    approvers: tuple[str, ...] | None = None  # names or roles; None: any approver
+    quorum: int = 1
+    escalate_after_s: float | None = None
+    escalate_to: tuple[str, ...] = ()
+    approvals_so_far: int = 0  # distinct approvals recorded while pending
+
+    @property
+    def who_decides(self) -> str:
+        who = ", ".join(self.approvers) if self.approvers else "any approver"
+        if self.escalate_to:
+            who += " (or, after escalation, " + ", ".join(self.escalate_to) + ")"
+        return f"{self.quorum} approval(s) from {who}"
+
+    def may_decide(self, name: str, role: str | None) -> bool:
+        """Whether ``name`` with ``role`` (``None``: the operator) may decide it."""
+        return may_decide(self.approvers, self.escalate_to, name, role)
 
     @property
     def how_to_approve(self) -> str:
@@ -155,21 +193,54 @@ class Approval:
             "decided_by": self.decided_by,
             "decision_note": self.decision_note,
             "used_at": iso(self.used_at),
+            "approvers": list(self.approvers) if self.approvers else None,
+            "quorum": self.quorum,
+            "approvals_so_far": self.approvals_so_far,
+            "escalate_after_s": self.escalate_after_s,
+            "escalate_to": list(self.escalate_to),
             "digest": self.digest,
             "how_to_approve": self.how_to_approve,
         }
 
 
-_COLUMNS = (
+@dataclass(frozen=True)
+class DecisionRecord:
+    """One person's answer to an approval."""
+
+    approval_id: str
+    decided_by: str
+    decision: str  # approve | deny
+    channel: str  # cli | inbox | link | client
+    comment: str | None
+    decided_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"by": self.decided_by, "decision": self.decision, "channel": self.channel,
+                "comment": self.comment, "at": iso(self.decided_at)}  # fmt: skip
+
+
+_INSERT_COLUMNS = (
     "id, digest, status, tool, args, identity, session, rule_id, reason, created_at,"
-    " expires_at, decided_at, decided_by, decision_note, used_at"
+    " expires_at, decided_at, decided_by, decision_note, used_at, approvers, quorum, escalate_after_s, escalate_to"
+)
+# The count of approvals so far rides along with every read.
+_COLUMNS = (
+    _INSERT_COLUMNS
+    + ", (SELECT count(*) FROM guard_approval_decisions d WHERE d.approval_id = guard_approvals.id"
+    " AND d.decision = 'approve')"
 )
 
 
 def _row(row: sqlite3.Row | tuple[Any, ...]) -> Approval:
     (id_, digest, status, tool, args, identity, session, rule_id, reason, created_at,
-     expires_at, decided_at, decided_by, note, used_at) = tuple(row)  # fmt: skip
+     expires_at, decided_at, decided_by, note, used_at, approvers, quorum, escalate_after_s, escalate_to,
+     so_far) = tuple(row)  # fmt: skip
     return Approval(
+        approvers=tuple(json.loads(approvers)) if approvers else None,
+        quorum=quorum,
+        escalate_after_s=escalate_after_s,
+        escalate_to=tuple(json.loads(escalate_to)) if escalate_to else (),
+        approvals_so_far=so_far,
         id=id_,
         digest=digest,
         status=ApprovalStatus(status),
@@ -197,19 +268,33 @@ def _new_id() -> str:
     return "apr_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(10))
 
 
+class ApprovalEvents(Protocol):
+    """Told, inside the transaction that made it, that an approval opened (the
+    host queues its notifications there: they commit or roll back with it)."""
+
+    def opened(self, c: sqlite3.Connection, approval: Approval) -> None: ...
+
+
 class Approvals:
     """The approvals stored in ``db``; ``feed`` (if given) is told about every change.
 
     ``digester`` keys the call digests (default: the database's own key file).
+    ``events`` hears of every approval opened, in its transaction.
     """
 
     def __init__(
-        self, db: Database, clock: Clock, feed: ChangeFeed | None = None, digester: Digester | None = None
+        self,
+        db: Database,
+        clock: Clock,
+        feed: ChangeFeed | None = None,
+        digester: Digester | None = None,
+        events: ApprovalEvents | None = None,
     ) -> None:
         self._db = db
         self._clock = clock
         self._feed = feed
         self._digester = digester
+        self._events = events
 
     def digest(self, tool: str, args: Any, identity: str) -> str:
         """The digest an approval for this call is bound to (keyed: see ``guard.digests``)."""
@@ -276,8 +361,14 @@ class Approvals:
         rule_id: str | None,
         reason: str | None,
         expires_s: float,
+        settings: ApprovalSettings | None = None,
     ) -> Approval:
-        """The pending, unexpired approval for ``digest``, created if there is none."""
+        """The pending, unexpired approval for ``digest``, created if there is none.
+
+        ``settings`` (the rule's) say who may decide and how many must agree."""
+        settings = settings or ApprovalSettings()
+        approvers_json = json.dumps(list(settings.approvers)) if settings.approvers else None
+        escalate_json = json.dumps(list(settings.escalate_to)) if settings.escalate_to else None
         if expires_s <= 0:
             raise ValueError(f"expires_s must be > 0, not {expires_s}")
         # Redacted again: the inbox shows these, and redaction is idempotent.
@@ -301,15 +392,18 @@ class Approvals:
                 approval_id = _new_id()
                 try:
                     c.execute(
-                        f"INSERT INTO guard_approvals ({_COLUMNS}) VALUES"
-                        " (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL)",
+                        f"INSERT INTO guard_approvals ({_INSERT_COLUMNS}) VALUES"
+                        " (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, ?, ?, ?, ?)",
                         (approval_id, digest, tool, args_json, identity, session, rule_id,
-                         reason, now, now + expires_s),
+                         reason, now, now + expires_s, approvers_json, settings.quorum,
+                         settings.escalate_after_s, escalate_json),
                     )  # fmt: skip
                 except sqlite3.IntegrityError:  # pragma: no cover - 50 random bits collided
                     continue
                 created = _get(c, approval_id)
                 assert created is not None
+                if self._events is not None:
+                    self._events.opened(c, created)
                 return created, True
 
         approval, created = await self._db.write(tx)
@@ -349,20 +443,47 @@ class Approvals:
         )
         return changed == 1
 
-    async def decide(self, approval_id: str, approve: bool, by: str, note: str | None = None) -> Approval:
-        """Approve or deny a pending approval; the first answer wins.
+    async def decisions(self, approval_id: str) -> builtins.list[DecisionRecord]:
+        """Every decision recorded on an approval, oldest first."""
+        rows = await self._db.read(
+            lambda c: c.execute(
+                "SELECT approval_id, decided_by, decision, channel, comment, decided_at"
+                " FROM guard_approval_decisions WHERE approval_id = ? ORDER BY decided_at, decided_by",
+                (approval_id,),
+            ).fetchall()
+        )
+        return [DecisionRecord(*tuple(r)) for r in rows]
+
+    async def decide(
+        self,
+        approval_id: str,
+        approve: bool,
+        by: str,
+        note: str | None = None,
+        *,
+        channel: str = "cli",
+        role: str | None = None,
+        check: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> Approval:
+        """Record ``by``'s approval or denial of a pending approval.
+
+        A denial denies at once; approvals count until the rule's quorum is
+        met, which approves. ``role`` is the decider's role (``None``: the
+        operator, who may decide anything). ``check``, if given, runs in the
+        transaction first (a signed link spends itself there) and may raise.
 
         Raises ``ReasonRequired`` for a denial without a reason,
-        ``ApprovalNotFound``, ``ApprovalNotPending`` if it was already decided
-        or expired, and ``ApprovalExpired`` if its time ran out just now (it
-        is then marked expired).
+        ``ApprovalNotFound``, ``NotAnApprover``, ``AlreadyDecided`` (this
+        person approved already), ``ApprovalNotPending`` if it was already
+        decided or expired, and ``ApprovalExpired`` if its time ran out just
+        now (it is then marked expired).
         """
         note = note.strip() if note else None
         if not approve and not note:
             raise ReasonRequired()
         if not by or not by.strip():
             raise ValueError("the decider's name must not be empty")
-        status = ApprovalStatus.APPROVED if approve else ApprovalStatus.DENIED
+        by = by.strip()
 
         def tx(c: sqlite3.Connection) -> tuple[Approval | None, ApprovalError | None]:
             now = self._clock.now()
@@ -376,20 +497,49 @@ class Approvals:
                 expired = _get(c, approval_id)
                 assert expired is not None
                 return expired, ApprovalExpired(expired)
+            if not current.may_decide(by, role):
+                return None, NotAnApprover(current, by)
+            mine = c.execute(
+                "SELECT decision FROM guard_approval_decisions WHERE approval_id = ? AND lower(decided_by) = lower(?)",
+                (approval_id, by),
+            ).fetchone()
+            if mine is not None:
+                return None, AlreadyDecided(current, by)
+            if check is not None:
+                check(c)
+            c.execute(
+                "INSERT INTO guard_approval_decisions (approval_id, decided_by, decision, channel, comment, decided_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (approval_id, by, "approve" if approve else "deny", channel, note, now),
+            )
+            if approve:
+                rows = c.execute(
+                    "SELECT decided_by, comment FROM guard_approval_decisions"
+                    " WHERE approval_id = ? AND decision = 'approve' ORDER BY decided_at, decided_by",
+                    (approval_id,),
+                ).fetchall()
+                if len(rows) < current.quorum:
+                    return _get(c, approval_id), None  # still pending: more must agree
+                decided_by = ", ".join(r[0] for r in rows)
+                comments = [f"{r[0]}: {r[1]}" if len(rows) > 1 else r[1] for r in rows if r[1]]
+                status, final_note = ApprovalStatus.APPROVED, "; ".join(comments) or None
+            else:
+                status, decided_by, final_note = ApprovalStatus.DENIED, by, note
             c.execute(
                 "UPDATE guard_approvals SET status = ?, decided_at = ?, decided_by = ?,"
                 " decision_note = ? WHERE id = ? AND status = 'pending'",
-                (status.value, now, by.strip(), note, approval_id),
+                (status.value, now, decided_by, final_note, approval_id),
             )
             return _get(c, approval_id), None
 
         approval, error = await self._db.write(tx)
-        if approval is not None:  # something changed: decided, or marked expired
+        if approval is not None:  # something changed: decided, counted, or marked expired
             self._notify()
         if error is not None:
             raise error
         assert approval is not None
-        logger.info("approval %s %s by %s", approval.id, approval.status.value, approval.decided_by)
+        logger.info("approval %s: %s by %s via %s (now %s)", approval.id, "approve" if approve else "deny",
+                    by, channel, approval.status.value)  # fmt: skip
         return approval
 
     async def expire_due(self) -> int:

@@ -75,7 +75,9 @@ async def approvals_list(
         await approvals.expire_due()
         items = await approvals.list()
         if as_json:
-            out.write(json.dumps([a.to_dict() for a in items], ensure_ascii=False, indent=2) + "\n")
+            rows = [{**a.to_dict(), "decisions": [d.to_dict() for d in await approvals.decisions(a.id)]}
+                    for a in items]  # fmt: skip
+            out.write(json.dumps(rows, ensure_ascii=False, indent=2) + "\n")
             return EXIT_OK
         if not items:
             out.write("no approvals\n")
@@ -92,6 +94,15 @@ async def approvals_list(
     return await _with_db(db_path, run)
 
 
+#: The role of a person by name (None: no such person, the operator at the
+#: terminal), read from ``db``; the host application supplies it.
+RoleOf = Callable[[Database, str], Awaitable["str | None"]]
+
+
+async def _no_roles(db: Database, name: str) -> str | None:
+    return None
+
+
 async def approvals_approve(
     db_path: str | Path,
     approval_id: str,
@@ -100,17 +111,28 @@ async def approvals_approve(
     out: TextIO,
     *,
     clock: Clock | None = None,
+    role_of: RoleOf = _no_roles,
 ) -> int:
-    """Approve a pending approval as ``as_name`` (default: the OS user)."""
+    """Approve a pending approval as ``as_name`` (default: the OS user).
+
+    A registered person decides within their role (``role_of``); a name that
+    is nobody's is the operator at the terminal, who may decide anything."""
     by = as_name or _os_user()
     clock = clock or SystemClock()
 
     async def run(db: Database) -> int:
         try:
-            approval = await Approvals(db, clock).decide(approval_id, True, by, comment)
+            role = await role_of(db, by)
+            approval = await Approvals(db, clock).decide(approval_id, True, by, comment, channel="cli", role=role)
         except ApprovalError as exc:
             out.write(f"error: {exc}\n")
             return EXIT_FAILED
+        if approval.status == "pending":
+            out.write(
+                f"approval recorded for {approval.id} by {by}: {approval.approvals_so_far} of {approval.quorum}; "
+                "the call stays held until enough approvers agree.\n"
+            )
+            return EXIT_OK
         out.write(
             f"approved {approval.id}: {approval.tool} for {approval.identity} (by {approval.decided_by}). "
             f"Its next identical call will run, until {iso(approval.expires_at)}.\n"
@@ -128,6 +150,7 @@ async def approvals_deny(
     *,
     by: str | None = None,
     clock: Clock | None = None,
+    role_of: RoleOf = _no_roles,
 ) -> int:
     """Deny a pending approval as ``by`` (default: the OS user).
 
@@ -140,7 +163,8 @@ async def approvals_deny(
 
     async def run(db: Database) -> int:
         try:
-            approval = await Approvals(db, clock).decide(approval_id, False, by, reason)
+            role = await role_of(db, by)
+            approval = await Approvals(db, clock).decide(approval_id, False, by, reason, channel="cli", role=role)
         except ReasonRequired as exc:  # pragma: no cover - checked above
             out.write(f"error: {exc}\n")
             return EXIT_USAGE

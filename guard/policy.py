@@ -97,6 +97,13 @@ class ApprovalSettings(_Frozen):
     # claude -p decline at once; others may accept), so by default only a
     # human in the inbox or the CLI decides.
     elicit: bool = False
+    # Who may decide (people's names or role names; None: any approver) and
+    # how many approvals it takes; one denial denies (guard.approvers).
+    approvers: tuple[str, ...] | None = None
+    quorum: int = Field(default=1, ge=1, le=100)
+    # Nobody decided within this long: notify ``escalate_to`` (who may decide too).
+    escalate_after_s: float | None = Field(default=None, gt=0)
+    escalate_to: tuple[str, ...] = ()
 
 
 class Rule(_Frozen):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from guard.approvers import describe as describe_approvers
 from guard.decision import Verdict, decide, describe_budget, fresh_counters
 from guard.dialects import PolicyError, load_policy, parse_document
 from guard.dialects.source import Node
@@ -97,6 +98,10 @@ def explain(
             f"approval: a human must approve; the call waits {verdict.approval.wait_s:g} s, "
             f"an approval expires after {verdict.approval.expires_s:g} s",
         )
+        settings = verdict.approval
+        _print(out, f"approvers: {describe_approvers(settings.approvers, settings.quorum)}; one denial denies")
+        if settings.escalate_to:
+            _print(out, f"escalation: after {settings.escalate_after_s:g} s, notify {', '.join(settings.escalate_to)}")
     if verdict.limits:
         _print(out, "rate limits reserved:")
         for limit in verdict.limits:

@@ -21,6 +21,7 @@ import anyio
 from guard.approvals import (
     Approval,
     ApprovalError,
+    ApprovalEvents,
     Approvals,
     ApprovalStatus,
 )
@@ -126,6 +127,7 @@ class Guard:
         callers: Callable[[Any], Caller] | None = None,
         inbox_url: str | None = None,
         resource_calls: ResourceCalls | None = None,
+        approval_events: ApprovalEvents | None = None,
     ) -> None:
         self.db = db
         # Where a person approves held calls; named in approval_required results.
@@ -139,7 +141,7 @@ class Guard:
         self.limiter = Limiter(db, self.clock)
         digester = Digester.for_database(db.path)
         self.budgets = BudgetLedger(db, self.clock)
-        self.approvals = Approvals(db, self.clock, feed, digester)
+        self.approvals = Approvals(db, self.clock, feed, digester, approval_events)
         self.audit = AuditLog(db, self.clock, digester=digester)
         self._checker: ArgumentChecker | None = None
         self._tool_source: Callable[[], Awaitable[list[Any]]] | None = None
@@ -160,11 +162,12 @@ class Guard:
         clock: Clock | None = None,
         inbox_url: str | None = None,
         resource_calls: ResourceCalls | None = None,
+        approval_events: ApprovalEvents | None = None,
     ) -> Guard:
         await migrate(db)
         return cls(
             db, feed, PolicySource(policy_path), clock=clock, enabled=enabled, callers=callers, inbox_url=inbox_url,
-            resource_calls=resource_calls,
+            resource_calls=resource_calls, approval_events=approval_events,
         )  # fmt: skip
 
     @property
@@ -406,7 +409,7 @@ class Guard:
 
         approval = await self.approvals.open(
             digest, call.tool, await redact_off_loop(dict(call.args)), call.identity, call.session,
-            verdict.rule_id, verdict.reason, settings.expires_s,
+            verdict.rule_id, verdict.reason, settings.expires_s, settings,
         )
         if asker is not None and asker.rounds:
             try:
@@ -510,7 +513,8 @@ class Guard:
         by = f"{call.identity} (in the MCP client)"
         note = None if approve else "declined in the MCP client"
         try:
-            await self.approvals.decide(approval.id, approve, by, note)
+            # The operator opted in to the client's answer (elicit): it counts as one decision.
+            await self.approvals.decide(approval.id, approve, by, note, channel="client")
         except ApprovalError as exc:
             # Someone decided first (or it expired): the first answer stands.
             logger.info("client answer for %s not used: %s", approval.id, exc)

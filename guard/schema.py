@@ -143,7 +143,25 @@ CREATE TABLE guard_budget_overruns (
 CREATE INDEX guard_budget_overruns_by_task ON guard_budget_overruns (task, budget);
 """
 
-STEPS: list[Step] = [_V1, _V2]
+# 3: who may approve and how many (guard.approvers): the rule's settings are
+# copied onto the approval when it opens; every decision is a row of its own.
+_V3 = """
+ALTER TABLE guard_approvals ADD COLUMN approvers TEXT;          -- JSON list of names/roles; NULL: any approver
+ALTER TABLE guard_approvals ADD COLUMN quorum INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE guard_approvals ADD COLUMN escalate_after_s REAL;
+ALTER TABLE guard_approvals ADD COLUMN escalate_to TEXT;        -- JSON list of names/roles
+CREATE TABLE guard_approval_decisions (
+    approval_id TEXT NOT NULL REFERENCES guard_approvals(id),
+    decided_by  TEXT NOT NULL,               -- one decision per person and approval
+    decision    TEXT NOT NULL CHECK (decision IN ('approve', 'deny')),
+    channel     TEXT NOT NULL,               -- cli | inbox | link | client
+    comment     TEXT,
+    decided_at  REAL NOT NULL,
+    PRIMARY KEY (approval_id, decided_by)
+);
+"""
+
+STEPS: list[Step] = [_V1, _V2, _V3]
 
 
 async def migrate(db: Database) -> int:

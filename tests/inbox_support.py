@@ -34,9 +34,9 @@ def inbox_server(ws: Workspace) -> AbstractAsyncContextManager[str]:
     return http_server(ws, command="inbox")
 
 
-def add_human(ws: Workspace, name: str, base: str) -> str:
-    """``taskwarden humans add NAME``; returns the sign-in link it printed."""
-    out = ws.cli("humans", "add", name, "--url", f"{base}/inbox").stdout
+def add_human(ws: Workspace, name: str, base: str, role: str = "approver", *more: str) -> str:
+    """``taskwarden humans add NAME --role ROLE``; returns the sign-in link it printed."""
+    out = ws.cli("humans", "add", name, "--url", f"{base}/inbox", "--role", role, *more).stdout
     links = re.findall(r"https?://\S+/inbox/signin/\S+", out)
     assert len(links) == 1, out
     return links[0]
@@ -50,9 +50,11 @@ async def sign_in(http: httpx.AsyncClient, link: str) -> httpx.Response:
 
 
 @asynccontextmanager
-async def signed_in_client(ws: Workspace, base: str, name: str = "alice") -> AsyncIterator[httpx.AsyncClient]:
+async def signed_in_client(
+    ws: Workspace, base: str, name: str = "alice", role: str = "approver"
+) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=base, follow_redirects=False, timeout=30) as http:
-        done = await sign_in(http, add_human(ws, name, base))
+        done = await sign_in(http, add_human(ws, name, base, role))
         assert done.status_code == 303, done.text
         yield http
 

@@ -388,3 +388,46 @@ def test_only_the_program_and_the_files_it_names_stay_visible_behind_the_scratch
     argv = sandbox.wrap(["codex", "-C", str(work)], cwd=work, scratch=tmp_path / "scratch", search_path="/usr/bin")
     assert str(top) not in argv
     assert argv[argv.index(str(work)) - 1] == "--bind"
+
+
+async def test_a_signed_decision_link_posted_from_inside_a_turn_is_refused_and_stays_unused(tmp_path: Path) -> None:
+    from mcp import Client
+
+    from tests.support import http_server
+    from worker_server.notify.links import LinkSigner
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(HELD_CANCEL)
+    ws = Workspace(tmp_path, policy=policy)
+    async with http_server(ws, "--allow-anonymous") as base:
+        ws.cli("humans", "add", "ann", "--role", "approver")
+        async with Client(f"{base}/mcp") as client:
+            victim = await call(client, "spawn-task", {"prompt": "sleep 120"})
+            held = (await call_error(client, "cancel-task", {"task_id": victim["task_id"]})).structured_content
+            approval_id = held["approval"]["id"]
+            # A worker that read a notification (say, a mailbox it can reach) posts its link.
+            link = LinkSigner.for_database(ws.db).url(f"{base}/inbox", approval_id, "ann", 4_000_000_000)
+            post = textwrap.dedent(f"""\
+                import urllib.error, urllib.parse, urllib.request
+                body = urllib.parse.urlencode({{"decision": "approve"}}).encode()
+                try:
+                    print("STATUS", urllib.request.urlopen(urllib.request.Request({link!r}, data=body)).status)
+                except urllib.error.HTTPError as exc:
+                    print("STATUS", exc.code, exc.read().decode()[:2000])
+                """)
+            script = f"{shlex.quote(sys.executable)} -c {shlex.quote(post)}; " + cli_in_turn(
+                ws, "notify", "list") + "; echo NOTIFY-EXIT=$?"  # fmt: skip
+            task = await shell(client, ws, script)
+            log = await log_of(client, task["task_id"])
+            assert "STATUS 403" in log and "inside the worker turn of task" in log, log
+            assert "NOTIFY-EXIT=3" in log
+            [approval] = json.loads(ws.cli("approvals", "list", "--json").stdout)
+            assert approval["status"] == "pending"
+            # The link was not spent: the person it was made for still decides with it.
+            import httpx
+
+            async with httpx.AsyncClient() as http:
+                decided = await http.post(link, data={"decision": "approve"})
+            assert decided.status_code == 200 and "Approved" in decided.text
+            [approval] = json.loads(ws.cli("approvals", "list", "--json").stdout)
+            assert approval["status"] == "approved" and approval["decided_by"] == "ann"

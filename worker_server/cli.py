@@ -138,15 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
     humans = sub.add_parser("humans", help="people who work in the inbox").add_subparsers(
         dest="humans_command", required=True, metavar="ACTION"
     )
-    h_add = humans.add_parser("add", help="add a person and print a one-time sign-in link")
+    h_add = humans.add_parser("add", help="add (or update) a person and print a one-time sign-in link")
     _common(h_add)
     h_add.add_argument("name", metavar="NAME")
     h_add.add_argument("--url", help="the inbox's address (default: inbox_url from the config)")
+    h_add.add_argument("--role", choices=("worker", "approver", "admin"),
+                       help="worker: claims tasks; approver: also decides approvals; admin: also manages people "
+                            "(default for a new person: worker)")
+    h_add.add_argument("--email", metavar="ADDR", help="send this person's notifications here")
+    h_add.add_argument("--webhook", metavar="URL", help="POST this person's notifications here (Slack-compatible)")
+    h_add.add_argument("--webhook-secret", metavar="SECRET",
+                       help="the key of the X-Taskwarden-Signature HMAC (default: a new random one, printed)")
+    h_add.add_argument("--as", dest="as_name", metavar="NAME", help="who you are (default: the OS user)")
     h_list = humans.add_parser("list", help="list people")
     _common(h_list)
     h_rm = humans.add_parser("remove", help="remove a person (signs them out)")
     _common(h_rm)
     h_rm.add_argument("name", metavar="NAME")
+    h_rm.add_argument("--as", dest="as_name", metavar="NAME", help="who you are (default: the OS user)")
     h_inbox = humans.add_parser("inbox", help="what needs a person, in the terminal")
     _common(h_inbox)
 
@@ -185,6 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     p_scan.add_argument("--upstream", metavar="URL", help="scan a streamable-HTTP MCP server instead of a command")
     p_scan.add_argument("upstream_command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
                         help="the MCP server to start")
+
+    notify = sub.add_parser("notify", help="notifications: test a person's channels, list what was sent").add_subparsers(
+        dest="notify_command", required=True, metavar="ACTION"
+    )
+    n_test = notify.add_parser("test", help="send a test notification on each of a person's channels")
+    _common(n_test)
+    n_test.add_argument("name", metavar="NAME")
+    n_list = notify.add_parser("list", help="notifications, newest first: sent, pending, failed")
+    _common(n_list)
+    n_list.add_argument("--failed", action="store_true", help="only those that gave up after every retry")
+    n_list.add_argument("--json", action="store_true", help="print JSON")
+    n_list.add_argument("--limit", type=int, default=50)
 
     budgets = sub.add_parser("budgets", help="each spend budget's use per scope key and window")
     _common(budgets)
@@ -240,6 +261,8 @@ PERSON_ONLY = {
     ("approvals", "approve"), ("approvals", "deny"),
     ("humans", "add"), ("humans", "remove"),
     ("tasks", "claim"), ("tasks", "release"), ("tasks", "reply"), ("tasks", "ask"), ("tasks", "handin"),
+    # Channels carry secrets and decision links: nothing a worker may read or send.
+    ("notify", "test"), ("notify", "list"),
 }  # fmt: skip
 EXIT_INSIDE_TURN = 3
 
@@ -298,14 +321,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _run(lambda: _tasks(args, _settings(args)))
     if args.command == "humans":
         return _run(lambda: _humans(args, _settings(args)))
+    if args.command == "notify":
+        return _run(lambda: _notify(args, _settings(args)))
     if args.command == "approvals":
         db = _settings(args).db_path
         if args.approvals_command == "list":
             return _run(lambda: commands.approvals_list(db, args.json, sys.stdout))
+        from worker_server.inbox.accounts import role_of
+
         who = args.as_name or getpass.getuser()
         if args.approvals_command == "approve":
-            return _run(lambda: commands.approvals_approve(db, args.approval_id, who, args.comment, sys.stdout))
-        return _run(lambda: commands.approvals_deny(db, args.approval_id, args.reason, sys.stdout, by=who))
+            return _run(lambda: commands.approvals_approve(
+                db, args.approval_id, who, args.comment, sys.stdout, role_of=role_of))
+        return _run(lambda: commands.approvals_deny(
+            db, args.approval_id, args.reason, sys.stdout, by=who, role_of=role_of))
     if args.command == "policy":
         if args.policy_command == "check":
             return policy_cli.check(args.file)
@@ -497,25 +526,43 @@ async def _tasks(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _humans(args: argparse.Namespace, settings: Settings) -> int:
-    from worker_server.inbox.accounts import Accounts, InvalidName
+    from worker_server.inbox.accounts import Accounts, InvalidChannel, InvalidName
     from worker_server.server import open_app
 
     async with open_app(settings, run_workers=False, background=False) as app:
         accounts = Accounts(app.db, app.store.clock)
+        if args.humans_command in ("add", "remove"):
+            # Admins manage people; a name that is nobody's is the operator at the terminal.
+            me = args.as_name or getpass.getuser()
+            my_role = await accounts.role_of(me)
+            if my_role is not None and my_role != "admin":
+                print(f"taskwarden: {me} is a(n) {my_role}; only an admin (or the operator) manages people",
+                      file=sys.stderr)  # fmt: skip
+                return 1
         if args.humans_command == "add":
             try:
-                link = await accounts.add(args.name, base_url=args.url or settings.inbox_url)
-            except InvalidName as exc:
+                link = await accounts.add(
+                    args.name, base_url=args.url or settings.inbox_url, role=args.role, email=args.email,
+                    webhook=args.webhook, webhook_secret=args.webhook_secret,
+                )
+            except (InvalidName, InvalidChannel) as exc:
                 print(f"taskwarden: {exc}", file=sys.stderr)
                 return 2
-            print(f"Sign-in link for {args.name.strip()} (works once, for 7 days):\n{link}")
+            person = await accounts.person(args.name)
+            assert person is not None
+            print(f"Sign-in link for {person.name} ({person.role}; works once, for 7 days):\n{link}")
+            if args.webhook:
+                print(f"Webhook {person.webhook}: requests carry X-Taskwarden-Signature: sha256=HMAC-SHA256 "
+                      f"of the body with this secret:\n{person.webhook_secret}")  # fmt: skip
             return 0
         if args.humans_command == "list":
             people = await accounts.list()
             if not people:
                 print("No people yet; add one with: taskwarden humans add NAME")
             for human in people:
-                print(f"{human.name}\tadded {human.created_at}\t{'signed in' if human.signed_in else 'not signed in'}")
+                channels = ", ".join(x for x in (human.email, human.webhook and "webhook") if x) or "no channels"
+                print(f"{human.name}\tadded {human.created_at}\t"
+                      f"{'signed in' if human.signed_in else 'not signed in'}\t{human.role}\t{channels}")  # fmt: skip
             return 0
         if args.humans_command == "remove":
             if await accounts.remove(args.name):
@@ -531,6 +578,65 @@ async def _humans(args: argparse.Namespace, settings: Settings) -> int:
         for line in items:
             print(line)
         return 0
+
+
+async def _notify(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+
+    from guard.clock import iso
+    from worker_server.notify.channels import DeliveryError
+    from worker_server.notify.outbox import Notification, Status
+    from worker_server.server import open_app
+
+    async with open_app(settings, run_workers=False, background=False) as app:
+        deliverer = app.deliverer
+        if args.notify_command == "list":
+            if not 1 <= args.limit <= 1000:
+                print("taskwarden: --limit: must be 1..1000", file=sys.stderr)
+                return 2
+            items = await deliverer.outbox.list(failed_only=args.failed, limit=args.limit)
+            if args.json:
+                print(json.dumps([n.to_dict() for n in items], ensure_ascii=False, indent=2))
+                return 0
+            if not items:
+                print("No failed notifications." if args.failed else "No notifications yet.")
+            for n in items:
+                when = iso(n.sent_at) if n.status is Status.SENT else f"next {iso(n.next_at)}"
+                if n.status is Status.FAILED:
+                    when = "gave up"
+                error = f"  last error: {n.last_error}" if n.last_error and n.status is not Status.SENT else ""
+                print(f"{n.id}  {n.status.value:<7}  {n.kind:<19} {n.recipient} by {n.channel} ({n.target})  "
+                      f"attempts {n.attempts}, {when}{error}")  # fmt: skip
+            return 0
+        from worker_server.inbox.accounts import Accounts
+
+        person = await Accounts(app.db, app.store.clock).person(args.name)
+        if person is None:
+            print(f"taskwarden: no person named {args.name!r}", file=sys.stderr)
+            return 1
+        channels = [(c, t) for c, t in (("email", person.email), ("webhook", person.webhook)) if t]
+        if not channels:
+            print(f"{person.name} has no channels; add one with: taskwarden humans add {person.name} "
+                  "--email ADDR or --webhook URL", file=sys.stderr)  # fmt: skip
+            return 1
+        now = app.store.clock.now()
+        failed = 0
+        for channel, target in channels:
+            test = Notification(
+                id="ntf_test", event_key="test", kind="test", recipient=person.name, channel=channel, target=target,
+                payload={"title": "taskwarden test notification", "recipient": person.name,
+                         "text": f"This is a test for {person.name}; nothing needs doing.",
+                         "link": settings.inbox_url.rstrip("/") + "/"},
+                status=Status.PENDING, attempts=0, next_at=now, last_error=None, created_at=now, sent_at=None,
+            )  # fmt: skip
+            try:
+                await deliverer.send(test, person.webhook_secret if channel == "webhook" else None)
+            except DeliveryError as exc:
+                failed += 1
+                print(f"{channel} {target}: failed: {exc}")
+            else:
+                print(f"{channel} {target}: sent")
+        return 1 if failed else 0
 
 
 def _print_task_table(tasks: Sequence[Any]) -> None:

@@ -43,6 +43,36 @@ class IdentityConfig(BaseModel):
     token_sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
 
 
+class NotifyConfig(BaseModel):
+    """``[notify]``: where notifications go besides each person's own channels, and how.
+
+    ``webhook``/``email`` are team channels: every event goes there too. The
+    SMTP server sends every e-mail (a person's and the team's).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    webhook: str | None = Field(default=None, max_length=2000, pattern=r"^https?://\S+$")
+    webhook_secret: str | None = Field(default=None, min_length=16, max_length=200)
+    email: str | None = Field(default=None, max_length=320, pattern=r"^[^@\s<>]+@[^@\s<>]+$")
+    smtp_host: str | None = None
+    smtp_port: int = Field(default=587, ge=1, le=65535)
+    # starttls (upgrade a plain connection; refused if the server cannot),
+    # tls (implicit TLS, port 465), none (loopback relays only).
+    smtp_security: Literal["starttls", "tls", "none"] = "starttls"
+    smtp_ca_file: Path | None = None  # trust this CA too (a private relay)
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    email_from: str = Field(default="taskwarden@localhost", max_length=320)
+    # A one-click decision link works this long (and never past its approval).
+    link_ttl_s: float = Field(default=86_400, gt=0, le=30 * 86_400)
+    # "Will expire soon": this long before an approval expires.
+    expiring_warn_s: float = Field(default=300, gt=0, le=86_400)
+    # A failing delivery is retried with back-off (retry_base_s · 4ⁿ) this many times, then `failed`.
+    max_attempts: int = Field(default=6, ge=1, le=50)
+    retry_base_s: float = Field(default=5.0, gt=0, le=3600)
+    timeout_s: float = Field(default=10.0, gt=0, le=120)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TASKWARDEN_", extra="forbid", env_nested_delimiter="__")
 
@@ -71,6 +101,7 @@ class Settings(BaseSettings):
     # More paths workers must not see (the database and log directories always are hidden).
     sandbox_hide: list[str] = Field(default_factory=list)
     identities: dict[str, IdentityConfig] = Field(default_factory=dict)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
 
     # Set by load_settings: where the values came from, for messages.
     config_file: Path | None = None

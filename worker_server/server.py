@@ -27,6 +27,11 @@ from worker_server.config import ConfigError, Settings
 from worker_server.humans import Humans
 from worker_server.identity import CallerResolver, TokenIdentities
 from worker_server.mcp_tasks import TaskMiddleware, TasksExtension
+from worker_server.inbox.accounts import STEPS as ACCOUNT_STEPS
+from worker_server.notify.delivery import Deliverer
+from worker_server.notify.events import Notices
+from worker_server.notify.links import LinkSigner
+from worker_server.notify.outbox import Outbox
 from worker_server.protocol import ProtocolEdges
 from worker_server.runner import Runner
 from worker_server.sandbox import Sandbox, SandboxError
@@ -56,6 +61,8 @@ class App:
     guard: Guard
     callers: CallerResolver
     tasks: TasksExtension
+    # Notifications: the daemon serves its loop; the inbox and CLI use its parts.
+    deliverer: Deliverer
 
 
 @asynccontextmanager
@@ -73,7 +80,13 @@ async def open_app(
     feed = ChangeFeed(settings.db_path)
     feed.start()
     try:
-        store = await Store.open(db, feed)
+        # People and the outbox first: the store and the guard queue
+        # notifications inside their own transactions.
+        await db.migrate_component("inbox", ACCOUNT_STEPS)
+        outbox = Outbox(db, SystemClock())
+        await outbox.migrate()
+        notices = Notices(settings, SystemClock())
+        store = await Store.open(db, feed, on_events=notices.task_events)
         profiles = settings.profiles()
         # The guard's budget ledger: the runner charges turns' usage to it.
         ledger = BudgetLedger(db, SystemClock())
@@ -92,19 +105,24 @@ async def open_app(
         callers = CallerResolver(settings.identity)
         guard = await Guard.open(
             db, feed, policy_path=settings.policy, enabled=guard_enabled, callers=callers.caller,
-            inbox_url=settings.inbox_url, resource_calls=resource_call,
+            inbox_url=settings.inbox_url, resource_calls=resource_call, approval_events=notices,
         )  # fmt: skip
+        deliverer = Deliverer(
+            outbox, guard.approvals, notices, LinkSigner.for_database(settings.db_path), settings, feed, SystemClock()
+        )
         tasks = TasksExtension(service, guard, callers.caller)
         async with anyio.create_task_group() as tg:
             if runner is not None:
                 await runner.reconcile()
                 await tg.start(runner.serve)
+                if background:  # the daemon (or a server on its own) delivers notifications
+                    await tg.start(deliverer.serve)
             if background:
                 await tg.start(humans.keep_deadlines)
                 await tg.start(guard.serve)
                 await tg.start(tasks.watchers.serve)
             try:
-                yield App(settings, db, feed, store, runner, service, guard, callers, tasks)
+                yield App(settings, db, feed, store, runner, service, guard, callers, tasks, deliverer)
             finally:
                 tg.cancel_scope.cancel()
     finally:

@@ -12,7 +12,8 @@ import base64
 import json
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,6 +117,23 @@ SCHEMA: list[str] = [
     CREATE INDEX sessions_owner ON sessions(owner);
     """,
 ]
+
+
+@dataclass(frozen=True)
+class TaskEvent:
+    """A row written to ``task_events`` in the current transaction."""
+
+    task_id: str
+    type: str  # created | status | ...
+    data: dict[str, Any]
+
+
+#: Told of a transaction's task events inside that transaction (notifications
+#: are queued there, so they commit or roll back with the change).
+TaskEventHook = Callable[[sqlite3.Connection, list[TaskEvent]], None]
+
+# The events of the transaction running on this thread (aiosqlite runs one at a time).
+_collected = threading.local()
 
 
 def new_id(prefix: str) -> str:
@@ -222,18 +240,38 @@ class TaskNotFound(Exception):
 class Store:
     """Typed access to the task tables; every method is one transaction."""
 
-    def __init__(self, db: Database, feed: ChangeFeed, clock: Clock | None = None) -> None:
+    def __init__(
+        self, db: Database, feed: ChangeFeed, clock: Clock | None = None, on_events: TaskEventHook | None = None
+    ) -> None:
         self.db = db
         self.feed = feed
         self.clock = clock or SystemClock()
+        self._on_events = on_events
 
     @classmethod
-    async def open(cls, db: Database, feed: ChangeFeed, clock: Clock | None = None) -> Store:
+    async def open(
+        cls, db: Database, feed: ChangeFeed, clock: Clock | None = None, on_events: TaskEventHook | None = None
+    ) -> Store:
         await db.migrate_user_version(SCHEMA)
-        return cls(db, feed, clock)
+        return cls(db, feed, clock, on_events)
+
+    def _with_events(self, fn: Any) -> Any:
+        """``fn`` as a transaction whose task events are handed to the hook before it commits."""
+
+        def tx(c: sqlite3.Connection) -> Any:
+            _collected.events = []
+            try:
+                result = fn(c)
+                if self._on_events is not None and _collected.events:
+                    self._on_events(c, list(_collected.events))
+            finally:
+                _collected.events = None
+            return result
+
+        return tx
 
     async def _write(self, fn: Any) -> Any:
-        result = await self.db.write(fn)
+        result = await self.db.write(self._with_events(fn))
         self.feed.notify()
         return result
 
@@ -621,7 +659,9 @@ class Store:
                 args.append(now)
             c.execute(f"UPDATE tasks SET {', '.join(sets)} WHERE id = ?", (*args, task_id))
             if status != task.status:
-                _event(c, task_id, now, "status", {"status": status.value})
+                # Where it came from says what happened (an answer, changes asked for).
+                was = (task.pending or {}).get("kind")
+                _event(c, task_id, now, "status", {"status": status.value, "from": task.status.value, "was": was})
             return _task(c, task_id), posted
 
         return await self._write(write)
@@ -688,7 +728,7 @@ class Store:
                 _event(c, row[0], now, "status", {"status": "failed", "message": "expired"})
             return [r[0] for r in rows]
 
-        expired = await self.db.write(write)
+        expired = await self.db.write(self._with_events(write))
         if expired:
             self.feed.notify()
         return expired
@@ -797,6 +837,9 @@ def _event(c: sqlite3.Connection, task_id: str, at: float, type_: str, data: dic
         "INSERT INTO task_events (task_id, at, type, data) VALUES (?, ?, ?, ?)",
         (task_id, at, type_, json.dumps(data)),
     )
+    collected = getattr(_collected, "events", None)
+    if collected is not None:
+        collected.append(TaskEvent(task_id, type_, data))
 
 
 class TransitionRefused(Exception):

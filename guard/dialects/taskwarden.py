@@ -18,7 +18,8 @@ identity's sessions; ``"*"`` for all); per rule ``action``
 (allow|deny|require_approval, required), ``reason``, ``conditions``
 (``[{path, op, value}]``; ``value`` may be left out for ``exists``),
 ``match`` (all|any), ``identities``, ``rate_limit`` and ``approval``
-(``{expires_s, wait_s, elicit}``, require_approval rules only), ``budget``
+(``{expires_s, wait_s, elicit, approvers, quorum, escalate_after_s,
+escalate_to}``, require_approval rules only), ``budget``
 (``{tokens, cost_usd, worker_s, window, scope, name}``: see guard.budgets);
 and the tool key
 ``"*"`` for rules on every tool.
@@ -49,6 +50,7 @@ from guard.dialects.fields import (
     version,
 )
 from guard.dialects.source import Node
+from guard.approvers import is_role
 from guard.policy import ApprovalSettings, Budget, Condition, Policy, RateLimit, Rule
 
 TOP_KEYS = ("version", "default", "mode", "hide", "share", "tools")
@@ -57,7 +59,7 @@ RULE_KEYS = (
     "action", "reason", "conditions", "match", "identities", "rate_limit", "approval", "budget",
 )  # fmt: skip
 RATE_LIMIT_KEYS = ("max", "window", "scope", "cost", "counter", "cost_from")
-APPROVAL_KEYS = ("expires_s", "wait_s", "elicit")
+APPROVAL_KEYS = ("expires_s", "wait_s", "elicit", "approvers", "quorum", "escalate_after_s", "escalate_to")
 BUDGET_KEYS = ("tokens", "cost_usd", "worker_s", "window", "scope", "name")
 
 
@@ -134,11 +136,12 @@ def _read_rule(tool: str, index: int, node: Node, registry: CounterRegistry) -> 
             approval_node,
             ApprovalSettings,
             **{
-                name: values[name].number(minimum=0, exclusive=name == "expires_s")
-                for name in ("expires_s", "wait_s")
+                name: values[name].number(minimum=0, exclusive=name in ("expires_s", "escalate_after_s"))
+                for name in ("expires_s", "wait_s", "escalate_after_s")
                 if name in values
             },
             **({"elicit": values["elicit"].boolean()} if "elicit" in values else {}),
+            **_approvers(values),
         )
 
     budget = None
@@ -163,6 +166,40 @@ def _read_rule(tool: str, index: int, node: Node, registry: CounterRegistry) -> 
         budget=budget,
         line=node.line,
     )
+
+
+def _approvers(values: dict[str, Node]) -> dict[str, object]:
+    """``approvers``, ``quorum`` and ``escalate_to``, checked against each other."""
+    out: dict[str, object] = {}
+    approvers: tuple[str, ...] | None = None
+    if "approvers" in values:
+        approvers = values["approvers"].strings()
+        if not approvers:
+            raise values["approvers"].error("an empty list lets nobody approve; remove the key for any approver")
+        for name in approvers:
+            if not name.strip():
+                raise values["approvers"].error("an approver must be a person's name or a role, not empty")
+        out["approvers"] = approvers
+    if "quorum" in values:
+        quorum = values["quorum"].integer(minimum=1)
+        if quorum > 100:
+            raise values["quorum"].error(f"must be at most 100, got {quorum}")
+        # Only names can be counted: a role may hold any number of people.
+        if approvers and not any(is_role(a) for a in approvers) and quorum > len(approvers):
+            raise values["quorum"].error(
+                f"needs {quorum} approvals but only {len(approvers)} approver(s) are named"
+            )
+        out["quorum"] = quorum
+    if "escalate_to" in values:
+        escalate_to = values["escalate_to"].strings()
+        if not escalate_to:
+            raise values["escalate_to"].error("an empty list notifies nobody; remove the key")
+        if "escalate_after_s" not in values:
+            raise values["escalate_to"].error("escalate_to needs escalate_after_s (seconds without a decision)")
+        out["escalate_to"] = escalate_to
+    elif "escalate_after_s" in values:
+        raise values["escalate_after_s"].error("escalate_after_s needs escalate_to (names or roles to notify)")
+    return out
 
 
 def _read_rate_limit(node: Node, registry: CounterRegistry) -> RateLimit:

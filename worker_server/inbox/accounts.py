@@ -21,6 +21,7 @@ from enum import StrEnum
 
 import anyio
 
+from guard.approvers import ROLES
 from guard.clock import Clock, iso
 from guard.database import Database, Step
 
@@ -56,7 +57,21 @@ STEPS: list[Step] = [
     );
     CREATE INDEX inbox_sessions_human ON inbox_sessions(human);
     """,
+    # 2: roles and notification channels. People added before roles existed
+    # could claim tasks and decide approvals: they become approvers, so an
+    # upgrade changes nobody's rights (new people default to worker).
+    """
+    ALTER TABLE inbox_humans ADD COLUMN role TEXT NOT NULL DEFAULT 'approver'
+        CHECK (role IN ('worker', 'approver', 'admin'));
+    ALTER TABLE inbox_humans ADD COLUMN email TEXT;
+    ALTER TABLE inbox_humans ADD COLUMN webhook TEXT;
+    ALTER TABLE inbox_humans ADD COLUMN webhook_secret TEXT;
+    """,
 ]
+
+#: The role ``humans add`` gives a new person unless told otherwise.
+DEFAULT_ROLE = "worker"
+_EMAIL_RE = re.compile(r"^[^@\s<>]{1,64}@[^@\s<>]{1,255}$")
 
 
 class InvalidName(ValueError):
@@ -65,6 +80,24 @@ class InvalidName(ValueError):
             f"NAME: {name!r} is not a usable name; use 1..64 letters, digits, spaces and . _ @ + - "
             "(starting with a letter or digit)"
         )
+
+
+class InvalidChannel(ValueError):
+    """A bad --email or --webhook: the message names the option."""
+
+
+def check_email(address: str) -> str:
+    address = address.strip()
+    if len(address) > 320 or not _EMAIL_RE.match(address):
+        raise InvalidChannel(f"--email: {address!r} is not an e-mail address (name@host, at most 320 characters)")
+    return address
+
+
+def check_webhook(url: str) -> str:
+    url = url.strip()
+    if len(url) > 2000 or not re.match(r"^https?://[^\s/?#]+[^\s]*$", url):
+        raise InvalidChannel(f"--webhook: {url[:100]!r} is not an http(s) URL (at most 2000 characters)")
+    return url
 
 
 class LinkState(StrEnum):
@@ -79,6 +112,32 @@ class Human:
     name: str
     created_at: str  # ISO 8601 UTC
     signed_in: bool  # has at least one live web session
+    role: str = DEFAULT_ROLE
+    email: str | None = None
+    webhook: str | None = None
+
+
+@dataclass(frozen=True)
+class Person:
+    """A person as notifications see them: where to reach them."""
+
+    name: str
+    role: str
+    email: str | None
+    webhook: str | None
+    webhook_secret: str | None
+
+
+def people(c: sqlite3.Connection) -> builtins.list[Person]:
+    """Everyone, inside a caller's transaction (notifications are queued in it)."""
+    rows = c.execute("SELECT name, role, email, webhook, webhook_secret FROM inbox_humans ORDER BY name").fetchall()
+    return [Person(*tuple(r)) for r in rows]
+
+
+def role_in(c: sqlite3.Connection, name: str) -> str | None:
+    """The role of the person called ``name`` (any case), or None if there is none."""
+    row = c.execute("SELECT role FROM inbox_humans WHERE name = ?", (name.strip(),)).fetchone()
+    return str(row[0]) if row else None
 
 
 @dataclass(frozen=True)
@@ -96,6 +155,12 @@ def check_name(name: str) -> str:
     if not _NAME_RE.match(name):
         raise InvalidName(name)
     return name
+
+
+async def role_of(db: Database, name: str) -> str | None:
+    """``guard.commands.RoleOf``: the role of a registered person, None for anyone else."""
+    await db.migrate_component("inbox", STEPS)
+    return await db.read(lambda c: role_in(c, name))
 
 
 class Accounts:
@@ -117,18 +182,49 @@ class Accounts:
 
     # -- people (the CLI) ----------------------------------------------------
 
-    async def add(self, name: str, base_url: str) -> str:
+    async def add(
+        self,
+        name: str,
+        base_url: str,
+        *,
+        role: str | None = None,
+        email: str | None = None,
+        webhook: str | None = None,
+        webhook_secret: str | None = None,
+    ) -> str:
         """Add ``name`` (if new) and return a fresh one-time sign-in link.
 
-        Any unused link issued earlier for this person stops working.
+        Any unused link issued earlier for this person stops working. For a
+        new person ``role`` defaults to ``DEFAULT_ROLE``; for someone already
+        here, only what is given changes. A new webhook without a secret gets
+        a random one (read it with ``channel_secret``).
         """
         await self._schema()
         name = check_name(name)
+        if role is not None and role not in ROLES:
+            raise InvalidChannel(f"--role: must be one of {', '.join(ROLES)}, got {role!r}")
+        email = check_email(email) if email else None
+        webhook = check_webhook(webhook) if webhook else None
+        if webhook and not webhook_secret:
+            webhook_secret = secrets.token_urlsafe(32)
         token = secrets.token_urlsafe(32)
         now = self._clock.now()
 
         def tx(c: sqlite3.Connection) -> None:
-            c.execute("INSERT OR IGNORE INTO inbox_humans (name, created_at) VALUES (?, ?)", (name, now))
+            if c.execute("SELECT 1 FROM inbox_humans WHERE name = ?", (name,)).fetchone() is None:
+                c.execute(
+                    "INSERT INTO inbox_humans (name, created_at, role) VALUES (?, ?, ?)",
+                    (name, now, role or DEFAULT_ROLE),
+                )
+            elif role is not None:
+                c.execute("UPDATE inbox_humans SET role = ? WHERE name = ?", (role, name))
+            if email:
+                c.execute("UPDATE inbox_humans SET email = ? WHERE name = ?", (email, name))
+            if webhook:
+                c.execute(
+                    "UPDATE inbox_humans SET webhook = ?, webhook_secret = ? WHERE name = ?",
+                    (webhook, webhook_secret, name),
+                )
             # Names compare without case: "Alice" and "alice" are one person, spelled as first added.
             stored = c.execute("SELECT name FROM inbox_humans WHERE name = ?", (name,)).fetchone()[0]
             c.execute("DELETE FROM inbox_signin_tokens WHERE human = ? AND used_at IS NULL", (stored,))
@@ -148,12 +244,23 @@ class Accounts:
         def read(c: sqlite3.Connection) -> builtins.list[Human]:
             rows = c.execute(
                 "SELECT h.name, h.created_at, EXISTS (SELECT 1 FROM inbox_sessions s"
-                " WHERE s.human = h.name AND s.expires_at > ?) FROM inbox_humans h ORDER BY h.name",
+                " WHERE s.human = h.name AND s.expires_at > ?), h.role, h.email, h.webhook"
+                " FROM inbox_humans h ORDER BY h.name",
                 (now,),
             ).fetchall()
-            return [Human(r[0], _iso(r[1]), bool(r[2])) for r in rows]
+            return [Human(r[0], _iso(r[1]), bool(r[2]), r[3], r[4], r[5]) for r in rows]
 
         return await self._db.read(read)
+
+    async def role_of(self, name: str) -> str | None:
+        """The role of the person called ``name``, or None if nobody is."""
+        await self._schema()
+        return await self._db.read(lambda c: role_in(c, name))
+
+    async def person(self, name: str) -> Person | None:
+        await self._schema()
+        found = await self._db.read(lambda c: [p for p in people(c) if p.name.casefold() == name.strip().casefold()])
+        return found[0] if found else None
 
     async def remove(self, name: str) -> bool:
         """Remove a person with their links and sessions; False if there is no such person."""

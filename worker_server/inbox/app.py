@@ -12,11 +12,14 @@
     POST /approvals/{id}/deny    (a reason is required)
     GET  /audit                  the audit trail (?tool=&decision=&identity=&since=)
     GET  /events                 server-sent events: "change" whenever the database changes
+    GET  /decide/{token}         a signed one-click decision link: the confirmation page;
+                                 POST to it (approve, or deny with a reason) decides, once
     GET  /signin/{token}         the one-time sign-in page; POST to it signs in
     POST /signout
     GET  /static/...             inbox.css, inbox.js
 
-Everything but the sign-in pages and the static files needs a signed-in
+Everything but the sign-in pages, decision links (the signed link is the
+credential: ``worker_server.notify.links``) and the static files needs a signed-in
 person; without one, pages answer 401 with the sign-in page and no data.
 Every POST but sign-in must carry the form's CSRF token (else 403). Pages
 work without JavaScript (forms post, then redirect); ``inbox.js`` adds live
@@ -45,7 +48,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp
 
-from guard.approvals import ApprovalError, ApprovalNotFound, ReasonRequired
+from guard.approvals import ApprovalError, ApprovalNotFound, NotAnApprover, ReasonRequired
 from worker_server.inbox import views
 from worker_server.inbox.accounts import SESSION_TTL_S, Accounts, LinkState
 from worker_server.inbox.rendering import pretty_json, render
@@ -60,6 +63,8 @@ from worker_server.inbox.security import (
     session_id,
     set_session_cookie,
 )
+from worker_server.notify.links import DecisionLink, LinkProblem
+from worker_server.notify.outbox import link_spent, spend_link
 from worker_server.service import InvalidArgument
 from worker_server.turn_origin import peer_turn, refusal
 from worker_server.store import TaskNotFound, TaskRow
@@ -142,6 +147,8 @@ class Inbox:
             Route("/approvals/{approval_id}/{decision}", self.decide, methods=["POST"]),
             Route("/audit", self.audit, methods=["GET"]),
             Route("/events", self.events, methods=["GET"]),
+            Route("/decide/{token}", self.decide_link_page, methods=["GET"]),
+            Route("/decide/{token}", self.decide_by_link, methods=["POST"]),
             Route("/signin/{token}", self.signin_page, methods=["GET"]),
             Route("/signin/{token}", self.signin, methods=["POST"]),
             Route("/signout", self.signout, methods=["POST"]),
@@ -196,7 +203,8 @@ class Inbox:
 
     @signed_in
     async def inbox(self, request: Request) -> Response:
-        page = await views.inbox_page(self.app, request.state.human, request.query_params.get("tab", ""))
+        role = await self.accounts.role_of(request.state.human) or "worker"
+        page = await views.inbox_page(self.app, request.state.human, request.query_params.get("tab", ""), role)
         return self.page(request, "inbox.html", page=page, tabs=views.TABS)
 
     @signed_in
@@ -252,7 +260,9 @@ class Inbox:
         self, request: Request, status: int = 200, error: str | None = None, drafts: dict[str, str] | None = None
     ) -> Response:
         approval = await self.app.guard.approvals.get(request.path_params["approval_id"])
-        if approval is None:
+        role = await self.accounts.role_of(request.state.human) or "worker"
+        # Someone who may not decide it does not see it either: it does not exist for them.
+        if approval is None or not approval.may_decide(request.state.human, role):
             return self.error(request, 404, "No such approval", "There is no approval with this id.")
         now = self.app.store.clock.now()
         return self.page(
@@ -261,6 +271,7 @@ class Inbox:
             status,
             approval=approval,
             status_now=approval.status_at(now).value,
+            decisions=await self.app.guard.approvals.decisions(approval.id),
             error=error,
             drafts=drafts or {},
         )
@@ -280,8 +291,13 @@ class Inbox:
         if turn is not None:
             logger.warning("approval %s: a decision from inside the turn of %s was refused", approval_id, turn)
             return self.error(request, 403, "Refused", _sentence(refusal(turn)))
+        role = await self.accounts.role_of(request.state.human) or "worker"
         try:
-            await self.app.guard.approvals.decide(approval_id, decision == "approve", by=request.state.human, note=note)
+            await self.app.guard.approvals.decide(
+                approval_id, decision == "approve", by=request.state.human, note=note, channel="inbox", role=role
+            )
+        except NotAnApprover:
+            return self.error(request, 404, "No such approval", "There is no approval with this id.")
         except ReasonRequired:
             return await self._approval_response(
                 request, 400, error="A reason is required to deny: the agent is shown it.", drafts={"reason": note}
@@ -346,6 +362,98 @@ class Inbox:
             shutdown_grace_period=1.0,
         )
 
+    # -- one-click decisions (signed links from notifications) ---------------------
+
+    async def _link(self, request: Request) -> tuple[DecisionLink | None, Response | None]:
+        """The link in the URL, or the page saying why it decides nothing."""
+        request.state.human = None
+        request.state.session = None
+        now = self.app.store.clock.now()
+        read = self.app.deliverer.signer.read(request.path_params["token"], now)
+        if read is LinkProblem.MALFORMED:
+            return None, self._link_problem(request, 400, "This link is not valid",
+                                            "It is not a decision link taskwarden made, or it was changed.")
+        if read is LinkProblem.EXPIRED:
+            return None, self._link_problem(request, 410, "This link has expired",
+                                            "Decision links work for a limited time.")
+        assert isinstance(read, DecisionLink)
+        if await self.app.db.read(lambda c: link_spent(c, read.nonce)):
+            return None, self._link_problem(request, 410, "This link was already used", "Each link decides once.")
+        return read, None
+
+    def _link_problem(self, request: Request, status: int, title: str, detail: str) -> Response:
+        return self.page(request, "decide.html", status, problem=detail, problem_title=title, approval=None)
+
+    async def _link_page(
+        self, request: Request, link: DecisionLink, status: int = 200, error: str | None = None, done: str | None = None
+    ) -> Response:
+        approval = await self.app.guard.approvals.get(link.approval_id)
+        if approval is None:
+            return self._link_problem(request, 404, "No such approval", "There is no approval with this id.")
+        role = await self.accounts.role_of(link.approver)
+        if role is None or not approval.may_decide(link.approver, role):
+            return self._link_problem(request, 403, "You may not decide this",
+                                      f"{link.approver} is not (or no longer) one of its approvers.")
+        return self.page(request, "decide.html", status, approval=approval, approver=link.approver,
+                         status_now=approval.status_at(self.app.store.clock.now()).value, error=error, done=done,
+                         problem=None)  # fmt: skip
+
+    async def decide_link_page(self, request: Request) -> Response:
+        """The confirmation page. A GET decides nothing (link previewers and mail scanners fetch links)."""
+        link, problem = await self._link(request)
+        if problem is not None:
+            return problem
+        assert link is not None
+        return await self._link_page(request, link)
+
+    async def decide_by_link(self, request: Request) -> Response:
+        link, problem = await self._link(request)
+        if problem is not None:
+            return problem
+        assert link is not None
+        if cross_site(request):
+            return self.error(request, 403, "Refused", "Decide from the page the link opens.")
+        server = request.scope.get("server")
+        turn = await anyio.to_thread.run_sync(
+            lambda: peer_turn(tuple(request.client) if request.client else None, tuple(server) if server else None)
+        )
+        if turn is not None:
+            logger.warning("approval %s: a link decision from inside the turn of %s was refused", link.approval_id, turn)
+            return self.error(request, 403, "Refused", _sentence(refusal(turn)))
+        form = await request.form(max_files=0, max_fields=10)
+        decision = str(form.get("decision") or "")
+        if decision not in ("approve", "deny"):
+            return await self._link_page(request, link, 400, error="Choose Approve or Deny.")
+        note = str(form.get("reason") or form.get("comment") or "")[:2000]
+        role = await self.accounts.role_of(link.approver)
+        now = self.app.store.clock.now()
+
+        def spend(c: Any) -> None:
+            if not spend_link(c, link.nonce, link.approval_id, now):
+                raise LinkAlreadyUsed()
+
+        try:
+            approval = await self.app.guard.approvals.decide(
+                link.approval_id, decision == "approve", by=link.approver, note=note, channel="link", role=role,
+                check=spend,
+            )
+        except LinkAlreadyUsed:
+            return self._link_problem(request, 410, "This link was already used", "Each link decides once.")
+        except ReasonRequired:
+            return await self._link_page(request, link, 400, error="A reason is required to deny: the agent is shown it.")
+        except NotAnApprover:
+            return self._link_problem(request, 403, "You may not decide this",
+                                      f"{link.approver} is not (or no longer) one of its approvers.")
+        except ApprovalError as exc:
+            return await self._link_page(request, link, 409, error=_sentence(str(exc)))
+        if approval.status.value == "pending":
+            done = f"Your approval is recorded ({approval.approvals_so_far} of {approval.quorum}); the call stays held until enough approvers agree."
+        elif approval.status.value == "approved":
+            done = "Approved. The agent's next identical call runs."
+        else:
+            done = "Denied. The agent is told your reason."
+        return await self._link_page(request, link, done=done)
+
     # -- signing in --------------------------------------------------------------
 
     async def signin_page(self, request: Request) -> Response:
@@ -375,6 +483,10 @@ class Inbox:
         response = self.back_to(request, "/")
         clear_session_cookie(response, request)
         return response
+
+
+class LinkAlreadyUsed(Exception):
+    """A decision link was spent by another request first (its decision is rolled back)."""
 
 
 def _sentence(text: str) -> str:

@@ -8,7 +8,8 @@ The inbox shows human tasks only. Its tabs:
 - **open** — posted, nobody has claimed them yet (``queued``);
 - **in progress** — claimed by anyone: being worked on (``working``), or
   waiting for the agent (``input_required``: a question or a hand-in);
-- **approvals** — tool calls the guard holds for a human (pending approvals);
+- **approvals** — tool calls the guard holds for a human (pending approvals),
+  only those the signed-in person may decide (their role, the rule's approvers);
 - **done** — completed, failed (expired) or cancelled, newest first.
 
 "needs reply" is a view of "in progress" for you, so a task can be counted in
@@ -131,18 +132,22 @@ def _note(row: TaskRow, me: str | None, agent_replied: bool) -> str:
     return row.status.value + (f" ({row.status_message})" if row.status_message else "")
 
 
-async def pending_approvals(app: App) -> list[Approval]:
+async def pending_approvals(app: App, me: str | None = None, role: str | None = None) -> list[Approval]:
+    """Pending approvals; with ``me``, only those ``me`` (with ``role``) may decide."""
     now = app.store.clock.now()
-    return [a for a in await app.guard.approvals.list(ApprovalStatus.PENDING) if a.status_at(now) == ApprovalStatus.PENDING]
+    return [
+        a for a in await app.guard.approvals.list(ApprovalStatus.PENDING)
+        if a.status_at(now) == ApprovalStatus.PENDING and (me is None or a.may_decide(me, role))
+    ]  # fmt: skip
 
 
-async def inbox_page(app: App, me: str, tab: str) -> InboxPage:
+async def inbox_page(app: App, me: str, tab: str, role: str = "worker") -> InboxPage:
     tab = tab if tab in TAB_NAMES else "needs_reply"
     active = await _human_tasks(app, S.WORKING, S.INPUT_REQUIRED)
     replied = await _back_with_claimer(app, active)
     needs = [r for r in active if r.status == S.WORKING and r.claimed_by == me and replied.get(r.id)]
     queued = await _human_tasks(app, S.QUEUED)
-    approvals = await pending_approvals(app)
+    approvals = await pending_approvals(app, me, role)
     done = await _human_tasks(app, S.COMPLETED, S.FAILED, S.CANCELLED, limit=DONE_LIMIT)
     counts = {
         "needs_reply": len(needs),

@@ -17,6 +17,8 @@ from typing import Any
 
 import anyio
 
+from worker_server.process_group import helper_env
+
 # A listing stays small however much a turn rewrote.
 MAX_FILES = 200
 GIT_TIMEOUT_S = 60.0
@@ -32,7 +34,7 @@ class GitError(Exception):
 async def _git(cwd: str, *args: str, env: dict[str, str] | None = None) -> str:
     with anyio.fail_after(GIT_TIMEOUT_S):
         proc = await anyio.run_process(
-            ["git", *args], cwd=cwd, env={**os.environ, **_ENV, **(env or {})}, check=False,
+            ["git", *args], cwd=cwd, env={**os.environ, **_ENV, **helper_env(), **(env or {})}, check=False,
             stdin=subprocess.DEVNULL,
         )
     if proc.returncode != 0:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import secrets
 import signal
 from collections.abc import Set as AbstractSet
 from collections.abc import Collection
@@ -26,6 +27,10 @@ import psutil
 logger = logging.getLogger(__name__)
 
 MARKER_ENV = "TASKWARDEN_TASK_ID"
+#: Set (to a value workers never see) on the helpers the server itself runs
+#: (git), which are children of ours like a turn's adopted escapees.
+HELPER_ENV = "TASKWARDEN_HELPER"
+_HELPER_TOKEN = secrets.token_hex(16)
 
 #: How long a worker gets between SIGTERM and SIGKILL.
 GRACE_S = 5.0
@@ -47,6 +52,11 @@ def become_subreaper() -> bool:
     if not _subreaper:
         logger.warning("could not become a child subreaper; escaped descendants are found by their marker only")
     return _subreaper
+
+
+def helper_env() -> dict[str, str]:
+    """Environment that marks a process as the server's own helper, never a turn's escapee."""
+    return {HELPER_ENV: _HELPER_TOKEN}
 
 
 def reap_adopted() -> None:
@@ -143,10 +153,25 @@ def _adopted(proc: psutil.Process, me: int, task_id: str, spare: Collection[int]
     try:
         if proc.ppid() != me or proc.pid in spare:
             return False
-        other = proc.environ().get(MARKER_ENV)
+        environ = proc.environ()
+        if MARKER_ENV not in environ:
+            # A fork of ours not yet (or just being) exec'd: another turn's
+            # worker or a helper being started, not an escapee. Read again in
+            # case it exec'd in between.
+            cmdline = proc.cmdline()
+            if not cmdline or cmdline == _own_cmdline():
+                return False
+            environ = proc.environ()
+        if environ.get(HELPER_ENV) == _HELPER_TOKEN:
+            return False  # a helper this daemon runs (git), not a turn's
+        other = environ.get(MARKER_ENV)
     except (psutil.Error, OSError):
         return False
     return other is None or other == task_id
+
+
+def _own_cmdline() -> list[str]:
+    return psutil.Process().cmdline()
 
 
 def _live_descendants(proc: psutil.Process) -> list[psutil.Process]:

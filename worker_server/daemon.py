@@ -29,6 +29,7 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 from anyio.streams.buffered import BufferedByteReceiveStream
+from mcp.server import Server
 from mcp.server.mcpserver import MCPServer
 from mcp.server.stdio import stdio_server
 
@@ -116,11 +117,21 @@ class _LineWriter:
         return None
 
 
-async def serve_session(mcp: MCPServer[Any], reader: _LineReader, writer: _LineWriter) -> None:
+def lowlevel_server(mcp: MCPServer[Any]) -> Server[Any]:
+    """The SDK low-level server behind ``mcp``, through its public surface.
+
+    MCPServer runs a session only on the process's own stdio; its low-level
+    ``Server.run`` runs one on any pair of streams. The public way to that
+    server is the StreamableHTTP session manager's ``app`` (MCPServer exposes
+    ``session_manager`` for such uses), which exists once an app is built;
+    the app itself is never served here.
+    """
+    mcp.streamable_http_app()
+    return mcp.session_manager.app
+
+
+async def serve_session(server: Server[Any], reader: _LineReader, writer: _LineWriter) -> None:
     """One MCP session over a connection, framed as stdio frames it."""
-    # MCPServer runs a session only on its own stdio; its low-level server
-    # runs one on any pair of streams (as the SDK's in-memory Client does).
-    server = mcp._lowlevel_server  # noqa: SLF001
     async with stdio_server(reader, writer) as (read_stream, write_stream):  # type: ignore[arg-type]
         await server.run(read_stream, write_stream, server.create_initialization_options())
 
@@ -129,6 +140,7 @@ class Daemon:
     def __init__(self, app: App, mcp: MCPServer[Any], directory: Path, lock_fd: int) -> None:
         self.app = app
         self.mcp = mcp
+        self._server = lowlevel_server(mcp)
         self.directory = directory
         self.socket = socket_path(directory)
         self._lock_fd: int | None = lock_fd
@@ -308,7 +320,7 @@ class Daemon:
         )
         self.sessions += 1
         try:
-            await serve_session(self.mcp, _LineReader(buffered), _LineWriter(stream))
+            await serve_session(self._server, _LineReader(buffered), _LineWriter(stream))
         finally:
             self.sessions -= 1
 

@@ -316,6 +316,38 @@ async def test_daemon_status_and_stop(ws: Workspace) -> None:
     assert ws.cli("daemon", "status", check=False).returncode == 1
 
 
+async def test_a_draining_daemon_refuses_new_turns_and_finishes_the_running_one(ws: Workspace) -> None:
+    go = ws.work / "go"
+    fwd = Forwarder(ws)
+    try:
+        fwd.initialize()
+        running = fwd.tool("spawn-task", {"prompt": f"wait-for {go}\nsay drained"})
+        done_before = fwd.tool("spawn-task", {"prompt": "say earlier", "worker": "shell"})
+        daemon = server_process(ws)
+        assert "once its turns finish" in ws.cli("daemon", "stop").stdout
+        # The open session is still served, but takes no new turn.
+        for name, arguments in (
+            ("spawn-task", {"prompt": "say too late"}),
+            ("message-task", {"task_id": done_before["task_id"], "message": "once more"}),
+        ):
+            refused = fwd.request("tools/call", {"name": name, "arguments": arguments})
+            assert refused["isError"], refused
+            assert refused["structuredContent"]["error"] == "unavailable"
+            assert "draining" in refused["content"][0]["text"], refused
+        assert fwd.tool("get-task", {"task_id": running["task_id"]})["status"] == "working"
+        assert json.loads(ws.cli("daemon", "status", "--json", check=False).stdout or "{}").get("pid") != daemon.pid
+        go.write_text("")
+        finished = fwd.tool("wait-task", {"task_ids": running["task_id"], "timeout_s": 30})
+        assert finished["tasks"][0]["status"] == "completed"
+        assert finished["tasks"][0]["output"]["final"] == "drained"
+        daemon.wait(20)  # drained: it exits on its own
+    finally:
+        fwd.close()
+    with sqlite3.connect(ws.db) as c:
+        titles = {row[0] for row in c.execute("SELECT title FROM tasks")}
+    assert "say too late" not in titles and _working_without_owner(ws.db) == []
+
+
 async def test_the_forwarder_imports_only_the_standard_library(ws: Workspace) -> None:
     init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
             "params": {"protocolVersion": LEGACY, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}

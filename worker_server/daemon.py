@@ -46,6 +46,10 @@ logger = logging.getLogger(__name__)
 #: Longest line (one JSON-RPC message) a connection may send.
 MAX_LINE = 32 * 1024 * 1024
 _HELLO_TIMEOUT_S = 10.0
+DRAINING = (
+    "the taskwarden daemon is draining (taskwarden daemon stop): it lets running turns finish and "
+    "starts no new ones; try again once it has exited (the next client starts a new daemon)"
+)
 
 
 class DaemonDirectoryError(RuntimeError):
@@ -193,6 +197,8 @@ class Daemon:
     def stop(self, now: bool) -> None:
         logger.info("stop requested (%s)", "now" if now else "drain")
         self.draining = True
+        # Sessions still open may go on reading and cancelling; new turns go to the next daemon.
+        self.app.intake.close(DRAINING)
         self._accepting.cancel()
         self._give_up_socket()
         if now:
@@ -299,7 +305,7 @@ class Daemon:
                     await reply({"ok": True, "pid": os.getpid()})
                 elif op == "mcp":
                     if self.draining:
-                        await reply({"ok": False, "error": "the daemon is stopping"})
+                        await reply({"ok": False, "error": DRAINING})
                         return
                     await reply({"ok": True, "pid": os.getpid(), "version": __version__})
                     await self._session(hello, buffered, stream)

@@ -26,6 +26,7 @@ from worker_server import __version__
 from worker_server.config import ConfigError, Settings
 from worker_server.humans import Humans
 from worker_server.identity import CallerResolver, TokenIdentities
+from worker_server.intake import Intake
 from worker_server.mcp_tasks import TaskMiddleware, TasksExtension
 from worker_server.protocol import ProtocolEdges
 from worker_server.runner import Runner
@@ -56,6 +57,8 @@ class App:
     guard: Guard
     callers: CallerResolver
     tasks: TasksExtension
+    # Closed by a draining daemon: new agent turns are refused.
+    intake: Intake
 
 
 @asynccontextmanager
@@ -85,7 +88,8 @@ async def open_app(
             if run_workers
             else None
         )  # fmt: skip
-        service = TaskService(store, runner, feed, settings, profiles)
+        intake = Intake()
+        service = TaskService(store, runner, feed, settings, profiles, intake)
         humans = Humans(store, feed, settings)
         humans.view = service.view
         service.humans = humans
@@ -104,7 +108,7 @@ async def open_app(
                 await tg.start(guard.serve)
                 await tg.start(tasks.watchers.serve)
             try:
-                yield App(settings, db, feed, store, runner, service, guard, callers, tasks)
+                yield App(settings, db, feed, store, runner, service, guard, callers, tasks, intake)
             finally:
                 tg.cancel_scope.cancel()
     finally:

@@ -421,3 +421,37 @@ def test_a_daemon_directory_of_ours_left_open_is_narrowed_and_a_writable_one_ref
     writable.chmod(0o777)
     with pytest.raises(DaemonDirectoryError):
         private_dir(writable / "db.daemon")
+
+
+def test_the_daemon_log_is_rotated_by_size_and_stderr_follows_it(tmp_path: Path) -> None:
+    import logging
+
+    from worker_server.daemon_log import DaemonLog
+
+    path = tmp_path / "daemon.log"
+    stray = os.open(os.devnull, os.O_WRONLY)  # stands in for fd 2
+    handler = DaemonLog(path, max_bytes=2000, backups=2, stderr_fd=stray)
+    log = logging.getLogger("rotation-test")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        for i in range(200):
+            log.warning("line %d %s", i, "x" * 40)
+        os.write(stray, b"a stray write\n")
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+        os.close(stray)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["daemon.log", "daemon.log.1", "daemon.log.2"]
+    assert all(p.stat().st_size <= 2100 for p in tmp_path.iterdir())
+    current = path.read_text()
+    assert "line 199" in current and current.endswith("a stray write\n")
+
+
+async def test_a_daemon_started_by_serve_logs_to_its_rotated_log(ws: Workspace) -> None:
+    async with stdio_client(ws) as client:
+        await call(client, "list-tasks", {})
+    daemon = server_process(ws)
+    assert "--log-file" in daemon.cmdline()
+    log = ws.root / "logs" / "daemon.log"
+    assert f"daemon (pid {daemon.pid})" in log.read_text()

@@ -75,6 +75,7 @@ async def open_app(
     db = await Database.open(settings.db_path)
     feed = ChangeFeed(settings.db_path)
     feed.start()
+    guard: Guard | None = None
     try:
         store = await Store.open(db, feed)
         profiles = settings.profiles()
@@ -112,6 +113,11 @@ async def open_app(
             finally:
                 tg.cancel_scope.cancel()
     finally:
+        if guard is not None:
+            # Every audit record queued so far is written before the database
+            # closes, whether or not guard.serve ran (it does only in background).
+            with anyio.CancelScope(shield=True):
+                await guard.audit.aclose()
         feed.close()
         await db.close()
 

@@ -14,6 +14,7 @@ turn's period started and that no other running turn owns.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import secrets
@@ -170,6 +171,7 @@ def _adopted(proc: psutil.Process, me: int, task_id: str, spare: Collection[int]
     return other is None or other == task_id
 
 
+@functools.cache
 def _own_cmdline() -> list[str]:
     return psutil.Process().cmdline()
 

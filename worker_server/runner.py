@@ -334,7 +334,7 @@ class Runner:
             log.close()
             if scratch is not None:
                 # Scratch lives as long as its turn.
-                await anyio.to_thread.run_sync(lambda: shutil.rmtree(scratch, ignore_errors=True))
+                await anyio.to_thread.run_sync(_remove_scratch, scratch)
 
     async def _terminate(self, task_id: str, pid: int, started: float) -> None:
         # bwrap dies at once on SIGTERM, taking its PID namespace with it: the
@@ -497,6 +497,13 @@ class Runner:
         # nothing it started may outlive it, escapees from its group included.
         if outcome == "exited":
             await self._terminate(task.id, proc.pid, started)
+
+
+def _remove_scratch(scratch: Path) -> None:
+    try:
+        scratch.rmdir()  # most turns leave it empty: one call
+    except OSError:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _merge_events(older: list[WorkerEvent], newer: list[WorkerEvent]) -> list[WorkerEvent]:

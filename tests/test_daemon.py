@@ -455,3 +455,78 @@ async def test_a_daemon_started_by_serve_logs_to_its_rotated_log(ws: Workspace) 
     assert "--log-file" in daemon.cmdline()
     log = ws.root / "logs" / "daemon.log"
     assert f"daemon (pid {daemon.pid})" in log.read_text()
+
+
+def _fill(disk: Path) -> Path:
+    """Fill ``disk`` to the last byte; the filler file is returned for freeing it again."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for size in (65536, 4096, 512, 1):  # down to the last partial block
+            try:
+                while f.write(b"\0" * size):
+                    pass
+            except OSError:
+                pass
+    return filler
+
+
+async def test_a_full_database_disk_fails_the_turn_and_the_daemon_serves_on(tmp_path: Path, small_disk: Path) -> None:
+    ws = Workspace(tmp_path)
+    db = small_disk / "taskwarden.db"
+    logs = tmp_path / "logs"
+    ws.config.write_text(
+        ws.config.read_text()
+        .replace(f"db = {json.dumps(str(ws.db))}", f"db = {json.dumps(str(db))}\nlog_dir = {json.dumps(str(logs))}")
+    )
+    go = ws.work / "go"
+    fwd = Forwarder(ws)
+    try:
+        fwd.initialize()
+        kept = fwd.tool("spawn-task", {"prompt": "say committed before"})
+        assert fwd.tool("wait-task", {"task_ids": kept["task_id"], "timeout_s": 30})["tasks"][0]["status"] == "completed"
+        started = ws.work / "started"
+        running = fwd.tool("spawn-task", {"prompt": f"pid {started}\nwait-for {go}\nsay too late to record"})
+        await wait_until(lambda: started.exists() and started.read_text())
+        await wait_until(lambda: fwd.tool("get-task", {"task_id": running["task_id"]})["status"] == "working")
+        filler = _fill(small_disk)
+        # New work cannot be recorded: a clear error, and the session goes on.
+        refused = None
+        for _ in range(20):
+            fwd._next += 1
+            fwd.send({"jsonrpc": "2.0", "id": fwd._next, "method": "tools/call",
+                      "params": {"name": "spawn-task", "arguments": {"prompt": "say " + "x" * 90_000}}})  # fmt: skip
+            answer = _answer(fwd)
+            if "error" in answer or answer["result"].get("isError"):
+                refused = answer
+                break
+        assert refused is not None, "twenty large spawns fitted on a full disk"
+        assert "full" in json.dumps(refused), refused
+        assert fwd.tool("list-tasks", {})["tasks"], "the daemon still answers"
+        assert json.loads(ws.cli("daemon", "status", "--json").stdout)["running"] is True
+        # The running turn ends while nothing can be written.
+        go.write_text("")
+        time.sleep(2)
+        assert fwd.tool("list-tasks", {})["tasks"]
+        filler.unlink()
+        ended = fwd.tool("wait-task", {"task_ids": running["task_id"], "timeout_s": 30})["tasks"][0]
+        assert ended["status"] == "failed", ended
+        assert "database or disk is full" in ended["status_message"], ended["status_message"]
+        again = fwd.tool("spawn-task", {"prompt": "say room again"})
+        done = fwd.tool("wait-task", {"task_ids": again["task_id"], "timeout_s": 30})["tasks"][0]
+        assert done["status"] == "completed" and done["output"]["final"] == "room again"
+        assert fwd.tool("get-task", {"task_id": kept["task_id"]})["output"]["final"] == "committed before"
+    finally:
+        fwd.close()
+        stop_daemons(tmp_path)
+    with sqlite3.connect(db) as c:
+        assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def _answer(fwd: Forwarder) -> dict[str, Any]:
+    assert fwd.proc.stdout is not None
+    while True:
+        line = fwd.proc.stdout.readline()
+        assert line, "the forwarder closed stdout"
+        message = json.loads(line)
+        if message.get("id") == fwd._next:
+            return message

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -46,6 +47,9 @@ ACTIVITY_FLUSH_S = 1.0
 DRAIN_S = 2.0
 
 INTERRUPTED = "interrupted: server restarted"
+# While the database cannot be written (a full disk), how often to try again.
+RETRY_S = 1.0
+RETRY_MAX_S = 10.0
 
 
 def current_owner() -> tuple[int, float]:
@@ -147,13 +151,20 @@ class Runner:
                 checked = time.monotonic()
                 while True:
                     since = self.feed.generation
-                    await self._honour_cancel_requests()
-                    await self.schedule()
-                    # Now and then, look for servers sharing the database that
-                    # died, leaving turns "working" and their slots taken.
-                    if time.monotonic() - checked >= self.reconcile_s:
-                        checked = time.monotonic()
-                        await self.reconcile()
+                    try:
+                        await self._honour_cancel_requests()
+                        await self.schedule()
+                        # Now and then, look for servers sharing the database that
+                        # died, leaving turns "working" and their slots taken.
+                        if time.monotonic() - checked >= self.reconcile_s:
+                            checked = time.monotonic()
+                            await self.reconcile()
+                            continue
+                    except Exception as exc:
+                        # A database that cannot be written (a full disk) stops
+                        # scheduling for a while, never the server.
+                        logger.error("scheduling failed: %s; trying again in %.0f s", exc, RETRY_S)
+                        await anyio.sleep(RETRY_S)
                         continue
                     # Woken by any write to the database, here or elsewhere.
                     await self.feed.wait(since, timeout=checked + self.reconcile_s - time.monotonic())
@@ -227,19 +238,24 @@ class Runner:
         except Exception as exc:
             logger.exception("task %s: the runner failed", task.id)
             # A full disk (the log, the database) fails this turn, not the daemon.
-            message = "internal error: see the server log"
-            cause = _os_error(exc)
-            if cause is not None and cause.strerror:
-                message = f"failed: {cause.strerror}" + (f": {cause.filename}" if cause.filename else "")
-            try:
-                await self.store.finish(task.id, TaskStatus.FAILED, message=message)
-            except Exception:
-                logger.exception("task %s: could not record that it failed", task.id)
+            await self._record_failure(task.id, _failure_cause(exc))
         finally:
             # The store write that ended the turn already woke the scheduler
             # (slots are counted in the store): nothing more to announce.
             self._running.pop(task.id, None)
             turn.done.set()
+
+    async def _record_failure(self, task_id: str, message: str) -> None:
+        """End the turn failed; while the database cannot be written, keep trying."""
+        delay = RETRY_S
+        while True:
+            try:
+                await self.store.finish(task_id, TaskStatus.FAILED, message=message)
+                return
+            except Exception as exc:
+                logger.error("task %s: could not record that it failed (%s); trying again in %.0f s", task_id, exc, delay)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
 
     async def _execute(self, turn: RunningTurn) -> None:
         task = turn.task
@@ -376,13 +392,13 @@ class Runner:
             if now - flushed_at >= ACTIVITY_FLUSH_S and self._tg is not None:
                 flushed_at = now
                 log.flush()  # the log resource shows the turn so far
-                self._tg.start_soon(self.store.set_activity, task.id, line, turn.tail.text(50))
+                self._tg.start_soon(_quietly, self.store.set_activity, task.id, line, turn.tail.text(50))
 
         def on_stdout(events: list[WorkerEvent]) -> None:
             for event in events:
                 if event.kind == "session":
                     if self._tg is not None:
-                        self._tg.start_soon(self.store.set_worker_session, task.session_id, event.text)
+                        self._tg.start_soon(_quietly, self.store.set_worker_session, task.session_id, event.text)
                 elif event.kind == "failure":
                     failure.append(event.text)
                     activity(f"error: {event.text}")
@@ -395,7 +411,7 @@ class Runner:
                         meter.poke()
                     if self._tg is not None and event.usage is not None:
                         # Readable (and countable) while the turn still runs.
-                        self._tg.start_soon(self.store.set_usage, task.id, event.usage)
+                        self._tg.start_soon(_quietly, self.store.set_usage, task.id, event.usage)
                 elif event.kind == "activity":
                     activity(event.text)
 
@@ -524,6 +540,40 @@ def _merge_events(older: list[WorkerEvent], newer: list[WorkerEvent]) -> list[Wo
 
 def _merge_lines(older: list[str], newer: list[str]) -> list[str]:
     return (older + newer)[-TAIL_LINES:]
+
+
+async def _quietly(write: Callable[..., Awaitable[object]], *args: object) -> None:
+    """A write while a turn runs (activity, usage): losing one must not stop the runner."""
+    try:
+        await write(*args)
+    except Exception as exc:
+        logger.warning("could not record a turn's progress: %s", exc)
+
+
+def _failure_cause(exc: BaseException) -> str:
+    """What a turn that broke down says: the OS's or the database's own words when there are any."""
+    cause = _os_error(exc)
+    if cause is not None and cause.strerror:
+        return f"failed: {cause.strerror}" + (f": {cause.filename}" if cause.filename else "")
+    db_error = _found(exc, sqlite3.Error)
+    if db_error is not None:
+        return f"failed: the database could not be written: {db_error}"
+    return "internal error: see the server log"
+
+
+def _found(exc: BaseException, kind: type[BaseException], depth: int = 0) -> BaseException | None:
+    """The first ``kind`` in ``exc``, its task-group members, or its causes (a few levels deep)."""
+    if isinstance(exc, kind):
+        return exc
+    if depth > 8:
+        return None
+    inner: list[BaseException] = list(exc.exceptions) if isinstance(exc, BaseExceptionGroup) else []
+    inner += [e for e in (exc.__cause__, exc.__context__) if e is not None]
+    for e in inner:
+        found = _found(e, kind, depth + 1)
+        if found is not None:
+            return found
+    return None
 
 
 def _os_error(exc: BaseException) -> OSError | None:

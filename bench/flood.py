@@ -22,7 +22,7 @@ batch while the flood runs (the worker is cancelled right after the batch, so
 every flooded call ran against a printing worker; a round whose worker ended
 before its batch did is counted and reported). `flood_p99_ratio` = p99 of
 the flooded calls ÷ p99 of the idle calls, over every call of every round.
-The daemon's CPU time is read from /proc around the flooded batches."""
+"""
 
 MiB = 1024 * 1024
 FLOOD = "yes | head -c {bytes}"

@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import select
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -29,6 +30,8 @@ READ_SIZE = 1024 * 1024
 PIPE_SIZE = 1024 * 1024
 #: While output keeps coming, parsed lines reach the event loop this often.
 DELIVER_EVERY_S = 0.02
+#: How long a cancelled pump waits for its thread to stop.
+STOP_WAIT_S = 2.0
 TAIL_LINES = 500
 TAIL_LINE_CHARS = 2000
 
@@ -153,36 +156,58 @@ class OutputPump(Generic[T]):
         self._log = log
         self._splitter = splitter
         self._stop_r, self._stop_w = os.pipe()
-        self._closed = False
+        self._started = False
+        self._finished = threading.Event()
         with contextlib.suppress(OSError):  # a bigger pipe: fewer, larger reads
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
     async def run(self, parse: Callable[[list[str]], T], merge: Callable[[T, T], T], deliver: Callable[[T], None]) -> None:
-        """Pump until EOF or ``stop``, then close. Raises what the log write raised."""
+        """Pump until EOF or ``stop``. Raises what the log write raised.
+
+        Cancelled, it stops the thread and waits a moment for it: a worker's
+        descendant holding the pipe open must not keep a thread reading.
+        """
+        self._started = True
         try:
             # Its own limiter: a thread per pump, never queued behind others.
             await anyio.to_thread.run_sync(
-                lambda: self._pump(parse, merge, deliver), limiter=anyio.CapacityLimiter(1)
+                self._pump, parse, merge, deliver, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1)
             )
-        finally:
-            self.close()
+        except BaseException:
+            self.stop()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_WAIT_S):
+                while not self._finished.is_set():
+                    await anyio.sleep(0.01)
+            raise
 
     def stop(self) -> None:
         """Make the thread return soon, whether or not the pipe has ended (from the loop)."""
-        if not self._closed:
+        if not self._finished.is_set():
             with contextlib.suppress(OSError):
                 os.write(self._stop_w, b"x")
 
     def close(self) -> None:
-        """Close the pipe (once; a pump that never ran too)."""
-        if self._closed:
-            return
-        self._closed = True
+        """Close the pipe of a pump that never ran (one that ran closes its own, in its thread)."""
+        if not self._started:
+            self._started = True
+            self._close_fds()
+
+    def _close_fds(self) -> None:
         for fd in (self._fd, self._stop_r, self._stop_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
     def _pump(self, parse: Callable[[list[str]], T], merge: Callable[[T, T], T], deliver: Callable[[T], None]) -> None:
+        try:
+            self._read_until_end(parse, merge, deliver)
+        finally:
+            # Closed here, never under a poll still running in this thread.
+            self._close_fds()
+            self._finished.set()
+
+    def _read_until_end(
+        self, parse: Callable[[list[str]], T], merge: Callable[[T, T], T], deliver: Callable[[T], None]
+    ) -> None:
         poller = select.poll()
         poller.register(self._fd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)

@@ -49,6 +49,18 @@ class Forwarder:
         self.proc.stdin.write(json.dumps(message).encode() + b"\n")
         self.proc.stdin.flush()
 
+    def message(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """The whole answer to a request: its result or its JSON-RPC error."""
+        self._next += 1
+        self.send({"jsonrpc": "2.0", "id": self._next, "method": method, "params": params})
+        assert self.proc.stdout is not None
+        while True:
+            line = self.proc.stdout.readline()
+            assert line, "the forwarder closed stdout"
+            message = json.loads(line)
+            if message.get("id") == self._next:
+                return message
+
     def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         self._next += 1
         self.send({"jsonrpc": "2.0", "id": self._next, "method": method, "params": params})
@@ -492,10 +504,7 @@ async def test_a_full_database_disk_fails_the_turn_and_the_daemon_serves_on(tmp_
         # New work cannot be recorded: a clear error, and the session goes on.
         refused = None
         for _ in range(20):
-            fwd._next += 1
-            fwd.send({"jsonrpc": "2.0", "id": fwd._next, "method": "tools/call",
-                      "params": {"name": "spawn-task", "arguments": {"prompt": "say " + "x" * 90_000}}})  # fmt: skip
-            answer = _answer(fwd)
+            answer = fwd.message("tools/call", {"name": "spawn-task", "arguments": {"prompt": "say " + "x" * 90_000}})
             if "error" in answer or answer["result"].get("isError"):
                 refused = answer
                 break
@@ -521,12 +530,3 @@ async def test_a_full_database_disk_fails_the_turn_and_the_daemon_serves_on(tmp_
     with sqlite3.connect(db) as c:
         assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
-
-def _answer(fwd: Forwarder) -> dict[str, Any]:
-    assert fwd.proc.stdout is not None
-    while True:
-        line = fwd.proc.stdout.readline()
-        assert line, "the forwarder closed stdout"
-        message = json.loads(line)
-        if message.get("id") == fwd._next:
-            return message

@@ -21,7 +21,7 @@ from typing import Any
 
 import anyio
 
-from bench import agent_cli, approval, cold_start, guard_overhead, limits, memory, proxy_overhead, spawn, wake
+from bench import agent_cli, approval, cold_start, flood, guard_overhead, limits, memory, proxy_overhead, spawn, wake
 from bench.core import Section, Sizes, progress
 from bench.machine import ROOT, describe
 from bench.report import render, write
@@ -38,6 +38,7 @@ MODULES: dict[str, ModuleType] = {
     "approval": approval,
     "spawn": spawn,
     "agent_cli": agent_cli,
+    "flood": flood,
     "memory": memory,
 }
 DEFAULT_REPORT = ROOT / "docs" / "BENCHMARKS.md"

@@ -33,6 +33,9 @@ class Sizes:
     rss_tasks: int  # tasks in the store for the "10k tasks" reading
     rss_running: int  # of which running
     flood_mb: int
+    flood_rounds: int  # idle / flooded pairs of list-tasks batches
+    flood_calls: int  # list-tasks calls per batch
+    flood_round_mb: int  # the most a flood worker may print in one round
     cold_samples: int
     approval_samples: int
 
@@ -50,6 +53,9 @@ class Sizes:
             rss_tasks=10_000,
             rss_running=50,
             flood_mb=1024,
+            flood_rounds=6,
+            flood_calls=100,
+            flood_round_mb=1024,
             cold_samples=10,
             approval_samples=20,
         )
@@ -68,6 +74,9 @@ class Sizes:
             rss_tasks=1_000,
             rss_running=10,
             flood_mb=64,
+            flood_rounds=2,
+            flood_calls=20,
+            flood_round_mb=64,
             cold_samples=3,
             approval_samples=3,
         )

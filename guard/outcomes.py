@@ -26,6 +26,7 @@ ErrorKind = Literal[
     "approval_denied",
     "approval_expired",
     "budget_exhausted",
+    "unavailable",
 ]
 
 # The structured content of every refusal, as JSON Schema. Written by hand
@@ -126,6 +127,8 @@ class Refusal:
             case "budget_exhausted":
                 after = f"; retry after {self.retry_after_s:.1f} s" if self.retry_after_s is not None else ""
                 return f"budget_exhausted: {self.tool}: {self.reason}{after}."
+            case "unavailable":
+                return f"unavailable: {self.tool}: {self.reason}"
             case _:
                 return f"policy_denied: {self.tool} is not allowed: {self.reason}"
 

@@ -49,6 +49,18 @@ class Forwarder:
         self.proc.stdin.write(json.dumps(message).encode() + b"\n")
         self.proc.stdin.flush()
 
+    def message(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """The whole answer to a request: its result or its JSON-RPC error."""
+        self._next += 1
+        self.send({"jsonrpc": "2.0", "id": self._next, "method": method, "params": params})
+        assert self.proc.stdout is not None
+        while True:
+            line = self.proc.stdout.readline()
+            assert line, "the forwarder closed stdout"
+            message = json.loads(line)
+            if message.get("id") == self._next:
+                return message
+
     def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         self._next += 1
         self.send({"jsonrpc": "2.0", "id": self._next, "method": method, "params": params})
@@ -316,6 +328,38 @@ async def test_daemon_status_and_stop(ws: Workspace) -> None:
     assert ws.cli("daemon", "status", check=False).returncode == 1
 
 
+async def test_a_draining_daemon_refuses_new_turns_and_finishes_the_running_one(ws: Workspace) -> None:
+    go = ws.work / "go"
+    fwd = Forwarder(ws)
+    try:
+        fwd.initialize()
+        running = fwd.tool("spawn-task", {"prompt": f"wait-for {go}\nsay drained"})
+        done_before = fwd.tool("spawn-task", {"prompt": "say earlier", "worker": "shell"})
+        daemon = server_process(ws)
+        assert "once its turns finish" in ws.cli("daemon", "stop").stdout
+        # The open session is still served, but takes no new turn.
+        for name, arguments in (
+            ("spawn-task", {"prompt": "say too late"}),
+            ("message-task", {"task_id": done_before["task_id"], "message": "once more"}),
+        ):
+            refused = fwd.request("tools/call", {"name": name, "arguments": arguments})
+            assert refused["isError"], refused
+            assert refused["structuredContent"]["error"] == "unavailable"
+            assert "draining" in refused["content"][0]["text"], refused
+        assert fwd.tool("get-task", {"task_id": running["task_id"]})["status"] == "working"
+        assert json.loads(ws.cli("daemon", "status", "--json", check=False).stdout or "{}").get("pid") != daemon.pid
+        go.write_text("")
+        finished = fwd.tool("wait-task", {"task_ids": running["task_id"], "timeout_s": 30})
+        assert finished["tasks"][0]["status"] == "completed"
+        assert finished["tasks"][0]["output"]["final"] == "drained"
+        daemon.wait(20)  # drained: it exits on its own
+    finally:
+        fwd.close()
+    with sqlite3.connect(ws.db) as c:
+        titles = {row[0] for row in c.execute("SELECT title FROM tasks")}
+    assert "say too late" not in titles and _working_without_owner(ws.db) == []
+
+
 async def test_the_forwarder_imports_only_the_standard_library(ws: Workspace) -> None:
     init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
             "params": {"protocolVersion": LEGACY, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
@@ -389,3 +433,100 @@ def test_a_daemon_directory_of_ours_left_open_is_narrowed_and_a_writable_one_ref
     writable.chmod(0o777)
     with pytest.raises(DaemonDirectoryError):
         private_dir(writable / "db.daemon")
+
+
+def test_the_daemon_log_is_rotated_by_size_and_stderr_follows_it(tmp_path: Path) -> None:
+    import logging
+
+    from worker_server.daemon_log import DaemonLog
+
+    path = tmp_path / "daemon.log"
+    stray = os.open(os.devnull, os.O_WRONLY)  # stands in for fd 2
+    handler = DaemonLog(path, max_bytes=2000, backups=2, stderr_fd=stray)
+    log = logging.getLogger("rotation-test")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        for i in range(200):
+            log.warning("line %d %s", i, "x" * 40)
+        os.write(stray, b"a stray write\n")
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+        os.close(stray)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["daemon.log", "daemon.log.1", "daemon.log.2"]
+    assert all(p.stat().st_size <= 2100 for p in tmp_path.iterdir())
+    current = path.read_text()
+    assert "line 199" in current and current.endswith("a stray write\n")
+
+
+async def test_a_daemon_started_by_serve_logs_to_its_rotated_log(ws: Workspace) -> None:
+    async with stdio_client(ws) as client:
+        await call(client, "list-tasks", {})
+    daemon = server_process(ws)
+    assert "--log-file" in daemon.cmdline()
+    log = ws.root / "logs" / "daemon.log"
+    assert f"daemon (pid {daemon.pid})" in log.read_text()
+
+
+def _fill(disk: Path) -> Path:
+    """Fill ``disk`` to the last byte; the filler file is returned for freeing it again."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for size in (65536, 4096, 512, 1):  # down to the last partial block
+            try:
+                while f.write(b"\0" * size):
+                    pass
+            except OSError:
+                pass
+    return filler
+
+
+async def test_a_full_database_disk_fails_the_turn_and_the_daemon_serves_on(tmp_path: Path, small_disk: Path) -> None:
+    ws = Workspace(tmp_path)
+    db = small_disk / "taskwarden.db"
+    logs = tmp_path / "logs"
+    ws.config.write_text(
+        ws.config.read_text()
+        .replace(f"db = {json.dumps(str(ws.db))}", f"db = {json.dumps(str(db))}\nlog_dir = {json.dumps(str(logs))}")
+    )
+    go = ws.work / "go"
+    fwd = Forwarder(ws)
+    try:
+        fwd.initialize()
+        kept = fwd.tool("spawn-task", {"prompt": "say committed before"})
+        assert fwd.tool("wait-task", {"task_ids": kept["task_id"], "timeout_s": 30})["tasks"][0]["status"] == "completed"
+        started = ws.work / "started"
+        running = fwd.tool("spawn-task", {"prompt": f"pid {started}\nwait-for {go}\nsay too late to record"})
+        await wait_until(lambda: started.exists() and started.read_text())
+        await wait_until(lambda: fwd.tool("get-task", {"task_id": running["task_id"]})["status"] == "working")
+        filler = _fill(small_disk)
+        # New work cannot be recorded: a clear error, and the session goes on.
+        refused = None
+        for _ in range(20):
+            answer = fwd.message("tools/call", {"name": "spawn-task", "arguments": {"prompt": "say " + "x" * 90_000}})
+            if "error" in answer or answer["result"].get("isError"):
+                refused = answer
+                break
+        assert refused is not None, "twenty large spawns fitted on a full disk"
+        assert "full" in json.dumps(refused), refused
+        assert fwd.tool("list-tasks", {})["tasks"], "the daemon still answers"
+        assert json.loads(ws.cli("daemon", "status", "--json").stdout)["running"] is True
+        # The running turn ends while nothing can be written.
+        go.write_text("")
+        time.sleep(2)
+        assert fwd.tool("list-tasks", {})["tasks"]
+        filler.unlink()
+        ended = fwd.tool("wait-task", {"task_ids": running["task_id"], "timeout_s": 30})["tasks"][0]
+        assert ended["status"] == "failed", ended
+        assert "database or disk is full" in ended["status_message"], ended["status_message"]
+        again = fwd.tool("spawn-task", {"prompt": "say room again"})
+        done = fwd.tool("wait-task", {"task_ids": again["task_id"], "timeout_s": 30})["tasks"][0]
+        assert done["status"] == "completed" and done["output"]["final"] == "room again"
+        assert fwd.tool("get-task", {"task_id": kept["task_id"]})["output"]["final"] == "committed before"
+    finally:
+        fwd.close()
+        stop_daemons(tmp_path)
+    with sqlite3.connect(db) as c:
+        assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+

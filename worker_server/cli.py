@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     ))
     _common(d_run)
     d_run.add_argument("--policy", metavar="FILE", help="policy file (default: the built-in policy)")
+    d_run.add_argument(
+        "--log-file", metavar="FILE",
+        help="log to FILE, rotated by size (10 MiB, 3 kept), instead of stderr; `serve` starts the daemon so",
+    )  # fmt: skip
     d_status = daemon.add_parser("status", help="is the daemon running; its sessions and turns")
     _common(d_status)
     d_status.add_argument("--json", action="store_true", help="print JSON")
@@ -459,6 +463,12 @@ def _daemon(args: argparse.Namespace) -> int:
         from worker_server.daemon import run_daemon
 
         settings = _settings(args, policy=args.policy)
+        if args.log_file:
+            from pathlib import Path
+
+            from worker_server.daemon_log import log_to
+
+            log_to(Path(args.log_file).expanduser())
         return anyio.run(run_daemon, settings)
     directory = forwarder.daemon_dir(_settings(args).db_path)
     if args.daemon_command == "status":

@@ -29,6 +29,7 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 from anyio.streams.buffered import BufferedByteReceiveStream
+from mcp.server import Server
 from mcp.server.mcpserver import MCPServer
 from mcp.server.stdio import stdio_server
 
@@ -45,6 +46,10 @@ logger = logging.getLogger(__name__)
 #: Longest line (one JSON-RPC message) a connection may send.
 MAX_LINE = 32 * 1024 * 1024
 _HELLO_TIMEOUT_S = 10.0
+DRAINING = (
+    "the taskwarden daemon is draining (taskwarden daemon stop): it lets running turns finish and "
+    "starts no new ones; try again once it has exited (the next client starts a new daemon)"
+)
 
 
 class DaemonDirectoryError(RuntimeError):
@@ -116,11 +121,21 @@ class _LineWriter:
         return None
 
 
-async def serve_session(mcp: MCPServer[Any], reader: _LineReader, writer: _LineWriter) -> None:
+def lowlevel_server(mcp: MCPServer[Any]) -> Server[Any]:
+    """The SDK low-level server behind ``mcp``, through its public surface.
+
+    MCPServer runs a session only on the process's own stdio; its low-level
+    ``Server.run`` runs one on any pair of streams. The public way to that
+    server is the StreamableHTTP session manager's ``app`` (MCPServer exposes
+    ``session_manager`` for such uses), which exists once an app is built;
+    the app itself is never served here.
+    """
+    mcp.streamable_http_app()
+    return mcp.session_manager.app
+
+
+async def serve_session(server: Server[Any], reader: _LineReader, writer: _LineWriter) -> None:
     """One MCP session over a connection, framed as stdio frames it."""
-    # MCPServer runs a session only on its own stdio; its low-level server
-    # runs one on any pair of streams (as the SDK's in-memory Client does).
-    server = mcp._lowlevel_server  # noqa: SLF001
     async with stdio_server(reader, writer) as (read_stream, write_stream):  # type: ignore[arg-type]
         await server.run(read_stream, write_stream, server.create_initialization_options())
 
@@ -129,6 +144,7 @@ class Daemon:
     def __init__(self, app: App, mcp: MCPServer[Any], directory: Path, lock_fd: int) -> None:
         self.app = app
         self.mcp = mcp
+        self._server = lowlevel_server(mcp)
         self.directory = directory
         self.socket = socket_path(directory)
         self._lock_fd: int | None = lock_fd
@@ -181,6 +197,8 @@ class Daemon:
     def stop(self, now: bool) -> None:
         logger.info("stop requested (%s)", "now" if now else "drain")
         self.draining = True
+        # Sessions still open may go on reading and cancelling; new turns go to the next daemon.
+        self.app.intake.close(DRAINING)
         self._accepting.cancel()
         self._give_up_socket()
         if now:
@@ -287,7 +305,7 @@ class Daemon:
                     await reply({"ok": True, "pid": os.getpid()})
                 elif op == "mcp":
                     if self.draining:
-                        await reply({"ok": False, "error": "the daemon is stopping"})
+                        await reply({"ok": False, "error": DRAINING})
                         return
                     await reply({"ok": True, "pid": os.getpid(), "version": __version__})
                     await self._session(hello, buffered, stream)
@@ -308,7 +326,7 @@ class Daemon:
         )
         self.sessions += 1
         try:
-            await serve_session(self.mcp, _LineReader(buffered), _LineWriter(stream))
+            await serve_session(self._server, _LineReader(buffered), _LineWriter(stream))
         finally:
             self.sessions -= 1
 

@@ -31,6 +31,9 @@ class WorkerEvent:
 
 
 class EventReader(Protocol):
+    #: Whether every line counts (events), or only the latest ones (plain text).
+    every_line: bool
+
     def feed(self, line: str) -> list[WorkerEvent]: ...
 
     def final(self) -> str | None:
@@ -79,6 +82,8 @@ class CodexReader:
     A top-level ``error`` is a notice: Codex prints "Reconnecting... 1/5" that
     way and then carries on. The turn fails on ``turn.failed`` (or exit status).
     """
+
+    every_line = True
 
     def __init__(self) -> None:
         self._final: str | None = None
@@ -136,6 +141,8 @@ class ClaudeReader:
     output counts are low) until ``result`` gives the turn's whole usage and cost.
     """
 
+    every_line = True
+
     def __init__(self) -> None:
         self._final: str | None = None
         self._last_text: str | None = None
@@ -190,6 +197,8 @@ class TextReader:
     # The final output is capped later anyway; keep only what could be shown.
     KEEP_LINES = 200
     KEEP_CHARS = 64 * 1024
+    # Every line is activity and only the last ones are kept or shown.
+    every_line = False
 
     def __init__(self) -> None:
         self._lines: deque[str] = deque()

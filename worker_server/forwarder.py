@@ -166,12 +166,15 @@ def start_daemon(
 ) -> subprocess.Popen[bytes]:
     """Start ``taskwarden daemon run`` detached: its own session, stdio on /dev/null, log in the log dir."""
     log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = log_dir / "daemon.log"
     argv = [sys.executable, "-m", "worker_server", "daemon", "run", "--db", str(db.resolve())]
+    argv += ["--log-file", str(log_file.resolve())]
     if config is not None:
         argv += ["--config", str(config.resolve())]
     if policy:
         argv += ["--policy", str(Path(policy).expanduser().resolve())]
-    with open(log_dir / "daemon.log", "ab") as log:
+    # stderr too, for what happens before the daemon's own (rotated) log is set up.
+    with open(log_file, "ab") as log:
         return subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
             close_fds=True,

@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 
-from worker_server.process_group import HELPER_ENV
+from worker_server.process_group import helper_env
 
 # A listing stays small however much a turn rewrote.
 MAX_FILES = 200
@@ -34,7 +34,7 @@ class GitError(Exception):
 async def _git(cwd: str, *args: str, env: dict[str, str] | None = None) -> str:
     with anyio.fail_after(GIT_TIMEOUT_S):
         proc = await anyio.run_process(
-            ["git", *args], cwd=cwd, env={**os.environ, **_ENV, HELPER_ENV: "git", **(env or {})}, check=False,
+            ["git", *args], cwd=cwd, env={**os.environ, **_ENV, **helper_env(), **(env or {})}, check=False,
             stdin=subprocess.DEVNULL,
         )
     if proc.returncode != 0:
@@ -44,12 +44,23 @@ async def _git(cwd: str, *args: str, env: dict[str, str] | None = None) -> str:
 
 async def toplevel(cwd: str) -> str | None:
     """The root of the git work tree ``cwd`` lies in, or None."""
+    if not _may_be_in_work_tree(cwd):
+        return None  # spares a git process per turn outside any repository
     try:
         out = await _git(cwd, "rev-parse", "--is-inside-work-tree", "--show-toplevel")
     except (GitError, OSError):
         return None
     lines = out.splitlines()
     return lines[1] if len(lines) == 2 and lines[0] == "true" else None
+
+
+def _may_be_in_work_tree(cwd: str) -> bool:
+    """False only when git certainly sees no work tree: no ``.git`` in ``cwd`` or
+    above, and no environment that points git elsewhere."""
+    if any(name in os.environ for name in ("GIT_DIR", "GIT_WORK_TREE", "GIT_CEILING_DIRECTORIES")):
+        return True
+    path = Path(cwd).absolute()
+    return any((directory / ".git").exists() for directory in (path, *path.parents))
 
 
 async def snapshot(cwd: str) -> str | None:

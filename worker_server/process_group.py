@@ -14,10 +14,11 @@ turn's period started and that no other running turn owns.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
+import secrets
 import signal
-import time
 from collections.abc import Set as AbstractSet
 from collections.abc import Collection
 
@@ -27,15 +28,15 @@ import psutil
 logger = logging.getLogger(__name__)
 
 MARKER_ENV = "TASKWARDEN_TASK_ID"
-#: Set on the daemon's own helpers (git): children of ours, but never a turn's escapees.
+#: Set (to a value workers never see) on the helpers the server itself runs
+#: (git), which are children of ours like a turn's adopted escapees.
 HELPER_ENV = "TASKWARDEN_HELPER"
+_HELPER_TOKEN = secrets.token_hex(16)
 
 #: How long a worker gets between SIGTERM and SIGKILL.
 GRACE_S = 5.0
 
 _PR_SET_CHILD_SUBREAPER = 36
-#: Looks, 5 ms apart, for a child between fork and exec to finish exec'ing.
-_EXEC_LOOKS = 40
 _subreaper = False
 #: Children of ours seen as zombies in the last sweep (see reap_adopted).
 _zombies: set[int] = set()
@@ -52,6 +53,11 @@ def become_subreaper() -> bool:
     if not _subreaper:
         logger.warning("could not become a child subreaper; escaped descendants are found by their marker only")
     return _subreaper
+
+
+def helper_env() -> dict[str, str]:
+    """Environment that marks a process as the server's own helper, never a turn's escapee."""
+    return {HELPER_ENV: _HELPER_TOKEN}
 
 
 def reap_adopted() -> None:
@@ -148,27 +154,26 @@ def _adopted(proc: psutil.Process, me: int, task_id: str, spare: Collection[int]
     try:
         if proc.ppid() != me or proc.pid in spare:
             return False
-        cmdline, environ = _after_exec(proc)
-        if HELPER_ENV in environ or cmdline == psutil.Process(me).cmdline():
-            return False
+        environ = proc.environ()
+        if MARKER_ENV not in environ:
+            # A fork of ours not yet (or just being) exec'd: another turn's
+            # worker or a helper being started, not an escapee. Read again in
+            # case it exec'd in between.
+            cmdline = proc.cmdline()
+            if not cmdline or cmdline == _own_cmdline():
+                return False
+            environ = proc.environ()
+        if environ.get(HELPER_ENV) == _HELPER_TOKEN:
+            return False  # a helper this daemon runs (git), not a turn's
+        other = environ.get(MARKER_ENV)
     except (psutil.Error, OSError):
         return False
-    other = environ.get(MARKER_ENV)
     return other is None or other == task_id
 
 
-def _after_exec(proc: psutil.Process) -> tuple[list[str], dict[str, str]]:
-    """The command line and environment of a child of ours, read once it has exec'd.
-
-    A child we are starting right now (another turn's worker, a git helper) is
-    caught between fork and exec with an empty command line and environment,
-    which would pass for an escapee that cleared its environment."""
-    for _ in range(_EXEC_LOOKS):
-        cmdline = proc.cmdline()
-        if cmdline:
-            return cmdline, proc.environ()
-        time.sleep(0.005)
-    return proc.cmdline(), proc.environ()
+@functools.cache
+def _own_cmdline() -> list[str]:
+    return psutil.Process().cmdline()
 
 
 def _live_descendants(proc: psutil.Process) -> list[psutil.Process]:

@@ -13,9 +13,10 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,13 +29,13 @@ from guard.changes import ChangeFeed
 from worker_server import git_work
 from worker_server import usage as usage_
 from worker_server.budget_meter import TurnMeter
-from worker_server.event_formats import reader_for
-from worker_server.process_group import MARKER_ENV, terminate
+from worker_server.event_formats import EventReader, WorkerEvent, reader_for
+from worker_server.process_group import HELPER_ENV, MARKER_ENV, terminate
 from worker_server.profiles import WorkerProfile
 from worker_server.sandbox import Sandbox, SandboxError, state_paths
 from worker_server.store import Store, TaskRow
 from worker_server.task import TaskStatus
-from worker_server.turn_output import LogFile, Tail, append_note, pump_lines
+from worker_server.turn_output import TAIL_LINES, LineSplitter, LogFile, OutputPump, Tail, append_note
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ ACTIVITY_FLUSH_S = 1.0
 DRAIN_S = 2.0
 
 INTERRUPTED = "interrupted: server restarted"
+# While the database cannot be written (a full disk), how often to try again.
+RETRY_S = 1.0
+RETRY_MAX_S = 10.0
 
 
 def current_owner() -> tuple[int, float]:
@@ -147,13 +151,20 @@ class Runner:
                 checked = time.monotonic()
                 while True:
                     since = self.feed.generation
-                    await self._honour_cancel_requests()
-                    await self.schedule()
-                    # Now and then, look for servers sharing the database that
-                    # died, leaving turns "working" and their slots taken.
-                    if time.monotonic() - checked >= self.reconcile_s:
-                        checked = time.monotonic()
-                        await self.reconcile()
+                    try:
+                        await self._honour_cancel_requests()
+                        await self.schedule()
+                        # Now and then, look for servers sharing the database that
+                        # died, leaving turns "working" and their slots taken.
+                        if time.monotonic() - checked >= self.reconcile_s:
+                            checked = time.monotonic()
+                            await self.reconcile()
+                            continue
+                    except Exception as exc:
+                        # A database that cannot be written (a full disk) stops
+                        # scheduling for a while, never the server.
+                        logger.error("scheduling failed: %s; trying again in %.0f s", exc, RETRY_S)
+                        await anyio.sleep(RETRY_S)
                         continue
                     # Woken by any write to the database, here or elsewhere.
                     await self.feed.wait(since, timeout=checked + self.reconcile_s - time.monotonic())
@@ -227,19 +238,24 @@ class Runner:
         except Exception as exc:
             logger.exception("task %s: the runner failed", task.id)
             # A full disk (the log, the database) fails this turn, not the daemon.
-            message = "internal error: see the server log"
-            cause = _os_error(exc)
-            if cause is not None and cause.strerror:
-                message = f"failed: {cause.strerror}" + (f": {cause.filename}" if cause.filename else "")
-            try:
-                await self.store.finish(task.id, TaskStatus.FAILED, message=message)
-            except Exception:
-                logger.exception("task %s: could not record that it failed", task.id)
+            await self._record_failure(task.id, _failure_cause(exc))
         finally:
             # The store write that ended the turn already woke the scheduler
             # (slots are counted in the store): nothing more to announce.
             self._running.pop(task.id, None)
             turn.done.set()
+
+    async def _record_failure(self, task_id: str, message: str) -> None:
+        """End the turn failed; while the database cannot be written, keep trying."""
+        delay = RETRY_S
+        while True:
+            try:
+                await self.store.finish(task_id, TaskStatus.FAILED, message=message)
+                return
+            except Exception as exc:
+                logger.error("task %s: could not record that it failed (%s); trying again in %.0f s", task_id, exc, delay)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
 
     async def _execute(self, turn: RunningTurn) -> None:
         task = turn.task
@@ -250,6 +266,7 @@ class Runner:
         cwd = task.run_dir or os.getcwd()
         argv = profile.argv(cwd=cwd, prompt=task.prompt, session=task.worker_session, options=task.options)
         env = {**os.environ, **profile.env, MARKER_ENV: task.id}
+        env.pop(HELPER_ENV, None)  # a worker is never the server's helper
         log = LogFile(self.logs_dir / f"{task.id}.log")
         # The work tree before the turn, to tell what the turn changed.
         before = await git_work.snapshot(cwd) if Path(cwd).is_dir() else None
@@ -282,6 +299,9 @@ class Runner:
                 log.flush()
                 await self.store.finish(task.id, TaskStatus.FAILED, message=message)
                 return
+            # Our own pipes: their read ends are read in threads (turn_output.OutputPump).
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
             try:
                 proc = await anyio.open_process(
                     argv,
@@ -289,39 +309,48 @@ class Runner:
                     env=env,
                     start_new_session=True,  # its own process group, away from our terminal
                     stdin=subprocess.PIPE if profile.prompt == "stdin" else subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
+                    stdout=out_w,
+                    stderr=err_w,
                 )
-            except FileNotFoundError:
-                # Either the binary or the working directory is missing.
-                if not Path(cwd).is_dir():
-                    message = f"cwd {cwd!r} does not exist"
-                else:
-                    message = f"worker binary not found: {argv[0]!r} (is it installed and on PATH?)"
-                log.note(message)
-                log.flush()
-                await self.store.finish(task.id, TaskStatus.FAILED, message=message)
-                return
             except OSError as exc:
-                message = f"could not start {argv[0]!r}: {exc.strerror or exc}"
+                os.close(out_r)
+                os.close(err_r)
+                if isinstance(exc, FileNotFoundError):
+                    # Either the binary or the working directory is missing.
+                    if not Path(cwd).is_dir():
+                        message = f"cwd {cwd!r} does not exist"
+                    else:
+                        message = f"worker binary not found: {argv[0]!r} (is it installed and on PATH?)"
+                else:
+                    message = f"could not start {argv[0]!r}: {exc.strerror or exc}"
                 log.note(message)
                 log.flush()
                 await self.store.finish(task.id, TaskStatus.FAILED, message=message)
                 return
+            finally:
+                os.close(out_w)
+                os.close(err_w)
             turn.pid = proc.pid
+            reader = reader_for(profile.events)
+            # Plain text: only the latest lines are ever shown, so only they are split out.
+            out = OutputPump(out_r, log, LineSplitter(None if reader.every_line else TAIL_LINES))
+            err = OutputPump(err_r, log, LineSplitter(TAIL_LINES))
             try:
                 await self.store.set_process(task.id, proc.pid, str(log.path))
-                await self._supervise(turn, proc, profile, log, started, before)
+                await self._supervise(turn, proc, reader, log, started, before, out, err)
             except BaseException:
                 # Whatever went wrong here, the worker must not outlive its turn.
                 with anyio.CancelScope(shield=True):
                     await self._terminate(task.id, proc.pid, started)
                 raise
+            finally:
+                out.close()
+                err.close()
         finally:
             log.close()
             if scratch is not None:
                 # Scratch lives as long as its turn.
-                await anyio.to_thread.run_sync(lambda: shutil.rmtree(scratch, ignore_errors=True))
+                await anyio.to_thread.run_sync(_remove_scratch, scratch)
 
     async def _terminate(self, task_id: str, pid: int, started: float) -> None:
         # bwrap dies at once on SIGTERM, taking its PID namespace with it: the
@@ -336,13 +365,14 @@ class Runner:
         self,
         turn: RunningTurn,
         proc: Process,
-        profile: WorkerProfile,
+        reader: EventReader,
         log: LogFile,
         started: float,
         before: str | None,
+        out: OutputPump[list[WorkerEvent]],
+        err: OutputPump[list[str]],
     ) -> None:
         task = turn.task
-        reader = reader_for(profile.events)
         failure: list[str] = []
         notices: list[str] = []
         flushed_at = 0.0
@@ -362,13 +392,13 @@ class Runner:
             if now - flushed_at >= ACTIVITY_FLUSH_S and self._tg is not None:
                 flushed_at = now
                 log.flush()  # the log resource shows the turn so far
-                self._tg.start_soon(self.store.set_activity, task.id, line, turn.tail.text(50))
+                self._tg.start_soon(_quietly, self.store.set_activity, task.id, line, turn.tail.text(50))
 
-        def on_stdout(line: str) -> None:
-            for event in reader.feed(line):
+        def on_stdout(events: list[WorkerEvent]) -> None:
+            for event in events:
                 if event.kind == "session":
                     if self._tg is not None:
-                        self._tg.start_soon(self.store.set_worker_session, task.session_id, event.text)
+                        self._tg.start_soon(_quietly, self.store.set_worker_session, task.session_id, event.text)
                 elif event.kind == "failure":
                     failure.append(event.text)
                     activity(f"error: {event.text}")
@@ -381,12 +411,12 @@ class Runner:
                         meter.poke()
                     if self._tg is not None and event.usage is not None:
                         # Readable (and countable) while the turn still runs.
-                        self._tg.start_soon(self.store.set_usage, task.id, event.usage)
+                        self._tg.start_soon(_quietly, self.store.set_usage, task.id, event.usage)
                 elif event.kind == "activity":
                     activity(event.text)
 
-        def on_stderr(line: str) -> None:
-            if line.strip():
+        def on_stderr(lines: list[str]) -> None:
+            for line in lines:
                 turn.tail.add(line)
 
         async def feed_prompt() -> None:
@@ -398,9 +428,15 @@ class Runner:
             finally:
                 await proc.stdin.aclose()
 
-        async def pump(stream: anyio.abc.ByteReceiveStream, on_line: Callable[[str], None], done: anyio.Event) -> None:
+        def parse_stdout(lines: list[str]) -> list[WorkerEvent]:
+            return [event for line in lines for event in reader.feed(line)]
+
+        def parse_stderr(lines: list[str]) -> list[str]:
+            return [line for line in lines if line.strip()][-TAIL_LINES:]
+
+        async def pump(run: Callable[[], Awaitable[None]], done: anyio.Event) -> None:
             try:
-                await pump_lines(stream, log, on_line)
+                await run()
             finally:
                 done.set()
 
@@ -410,9 +446,8 @@ class Runner:
         async with anyio.create_task_group() as pumps:
             if proc.stdin is not None:
                 pumps.start_soon(feed_prompt)
-            assert proc.stdout is not None and proc.stderr is not None
-            pumps.start_soon(pump, proc.stdout, on_stdout, out_done)
-            pumps.start_soon(pump, proc.stderr, on_stderr, err_done)
+            pumps.start_soon(pump, lambda: out.run(parse_stdout, _merge_events, on_stdout), out_done)
+            pumps.start_soon(pump, lambda: err.run(parse_stderr, _merge_lines, on_stderr), err_done)
             if meter is not None:
                 pumps.start_soon(meter.run)
 
@@ -427,6 +462,9 @@ class Runner:
             with anyio.move_on_after(DRAIN_S):
                 await out_done.wait()
                 await err_done.wait()
+            # A descendant still holding the pipes open does not hold the turn.
+            out.stop()
+            err.stop()
             pumps.cancel_scope.cancel()
 
         # Whoever the end of the turn wakes may read the whole log at once.
@@ -475,6 +513,67 @@ class Runner:
         # nothing it started may outlive it, escapees from its group included.
         if outcome == "exited":
             await self._terminate(task.id, proc.pid, started)
+
+
+def _remove_scratch(scratch: Path) -> None:
+    try:
+        scratch.rmdir()  # most turns leave it empty: one call
+    except OSError:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _merge_events(older: list[WorkerEvent], newer: list[WorkerEvent]) -> list[WorkerEvent]:
+    """Undelivered events, of which only the activity the tail can hold is kept."""
+    merged = older + newer
+    activities = sum(1 for event in merged if event.kind == "activity")
+    if activities <= TAIL_LINES:
+        return merged
+    drop = activities - TAIL_LINES
+    kept: list[WorkerEvent] = []
+    for event in merged:
+        if event.kind == "activity" and drop > 0:
+            drop -= 1
+            continue
+        kept.append(event)
+    return kept
+
+
+def _merge_lines(older: list[str], newer: list[str]) -> list[str]:
+    return (older + newer)[-TAIL_LINES:]
+
+
+async def _quietly(write: Callable[..., Awaitable[object]], *args: object) -> None:
+    """A write while a turn runs (activity, usage): losing one must not stop the runner."""
+    try:
+        await write(*args)
+    except Exception as exc:
+        logger.warning("could not record a turn's progress: %s", exc)
+
+
+def _failure_cause(exc: BaseException) -> str:
+    """What a turn that broke down says: the OS's or the database's own words when there are any."""
+    cause = _os_error(exc)
+    if cause is not None and cause.strerror:
+        return f"failed: {cause.strerror}" + (f": {cause.filename}" if cause.filename else "")
+    db_error = _found(exc, sqlite3.Error)
+    if db_error is not None:
+        return f"failed: the database could not be written: {db_error}"
+    return "internal error: see the server log"
+
+
+def _found(exc: BaseException, kind: type[BaseException], depth: int = 0) -> BaseException | None:
+    """The first ``kind`` in ``exc``, its task-group members, or its causes (a few levels deep)."""
+    if isinstance(exc, kind):
+        return exc
+    if depth > 8:
+        return None
+    inner: list[BaseException] = list(exc.exceptions) if isinstance(exc, BaseExceptionGroup) else []
+    inner += [e for e in (exc.__cause__, exc.__context__) if e is not None]
+    for e in inner:
+        found = _found(e, kind, depth + 1)
+        if found is not None:
+            return found
+    return None
 
 
 def _os_error(exc: BaseException) -> OSError | None:

@@ -31,6 +31,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,16 +282,35 @@ def _under_scratch(argv: Sequence[str], search_path: str | None) -> set[Path]:
     Only files count among the arguments: a directory named there is the turn's cwd
     or its like, and exposing its top would also show the host's view of the scratch
     beside it (Codex's own sandbox then tries to mount into that read-only copy)."""
-    mount = Path(SCRATCH_MOUNT)
     candidates: list[str] = [a for a in argv if os.path.isabs(a) and os.path.isfile(a)]
     if argv:
         found = shutil.which(argv[0], path=search_path)
         if found:
             candidates.append(found)
-    candidates += [d for d in (search_path or "").split(os.pathsep) if os.path.isabs(d)]
+    return _tops(candidates) | _search_path_tops(search_path or "")
+
+
+def _tops(names: Sequence[str]) -> set[Path]:
+    mount = Path(SCRATCH_MOUNT)
     tops: set[Path] = set()
-    for name in candidates:
+    for name in names:
         for path in {Path(os.path.abspath(name)), Path(os.path.realpath(name))}:
             if path.exists() and path.is_relative_to(mount) and len(path.parts) > len(mount.parts):
                 tops.add(mount / path.parts[len(mount.parts)])
     return tops
+
+
+#: $PATH resolved (realpath of each entry: a few ms) is reused this long.
+_SEARCH_PATH_TTL_S = 10.0
+_search_path_cache: dict[str, tuple[float, set[Path]]] = {}
+
+
+def _search_path_tops(search_path: str) -> set[Path]:
+    now = time.monotonic()
+    cached = _search_path_cache.get(search_path)
+    if cached is None or now - cached[0] > _SEARCH_PATH_TTL_S:
+        if len(_search_path_cache) > 64:
+            _search_path_cache.clear()
+        cached = (now, _tops([d for d in search_path.split(os.pathsep) if os.path.isabs(d)]))
+        _search_path_cache[search_path] = cached
+    return set(cached[1])

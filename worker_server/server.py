@@ -26,6 +26,7 @@ from worker_server import __version__
 from worker_server.config import ConfigError, Settings
 from worker_server.humans import Humans
 from worker_server.identity import CallerResolver, TokenIdentities
+from worker_server.intake import Intake
 from worker_server.mcp_tasks import TaskMiddleware, TasksExtension
 from worker_server.inbox.accounts import STEPS as ACCOUNT_STEPS
 from worker_server.notify.delivery import Deliverer
@@ -63,6 +64,8 @@ class App:
     tasks: TasksExtension
     # Notifications: the daemon serves its loop; the inbox and CLI use its parts.
     deliverer: Deliverer
+    # Closed by a draining daemon: new agent turns are refused.
+    intake: Intake
 
 
 @asynccontextmanager
@@ -79,6 +82,7 @@ async def open_app(
     db = await Database.open(settings.db_path)
     feed = ChangeFeed(settings.db_path)
     feed.start()
+    guard: Guard | None = None
     try:
         # People and the outbox first: the store and the guard queue
         # notifications inside their own transactions.
@@ -98,7 +102,8 @@ async def open_app(
             if run_workers
             else None
         )  # fmt: skip
-        service = TaskService(store, runner, feed, settings, profiles)
+        intake = Intake()
+        service = TaskService(store, runner, feed, settings, profiles, intake)
         humans = Humans(store, feed, settings)
         humans.view = service.view
         service.humans = humans
@@ -122,10 +127,15 @@ async def open_app(
                 await tg.start(guard.serve)
                 await tg.start(tasks.watchers.serve)
             try:
-                yield App(settings, db, feed, store, runner, service, guard, callers, tasks, deliverer)
+                yield App(settings, db, feed, store, runner, service, guard, callers, tasks, deliverer, intake)
             finally:
                 tg.cancel_scope.cancel()
     finally:
+        if guard is not None:
+            # Every audit record queued so far is written before the database
+            # closes, whether or not guard.serve ran (it does only in background).
+            with anyio.CancelScope(shield=True):
+                await guard.audit.aclose()
         feed.close()
         await db.close()
 

@@ -23,6 +23,7 @@ from guard.budgets import admitted_budgets
 from guard.changes import ChangeFeed
 from guard.clock import iso
 from worker_server.config import Settings
+from worker_server.intake import Intake
 from worker_server import git_work
 from worker_server import usage as usage_
 from worker_server.profiles import DEFAULT_SANDBOX, EFFORTS, SANDBOXES, WorkerProfile
@@ -109,8 +110,11 @@ class TaskService:
         feed: ChangeFeed,
         settings: Settings,
         profiles: dict[str, WorkerProfile],
+        intake: Intake | None = None,
     ) -> None:
         self.store = store
+        # Closed while the daemon drains: new agent turns are refused.
+        self.intake = intake or Intake()
         self.runner = runner
         self.feed = feed
         self.settings = settings
@@ -168,6 +172,7 @@ class TaskService:
                 **common,
             )  # fmt: skip
         else:
+            self.intake.check()
             profile = self.profiles.get(worker)
             if profile is None:
                 known = ", ".join([*sorted(self.profiles), HUMAN])
@@ -300,6 +305,7 @@ class TaskService:
         if task.worker not in self.profiles:
             raise InvalidArgument("task_id", f"its worker {task.worker!r} is no longer configured")
         _check_passable("message", message, self.profiles[task.worker])
+        self.intake.check()
         row = await self.store.add_turn(
             task.session_id,
             prompt=message,

@@ -28,6 +28,7 @@ from pydantic import Field
 from guard.middleware import refusal_result
 from guard.outcomes import Refusal, admit_refusals
 from worker_server.identity import CallerResolver
+from worker_server.intake import NotTakingTurns
 from worker_server.log_pages import PAGE_BYTES, read_page, remember_page
 from worker_server.service import InvalidArgument, TaskService, Viewer
 from worker_server.task import CancelResult, Message, MessageList, TaskDetail, TaskList, TaskStatus, TaskView, WaitResult
@@ -77,6 +78,8 @@ def _reports_invalid(tool: str) -> Callable[[Callable[P, Awaitable[R]]], Callabl
                 return await fn(*args, **kwargs)
             except InvalidArgument as exc:
                 return invalid(tool, exc)  # type: ignore[return-value]
+            except NotTakingTurns as exc:
+                return refusal_result(Refusal("unavailable", tool, None, exc.reason))  # type: ignore[return-value]
 
         return wrapper
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -21,7 +24,7 @@ from guard.budgets import BudgetLedger
 from guard.changes import ChangeFeed
 from guard.clock import SystemClock
 from guard.database import Database
-from guard.runtime import Guard
+from guard.runtime import Call, Guard
 from worker_server import __version__
 from worker_server.config import ConfigError, Settings
 from worker_server.humans import Humans
@@ -34,6 +37,7 @@ from worker_server.service import TaskService
 from worker_server.store import Store
 from worker_server.log_pages import PagePosition
 from worker_server.tools import build_tools, register_resources, resource_call
+from worker_server.workers import summary_for_agents
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +73,8 @@ async def open_app(
     one-shot CLI commands do not).
     """
     sandbox = worker_sandbox(settings) if run_workers else None
+    if run_workers:
+        _say_start_up(settings)
     db = await Database.open(settings.db_path)
     feed = ChangeFeed(settings.db_path)
     feed.start()
@@ -90,9 +96,18 @@ async def open_app(
         humans.view = service.view
         service.humans = humans
         callers = CallerResolver(settings.identity)
+
+        async def changes_nothing(call: Call) -> bool:
+            # Cancelling tasks that already finished needs nobody's approval.
+            if call.tool != "cancel-task":
+                return False
+            ids = call.args.get("task_id")
+            ids = [ids] if isinstance(ids, str) else list(ids or [])
+            return await service.cancels_nothing(ids)
+
         guard = await Guard.open(
             db, feed, policy_path=settings.policy, enabled=guard_enabled, callers=callers.caller,
-            inbox_url=settings.inbox_url, resource_calls=resource_call,
+            inbox_url=settings.inbox_url, resource_calls=resource_call, changes_nothing=changes_nothing,
         )  # fmt: skip
         tasks = TasksExtension(service, guard, callers.caller)
         async with anyio.create_task_group() as tg:
@@ -110,6 +125,18 @@ async def open_app(
     finally:
         feed.close()
         await db.close()
+
+
+def _say_start_up(settings: Settings) -> None:
+    """What an operator should know when a server that runs workers starts."""
+    note = settings.default_worker_note
+    if note is not None:
+        (logger.warning if settings.default_worker == "shell" else logger.info)(note)
+    if not settings.inside_roots(Path.cwd()):
+        logger.warning(
+            "the working directory %s is outside allowed_roots (%s): spawn-task without a cwd inside them "
+            "will be refused", Path.cwd(), ", ".join(settings.allowed_roots),
+        )  # fmt: skip
 
 
 def worker_sandbox(settings: Settings) -> Sandbox:
@@ -144,7 +171,7 @@ def build_mcp(app: App, *, token_auth: bool = False, issuer: str = "http://127.0
         middleware=[TaskMiddleware(app.tasks), app.guard.middleware, PagePosition()],
         # MCP Tasks (2026-07-28 extension and the 2025-11-25 tasks/* methods).
         extensions=[app.tasks],
-        tools=build_tools(app.service, app.callers, app.guard.sees_all),
+        tools=build_tools(app.service, app.callers, app.guard.sees_all, summary_for_agents(app.settings)),
         **kwargs,
     )
     register_resources(mcp, app.service, app.callers, app.guard.sees_all)
@@ -194,14 +221,43 @@ def check_http(settings: Settings, host: str, *, allow_anonymous: bool) -> None:
         )
 
 
-async def serve_http(settings: Settings, host: str, port: int, *, allow_anonymous: bool, with_inbox: bool = True) -> None:
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The listening socket for ``--http HOST:PORT``, bound before anything else starts,
+    so a port that is taken is one clear error instead of a server that half started."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--http {host}:{port}: cannot resolve {host!r} ({exc.strerror})") from None
+    family, kind, proto, _name, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"port {port} on {host} is taken: another program listens there; pick another with --http HOST:PORT"
+            ) from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+async def serve_http(
+    settings: Settings, host: str, port: int, *, allow_anonymous: bool, with_inbox: bool = True,
+    sock: socket.socket | None = None,
+) -> None:  # fmt: skip
     check_http(settings, host, allow_anonymous=allow_anonymous)
     watch_children_with_pidfds()
     async with open_app(settings) as app:
-        await serve_http_app(app, host, port, allow_anonymous=allow_anonymous, with_inbox=with_inbox)
+        await serve_http_app(app, host, port, allow_anonymous=allow_anonymous, with_inbox=with_inbox, sock=sock)
 
 
-async def serve_http_app(app: App, host: str, port: int, *, allow_anonymous: bool, with_inbox: bool = True) -> None:
+async def serve_http_app(
+    app: App, host: str, port: int, *, allow_anonymous: bool, with_inbox: bool = True,
+    sock: socket.socket | None = None,
+) -> None:  # fmt: skip
     """Serve /mcp (and the inbox) for ``app`` until SIGTERM/SIGINT.
 
     uvicorn handles SIGTERM/SIGINT itself and shuts down gracefully (open
@@ -217,10 +273,10 @@ async def serve_http_app(app: App, host: str, port: int, *, allow_anonymous: boo
         mount_inbox(starlette_app, app)
     config = uvicorn.Config(starlette_app, host=host, port=port, log_config=None, access_log=False, lifespan="on")
     logger.info("taskwarden %s serving MCP at http://%s:%d/mcp", __version__, host, port)
-    await run_uvicorn(uvicorn.Server(config))
+    await run_uvicorn(uvicorn.Server(config), sock)
 
 
-async def run_uvicorn(server: Any) -> None:
+async def run_uvicorn(server: Any, sock: socket.socket | None = None) -> None:
     """Serve until SIGTERM/SIGINT, which uvicorn handles gracefully.
 
     uvicorn raises the signal that stopped it again once it has shut down; a
@@ -230,7 +286,7 @@ async def run_uvicorn(server: Any) -> None:
     handled = (signal.SIGTERM, signal.SIGINT)
     previous = {sig: signal.signal(sig, _stopped) for sig in handled}
     try:
-        await server.serve()
+        await server.serve(sockets=[sock] if sock is not None else None)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

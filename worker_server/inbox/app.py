@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -418,7 +419,7 @@ def mount_inbox(starlette_app: Starlette, app: App) -> None:
     starlette_app.router.routes.append(Mount(MOUNT, app=create_inbox(app), name="inbox"))
 
 
-async def serve_inbox(settings: Settings, host: str, port: int) -> None:
+async def serve_inbox(settings: Settings, host: str, port: int, sock: socket.socket | None = None) -> None:
     """``taskwarden inbox``: the inbox alone, at ``http://HOST:PORT/inbox``, against the same database.
 
     SIGTERM/SIGINT stop it gracefully (uvicorn's own handling): it stops
@@ -444,4 +445,4 @@ async def serve_inbox(settings: Settings, host: str, port: int) -> None:
         )  # fmt: skip
         logger.info("taskwarden %s serving the inbox at http://%s:%d%s/ (db %s)",
                     __version__, host, port, MOUNT, settings.db_path)  # fmt: skip
-        await run_uvicorn(uvicorn.Server(config))
+        await run_uvicorn(uvicorn.Server(config), sock)

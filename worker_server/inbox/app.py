@@ -49,7 +49,7 @@ from starlette.types import ASGIApp
 from guard.approvals import ApprovalError, ApprovalNotFound, ReasonRequired
 from worker_server.inbox import views
 from worker_server.inbox.accounts import SESSION_TTL_S, Accounts, LinkState
-from worker_server.inbox.rendering import pretty_json, render
+from worker_server.inbox.rendering import one_line_json, pretty_json, render
 from worker_server.inbox.security import (
     CSRF_FIELD,
     SecurityHeaders,
@@ -95,6 +95,7 @@ def environment() -> jinja2.Environment:
     env.filters["markdown"] = render
     env.filters["when"] = views.when
     env.filters["pretty_json"] = pretty_json
+    env.filters["one_line_json"] = one_line_json
     return env
 
 

@@ -61,6 +61,16 @@ class Call:
 #: Maps a resource URI to the tool call that decides reading it, or None (not guarded).
 ResourceCalls = Callable[[str], "tuple[str, dict[str, Any]] | None"]
 
+class GuardTelemetry(Protocol):
+    """Where the guard reports what it decided (worker_server.telemetry: OpenTelemetry)."""
+
+    def decision(
+        self, call: Call, decision: str, rule: str | None, reason: str | None, outcome: str | None, started: float
+    ) -> None: ...
+
+    def approval_decided(self, approval: Approval) -> None: ...
+
+
 #: Whether a call (its arguments valid) would change nothing, e.g. cancelling
 #: tasks that already finished: such a call needs no human's approval.
 ChangesNothing = Callable[["Call"], Awaitable[bool]]
@@ -131,9 +141,11 @@ class Guard:
         inbox_url: str | None = None,
         resource_calls: ResourceCalls | None = None,
         changes_nothing: ChangesNothing | None = None,
+        telemetry: GuardTelemetry | None = None,
     ) -> None:
         self.db = db
         self.changes_nothing = changes_nothing
+        self.telemetry = telemetry
         # Where a person approves held calls; named in approval_required results.
         self.inbox_url = inbox_url
         self.resource_calls = resource_calls
@@ -167,11 +179,12 @@ class Guard:
         inbox_url: str | None = None,
         resource_calls: ResourceCalls | None = None,
         changes_nothing: ChangesNothing | None = None,
+        telemetry: GuardTelemetry | None = None,
     ) -> Guard:
         await migrate(db)
         return cls(
             db, feed, PolicySource(policy_path), clock=clock, enabled=enabled, callers=callers, inbox_url=inbox_url,
-            resource_calls=resource_calls, changes_nothing=changes_nothing,
+            resource_calls=resource_calls, changes_nothing=changes_nothing, telemetry=telemetry,
         )  # fmt: skip
 
     @property
@@ -408,6 +421,8 @@ class Guard:
 
         usable = await self.approvals.find_usable(digest)
         if usable is not None:
+            if self.telemetry is not None:
+                self.telemetry.approval_decided(usable)
             return usable
 
         # A denial or expiry the caller has not been told about yet.
@@ -437,6 +452,8 @@ class Guard:
             approval = await self._wait_for_decision(approval, call, settings, asker)
         status = approval.status_at(self.clock.now())
         if status == ApprovalStatus.APPROVED:
+            if self.telemetry is not None:
+                self.telemetry.approval_decided(approval)
             return approval
         if status in (ApprovalStatus.DENIED, ApprovalStatus.EXPIRED):
             told = await self._report_unseen(call, digest, verdict, started)
@@ -460,6 +477,8 @@ class Guard:
         # It was decided: approving it is no longer possible, so say what is.
         summary = {**latest.summary(self.inbox_url), "status": status.value, "how_to_approve": _AFTER[status]}
         if status == ApprovalStatus.DENIED:
+            if self.telemetry is not None:
+                self.telemetry.approval_decided(latest)
             reason = latest.decision_note or "denied"
             refusal = Refusal("approval_denied", call.tool, verdict.rule_id, reason, approval=summary)
             return await self._refuse(call, refusal, Decision.APPROVAL_DENIED, started, latest.id)
@@ -547,6 +566,10 @@ class Guard:
         *,
         durable: bool = True,
     ) -> None:
+        if self.telemetry is not None:
+            self.telemetry.decision(
+                call, decision.value, rule, reason, outcome.value if isinstance(outcome, Outcome) else outcome, started
+            )
         committed = self.audit.record(
             AuditRecord(
                 identity=call.identity,

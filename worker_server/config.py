@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     # More paths workers must not see (the database and log directories always are hidden).
     sandbox_hide: list[str] = Field(default_factory=list)
     identities: dict[str, IdentityConfig] = Field(default_factory=dict)
+    # OpenTelemetry traces and metrics (worker_server.telemetry); also on when
+    # OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    otel: bool = False
 
     # Set by load_settings: where the values came from, for messages.
     config_file: Path | None = None

@@ -38,6 +38,7 @@ from worker_server.store import Store
 from worker_server.log_pages import PagePosition
 from worker_server.tools import build_tools, register_resources, resource_call
 from worker_server.workers import summary_for_agents
+from worker_server.telemetry import wanted, without_sdk_spans
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +61,14 @@ class App:
     guard: Guard
     callers: CallerResolver
     tasks: TasksExtension
+    # OpenTelemetry, when on (worker_server.telemetry); None: off, at no cost.
+    telemetry: Any = None
 
 
 @asynccontextmanager
 async def open_app(
-    settings: Settings, *, run_workers: bool = True, background: bool = True, guard_enabled: bool = True
+    settings: Settings, *, run_workers: bool = True, background: bool = True, guard_enabled: bool = True,
+    telemetry: Any = None,
 ) -> AsyncIterator[App]:
     """Open the database and start the runner; stop every turn on the way out.
 
@@ -72,6 +76,8 @@ async def open_app(
     keeps human deadlines and reloads the policy (servers and the inbox do,
     one-shot CLI commands do not).
     """
+    if telemetry is None and background and wanted(settings):
+        telemetry = _start_telemetry(settings)
     sandbox = worker_sandbox(settings) if run_workers else None
     if run_workers:
         _say_start_up(settings)
@@ -108,6 +114,7 @@ async def open_app(
         guard = await Guard.open(
             db, feed, policy_path=settings.policy, enabled=guard_enabled, callers=callers.caller,
             inbox_url=settings.inbox_url, resource_calls=resource_call, changes_nothing=changes_nothing,
+            telemetry=telemetry,
         )  # fmt: skip
         tasks = TasksExtension(service, guard, callers.caller)
         async with anyio.create_task_group() as tg:
@@ -118,13 +125,29 @@ async def open_app(
                 await tg.start(humans.keep_deadlines)
                 await tg.start(guard.serve)
                 await tg.start(tasks.watchers.serve)
+                if telemetry is not None:
+                    await tg.start(telemetry.serve, store)
             try:
-                yield App(settings, db, feed, store, runner, service, guard, callers, tasks)
+                yield App(settings, db, feed, store, runner, service, guard, callers, tasks, telemetry)
             finally:
                 tg.cancel_scope.cancel()
     finally:
         feed.close()
         await db.close()
+
+
+def _start_telemetry(settings: Settings) -> Any:
+    """OpenTelemetry exporting over OTLP, or None (with a warning) when the SDK is not installed."""
+    from worker_server.telemetry import Telemetry, install_exporters
+
+    try:
+        install_exporters()
+    except ImportError:
+        logger.warning("telemetry is on, but the OpenTelemetry SDK is not installed: pip install 'taskwarden[otel]'")
+        return None
+    logger.info("OpenTelemetry on: traces and metrics go to %s",
+                os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "the OTLP default (localhost:4318)"))  # fmt: skip
+    return Telemetry(policy_name=str(settings.policy or "built-in"))
 
 
 def _say_start_up(settings: Settings) -> None:
@@ -174,6 +197,10 @@ def build_mcp(app: App, *, token_auth: bool = False, issuer: str = "http://127.0
         tools=build_tools(app.service, app.callers, app.guard.sees_all, summary_for_agents(app.settings)),
         **kwargs,
     )
+    if app.telemetry is None:
+        # The SDK puts its span middleware on every server; with telemetry off it goes.
+        # (The SDK documents dropping it from the list as the way to opt out.)
+        mcp.middleware[:] = without_sdk_spans(mcp.middleware)
     register_resources(mcp, app.service, app.callers, app.guard.sees_all)
     mcp.middleware.append(ProtocolEdges(mcp.list_prompts))
     app.guard.set_tools(mcp)

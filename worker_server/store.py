@@ -758,6 +758,21 @@ class Store:
 
         return await (self.db.read(run) if dry_run else self._write(run))
 
+    async def last_event_id(self) -> int:
+        return await self.db.read(lambda c: c.execute("SELECT COALESCE(MAX(id), 0) FROM task_events").fetchone()[0])
+
+    async def events_after(self, after_id: int, limit: int = 500) -> list[tuple[int, str, float, str, str | None]]:
+        """Task events (id, task_id, at, type, data JSON) newer than ``after_id``, oldest first."""
+        return await self.db.read(lambda c: [tuple(r) for r in c.execute(
+            "SELECT id, task_id, at, type, data FROM task_events WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
+        ).fetchall()])  # fmt: skip
+
+    async def events_of(self, task_id: str) -> list[tuple[int, str, float, str, str | None]]:
+        """Every event of one task, oldest first."""
+        return await self.db.read(lambda c: [tuple(r) for r in c.execute(
+            "SELECT id, task_id, at, type, data FROM task_events WHERE task_id = ? ORDER BY id", (task_id,)
+        ).fetchall()])  # fmt: skip
+
     async def queued_workers(self) -> list[str]:
         def read(c: sqlite3.Connection) -> list[str]:
             rows = c.execute("SELECT DISTINCT worker FROM tasks WHERE status = 'queued' AND kind = 'agent'")

@@ -75,7 +75,8 @@ def _split_tools_from(argv: list[str]) -> tuple[list[str], list[str] | None]:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="config file (default: $TASKWARDEN_CONFIG, ./taskwarden.toml)")
+    parser.add_argument("--config", metavar="FILE", help="config file (default: $TASKWARDEN_CONFIG, else ./taskwarden.toml, "
+                        "else ~/.config/taskwarden/config.toml)")
     parser.add_argument("--db", metavar="FILE", help="database file (default: $TASKWARDEN_DB or the user state dir)")
 
 
@@ -96,11 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the MCP server (stdio by default)", description=(
         "Run the MCP server. With no --http it speaks MCP on stdin/stdout, as MCP clients such as "
-        "Claude Code and Codex expect. With --http it serves /mcp (streamable HTTP) and the inbox at /inbox."
+        "Claude Code and Codex expect, relaying to the daemon of its database (started in the background "
+        "when none runs), so tasks outlive the client. With --http this process is that daemon and also "
+        "serves /mcp (streamable HTTP) and the inbox at /inbox."
     ))
     _common(serve)
     serve.add_argument("--policy", metavar="FILE", help="policy file (default: the built-in policy)")
-    serve.add_argument("--http", metavar="HOST:PORT", type=_host_port, help="serve streamable HTTP instead of stdio")
+    serve.add_argument("--http", metavar="HOST:PORT", type=_host_port,
+                       help="serve MCP over streamable HTTP at /mcp (and the inbox) instead of stdio")
     serve.add_argument(
         "--allow-anonymous", action="store_true", help="accept HTTP requests without a bearer token (loopback only)"
     )
@@ -166,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     t_list.add_argument("--label", help="only tasks with this label")
     t_list.add_argument("--limit", type=_bounded_int(1, 200), default=50, help="how many (1..200, default 50)")
     t_list.add_argument("--json", action="store_true", help="print JSON")
-    t_show = tasks.add_parser("show", help="show one task with its turns and thread")
+    t_show = tasks.add_parser("show", help="show one task: status, output, turns, thread, log file")
     _common(t_show)
     t_show.add_argument("task_id", metavar="ID", help="the task id (tsk_…)")
     t_show.add_argument("--tail", type=_bounded_int(0, 500), default=20, help="lines of recent activity (0..500)")

@@ -247,7 +247,7 @@ def build_tools(
     ) -> CancelResult:
         """Cancel tasks: stops their worker processes (SIGTERM, then SIGKILL after 5 s) or withdraws them
         from people. Returns which were cancelled, already finished, or not found. Needs human approval
-        under the default policy."""
+        under the default policy, except when every task named has already finished (nothing changes)."""
         ids = [task_id] if isinstance(task_id, str) else task_id
         return await service.cancel(ids, reason, viewer=viewer(ctx))
 

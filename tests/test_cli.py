@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import anyio
@@ -25,7 +24,6 @@ from tests.support import (
     stdio_client,
     stop_daemons,
     text_of,
-    wait_until,
 )
 from worker_server.cli import build_parser
 

@@ -335,11 +335,13 @@ class TaskService:
         return result
 
     async def cancels_nothing(self, task_ids: Sequence[str]) -> bool:
-        """Whether cancelling ``task_ids`` would change nothing, whoever asks: each has finished
-        or does not exist. (A running task the caller may not see still counts: the answer
-        must not depend on who is looking, nor tell them it exists.)"""
-        rows = await self.store.get_many(list(dict.fromkeys(task_ids)))
-        return all(r.terminal for r in rows)
+        """Whether cancelling ``task_ids`` would change nothing, whoever asks: each exists and has
+        finished. (Whose task it is does not matter: the answer must not depend on who is
+        looking. An unknown id is decided like a running task, so a held call cannot be used
+        to probe which ids exist.)"""
+        wanted = list(dict.fromkeys(task_ids))
+        rows = await self.store.get_many(wanted)
+        return len(rows) == len(wanted) and all(r.terminal for r in rows)
 
     async def _cancel_one(self, row: TaskRow, reason: str) -> str:
         if row.terminal:

@@ -294,12 +294,13 @@ def test_the_default_worker_is_what_is_installed(tmp_path: Path) -> None:
     config = tmp_path / "taskwarden.toml"
     config.write_text(f'db = "{tmp_path / "t.db"}"\n')
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
-    out = taskwarden("workers", "--config", str(config), env=env).stdout
+    out = taskwarden("workers", "--config", str(config), env=env, cwd=tmp_path).stdout
     assert "shell *" in out and "codex and claude are not installed" in out
     fake_claude = bin_dir / "claude"
     fake_claude.write_text(f"#!/bin/sh\nexec {sys.executable} {FIXTURES / 'fake_agent.py'} \"$@\"\n")
     fake_claude.chmod(0o755)
-    out = taskwarden("workers", "--config", str(config), env=env).stdout
+    # (Asked for its version, the stand-in records a prompt in its working directory.)
+    out = taskwarden("workers", "--config", str(config), env=env, cwd=tmp_path).stdout
     assert "claude *" in out and f"default worker: claude (found {fake_claude})" in out
 
 

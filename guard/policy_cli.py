@@ -18,8 +18,10 @@ A cases file (``policy test``), in the spirit of ``opa test``::
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -29,6 +31,7 @@ from guard.decision import Verdict, decide, describe_budget, fresh_counters
 from guard.dialects import PolicyError, load_policy, parse_document
 from guard.dialects.source import Node
 from guard.policy import Policy, Scope
+from guard.validation import ArgumentChecker
 
 EXPECTATIONS = ("allow", "deny", "require_approval", "hidden")
 CASE_KEYS = ("name", "tool", "args", "identity", "expect", "rule", "counters")
@@ -51,8 +54,15 @@ def _load(path: str | Path, out: TextIO | None) -> Policy | None:
         return None
 
 
-def check(path: str | Path, out: TextIO | None = None) -> int:
-    """Validate a policy file: ``OK: <file> (<dialect>, N rules, default D, mode M)``."""
+def check(
+    path: str | Path, out: TextIO | None = None, tools: Collection[str] | None = None, server: str = "the server"
+) -> int:
+    """Validate a policy file: ``OK: <file> (<dialect>, N rules, default D, mode M)``.
+
+    With ``tools`` (the server's tool names), also warn about every name the
+    policy gives that is not one of them: a typo'd name guards nothing, and
+    the tool meant falls to the default.
+    """
     policy = _load(path, out)
     if policy is None:
         return EXIT_FAILED
@@ -62,7 +72,23 @@ def check(path: str | Path, out: TextIO | None = None) -> int:
         f"OK: {path} ({policy.dialect}, {rules} rule{'s' if rules != 1 else ''}, "
         f"default {policy.default}, mode {policy.mode})",
     )
+    if tools is not None:
+        for line in unknown_tools(policy, tools, server):
+            _print(out, f"warning: {line}")
     return EXIT_OK
+
+
+def unknown_tools(policy: Policy, tools: Collection[str], server: str = "the server") -> list[str]:
+    """A sentence for each tool name in ``policy`` (rules and ``hide``) that ``tools`` lacks."""
+    named = [(name, "has rules for") for name in policy.tools] + [(name, "hides") for name in policy.hide]
+    lines = []
+    for name, where in named:
+        if name == "*" or name in tools:
+            continue
+        close = difflib.get_close_matches(name, list(tools), n=1)
+        meant = f" (did you mean {close[0]!r}? it falls to default {policy.default} instead)" if close else ""
+        lines.append(f"the policy {where} {name!r}, which is not a tool of {server}{meant}")
+    return lines
 
 
 def explain(
@@ -72,9 +98,13 @@ def explain(
     identity: str | None = None,
     out: TextIO | None = None,
     db_path: str | Path | None = None,
+    schemas: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> int:
     """Print the decision on one call, the rate limits it would reserve, its
-    budgets (with their use now, for the identity, when ``db_path`` exists), and why."""
+    budgets (with their use now, for the identity, when ``db_path`` exists), and why.
+
+    ``schemas`` (the server's tools and their input schemas) makes the decision
+    the server's: an unknown tool is hidden, arguments out of bounds refused."""
     try:
         args = json.loads(args_json)
     except json.JSONDecodeError as exc:
@@ -86,6 +116,27 @@ def explain(
     policy = _load(path, out)
     if policy is None:
         return EXIT_FAILED
+    if schemas is not None:
+        # The guard's own first steps (guard.runtime.Guard.admit): an unknown tool, then the
+        # arguments against the tool's schema, then the rules on the arguments with defaults.
+        checker = ArgumentChecker(schemas)
+        if tool not in checker:
+            close = difflib.get_close_matches(tool, list(schemas), n=1)
+            _print(out, "decision: hidden")
+            _print(out, "rule: (none)")
+            _print(out, f"reason: the server has no tool {tool!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            _print(out, "the client gets the JSON-RPC error \"Unknown tool\"")
+            return EXIT_OK
+        hidden = tool in policy.hide or "*" in policy.hide  # decided as absent before its arguments
+        problem = None if hidden else checker.check(tool, args)
+        if problem is not None:
+            field_name, message = problem
+            _print(out, "decision: deny")
+            _print(out, "rule: schema")
+            _print(out, f"reason: invalid_arguments: {field_name}: {message}")
+            _print(out, "the arguments are refused before any rule is looked at")
+            return EXIT_OK
+        args = checker.with_defaults(tool, args)
     verdict = decide(policy, tool, args, identity, fresh_counters)
     _print(out, f"decision: {verdict.outcome}")
     _print(out, f"rule: {verdict.rule_id or '(none: the tool is listed)'}")

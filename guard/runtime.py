@@ -62,6 +62,20 @@ class Call:
 #: Maps a resource URI to the tool call that decides reading it, or None (not guarded).
 ResourceCalls = Callable[[str], "tuple[str, dict[str, Any]] | None"]
 
+class GuardTelemetry(Protocol):
+    """Where the guard reports what it decided (worker_server.telemetry: OpenTelemetry)."""
+
+    def decision(
+        self, call: Call, decision: str, rule: str | None, reason: str | None, outcome: str | None, started: float
+    ) -> None: ...
+
+    def approval_decided(self, approval: Approval) -> None: ...
+
+
+#: Whether a call (its arguments valid) would change nothing, e.g. cancelling
+#: tasks that already finished: such a call needs no human's approval.
+ChangesNothing = Callable[["Call"], Awaitable[bool]]
+
 
 class Caller(Protocol):
     identity: str
@@ -128,8 +142,12 @@ class Guard:
         inbox_url: str | None = None,
         resource_calls: ResourceCalls | None = None,
         approval_events: ApprovalEvents | None = None,
+        changes_nothing: ChangesNothing | None = None,
+        telemetry: GuardTelemetry | None = None,
     ) -> None:
         self.db = db
+        self.changes_nothing = changes_nothing
+        self.telemetry = telemetry
         # Where a person approves held calls; named in approval_required results.
         self.inbox_url = inbox_url
         self.resource_calls = resource_calls
@@ -163,11 +181,14 @@ class Guard:
         inbox_url: str | None = None,
         resource_calls: ResourceCalls | None = None,
         approval_events: ApprovalEvents | None = None,
+        changes_nothing: ChangesNothing | None = None,
+        telemetry: GuardTelemetry | None = None,
     ) -> Guard:
         await migrate(db)
         return cls(
             db, feed, PolicySource(policy_path), clock=clock, enabled=enabled, callers=callers, inbox_url=inbox_url,
-            resource_calls=resource_calls, approval_events=approval_events,
+            resource_calls=resource_calls, approval_events=approval_events, changes_nothing=changes_nothing,
+            telemetry=telemetry,
         )  # fmt: skip
 
     @property
@@ -267,8 +288,12 @@ class Guard:
             await self._record(call, Decision.SHADOW_DENY, verdict.rule_id, verdict.reason, started, None)
 
         approval: Approval | None = None
+        reason = verdict.reason
         if verdict.action == "require_approval":
-            if shadow:
+            if self.changes_nothing is not None and await self.changes_nothing(call):
+                # Nothing for a person to weigh: the call runs (and is audited) at once.
+                reason = f"{verdict.reason} (not needed: the call changes nothing)"
+            elif shadow:
                 await self._record(
                     call, Decision.SHADOW_APPROVAL_REQUIRED, verdict.rule_id, verdict.reason, started, None
                 )
@@ -318,7 +343,7 @@ class Guard:
             return await self._refuse(call, refusal, Decision.APPROVAL_REQUIRED, started, approval.id)
 
         rule = verdict.rule_id
-        return Admission(call, Decision.ALLOW, rule, verdict.reason, reservation, approval_id, started, budgets)
+        return Admission(call, Decision.ALLOW, rule, reason, reservation, approval_id, started, budgets)
 
     async def _decide(self, policy: Policy, call: Call) -> Verdict:
         """decide(), remembered when the tool's rules cannot depend on the arguments."""
@@ -400,6 +425,8 @@ class Guard:
 
         usable = await self.approvals.find_usable(digest)
         if usable is not None:
+            if self.telemetry is not None:
+                self.telemetry.approval_decided(usable)
             return usable
 
         # A denial or expiry the caller has not been told about yet.
@@ -429,6 +456,8 @@ class Guard:
             approval = await self._wait_for_decision(approval, call, settings, asker)
         status = approval.status_at(self.clock.now())
         if status == ApprovalStatus.APPROVED:
+            if self.telemetry is not None:
+                self.telemetry.approval_decided(approval)
             return approval
         if status in (ApprovalStatus.DENIED, ApprovalStatus.EXPIRED):
             told = await self._report_unseen(call, digest, verdict, started)
@@ -449,8 +478,11 @@ class Guard:
         # Tell it once; the next identical call opens a new approval.
         if not await self.approvals.acknowledge(latest.id):
             return None
-        summary = {**latest.summary(self.inbox_url), "status": status.value}
+        # It was decided: approving it is no longer possible, so say what is.
+        summary = {**latest.summary(self.inbox_url), "status": status.value, "how_to_approve": _AFTER[status]}
         if status == ApprovalStatus.DENIED:
+            if self.telemetry is not None:
+                self.telemetry.approval_decided(latest)
             reason = latest.decision_note or "denied"
             refusal = Refusal("approval_denied", call.tool, verdict.rule_id, reason, approval=summary)
             return await self._refuse(call, refusal, Decision.APPROVAL_DENIED, started, latest.id)
@@ -539,6 +571,10 @@ class Guard:
         *,
         durable: bool = True,
     ) -> None:
+        if self.telemetry is not None:
+            self.telemetry.decision(
+                call, decision.value, rule, reason, outcome.value if isinstance(outcome, Outcome) else outcome, started
+            )
         committed = self.audit.record(
             AuditRecord(
                 identity=call.identity,
@@ -558,6 +594,17 @@ class Guard:
             await committed  # the record is committed before the result reaches the client
         else:
             committed.add_done_callback(_log_lost_record)
+
+
+_AFTER = {
+    ApprovalStatus.DENIED: (
+        "A person denied this call; it can no longer be approved. Change the call or ask your person why; "
+        "calling again with the same arguments asks for a new approval."
+    ),
+    ApprovalStatus.EXPIRED: (
+        "Nobody decided in time; calling again with the same arguments opens a new approval for a person."
+    ),
+}
 
 
 def _log_lost_record(future: Any) -> None:

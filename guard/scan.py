@@ -83,6 +83,11 @@ class _NoClient:
 
 async def scan(target: Target, *, timeout_s: float = 60.0) -> str:
     """Start ``target``, list its tools and return the starter policy."""
+    return starter_policy(await list_tools(target, timeout_s=timeout_s), target.describe())
+
+
+async def list_tools(target: Target, *, timeout_s: float = 60.0) -> list[types.Tool]:
+    """Start ``target`` (or connect to it) and return its tools."""
     client: Downstream = _NoClient()
     upstream = Upstream(target, client, restart=RestartPolicy(restart=False))
     with anyio.fail_after(timeout_s):
@@ -90,5 +95,5 @@ async def scan(target: Target, *, timeout_s: float = 60.0) -> str:
             await tg.start(upstream.run)
             tools = await upstream.list_tools()
             tg.cancel_scope.cancel()
-    return starter_policy(tools, target.describe())
+    return tools
 

@@ -70,7 +70,7 @@ async def test_policylayer_json_seed_denies_everything_but_its_tool(tmp_path: Pa
         assert "default: deny" in denied.structured_content["reason"]
     explained = ws.cli(
         "policy", "explain", str(FIXTURES / "policies" / "policylayer_seed.json"),
-        "--tool", "agentwork_send_message", "--identity", "alice",
+        "--tool", "agentwork_send_message", "--identity", "alice", "--policy-only",  # a policy for another server
     )
     assert "allow" in explained.stdout
     assert "30 calls per 60 s per identity" in explained.stdout
@@ -157,15 +157,19 @@ async def test_default_policy_limits_writes_and_holds_cancels(tmp_path: Path) ->
     async with stdio_client(ws) as client:
         task = await spawn_and_wait(client, "say under the default policy")
         assert task["status"] == "completed"
-        for i in range(29):  # 30 spawn-task calls per 60 s per session
+        sleeper = await call(client, "spawn-task", {"prompt": "sleep 60"})
+        for i in range(28):  # 30 spawn-task calls per 60 s per session
             await call(client, "spawn-task", {"prompt": f"say {i}"})
         limited = await call_error(client, "spawn-task", {"prompt": "say one too many"})
         assert limited.structured_content["rule"] == "spawn-task#1"
         assert limited.structured_content["reason"] == "30 calls per 60 s per session"
         await call(client, "list-tasks", {})  # read-only tools are allowed, unlimited
-        held = await call_error(client, "cancel-task", {"task_id": task["task_id"]})
+        held = await call_error(client, "cancel-task", {"task_id": sleeper["task_id"]})
         assert held.structured_content["error"] == "approval_required"
         assert held.structured_content["reason"] == "Cancelling work needs a human's approval"
+        # Cancelling a finished task changes nothing: nobody is asked.
+        unchanged = await call(client, "cancel-task", {"task_id": task["task_id"]})
+        assert unchanged["already_terminal"] == [task["task_id"]]
 
 
 # -- limits -----------------------------------------------------------------------
@@ -286,19 +290,21 @@ async def test_approval_flow_denied_then_approved_used_once_and_bound_to_the_arg
         ran = await call(client, "cancel-task", args)
         assert ran["cancelled"] == [a["task_id"]]
 
-        used = (await call_error(client, "cancel-task", args)).structured_content
-        assert used["error"] == "approval_required"
-        assert used["approval"]["id"] not in (apr1, apr2), "an approval is used once"
+        # The same call again changes nothing now (the task has ended): it runs without asking anyone.
+        unchanged = await call(client, "cancel-task", args)
+        assert unchanged["already_terminal"] == [a["task_id"]]
+        assert [x["id"] for x in approvals(ws)] == [apr2, apr1]
+        assert approvals(ws)[0]["used_at"] is not None, "the approval was used by the call that ran"
 
         other = (await call_error(client, "cancel-task", {"task_id": b["task_id"]})).structured_content
         assert other["error"] == "approval_required"
-        assert other["approval"]["id"] not in (apr1, apr2, used["approval"]["id"])
+        assert other["approval"]["id"] not in (apr1, apr2)
 
         decided = {x["id"]: x for x in approvals(ws)}
         assert decided[apr2]["decided_by"] == "maria"
         assert decided[apr1]["decision_note"] == "keep it running, it is the release build"
         assert decided[apr2]["used_at"] is not None
-        denial_reason = ws.cli("approvals", "deny", used["approval"]["id"], "--reason", "  ", check=False)
+        denial_reason = ws.cli("approvals", "deny", other["approval"]["id"], "--reason", "  ", check=False)
         assert denial_reason.returncode == 2 and "reason is required" in (denial_reason.stdout + denial_reason.stderr)
 
 
@@ -672,7 +678,7 @@ def test_policy_check_reports_a_bad_file_with_its_line(tmp_path: Path) -> None:
 def test_policy_explain_and_test(tmp_path: Path) -> None:
     ws = Workspace(tmp_path)
     policy = FIXTURES / "policies" / "taskwarden_full.yaml"
-    explained = ws.cli("policy", "explain", str(policy), "--tool", "cancel-task", "--args", '{"task_id": "t1"}')
+    explained = ws.cli("policy", "explain", str(policy), "--tool", "cancel-task", "--args", '{"task_id": "tsk_t1"}')
     assert explained.stdout.startswith("decision: allow")
     assert "rule: *#1" in explained.stdout
     assert "600 calls per 60 s across all callers" in explained.stdout

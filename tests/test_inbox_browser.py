@@ -335,3 +335,56 @@ async def test_hostile_message_bodies_never_execute(tmp_path: Path) -> None:
         replies = [m for m in thread if m["author"] == "human"]
         assert [m["body"] for m in replies] == [f"human payload {i}: {p}" for i, p in enumerate(PAYLOADS)]
         assert {m["author_name"] for m in replies} == {"alice"}
+
+
+async def test_a_newcomer_lands_where_the_work_is_and_reads_denials_and_the_audit_at_a_glance(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path, policy=APPROVALS_FAST)
+    async with http_server(ws, "--allow-anonymous") as base, StrictClient(f"{base}/mcp") as agent, chromium() as browser:
+        task = await human_task(agent, "Check the **release notes**", title="Release notes")
+        page = await browser.new_page(viewport=VIEWPORT)
+        watcher = Watcher(page)
+        await sign_in(page, add_human(ws, "alice", base))
+        # Nothing needs a reply yet; the open task is where the work is.
+        await page.goto(f"{base}/inbox/")
+        await expect(page.locator(".tab.current")).to_contain_text("Open")
+        await expect(page.locator("#items")).to_contain_text("Release notes")
+
+        # The task page: hand in, ask and reply each say what they do.
+        await page.get_by_role("link", name=re.compile("Release notes")).click()
+        await page.get_by_role("button", name="Claim this task").click()
+        await expect(page.locator(".handin")).to_contain_text("goes to the agent as the result")
+        await expect(page.locator("form:has(#ask-text)")).to_contain_text("The task waits for the agent's answer")
+        await expect(page.locator("form:has(#reply-text)")).to_contain_text("nothing waits for it")
+
+        # A denial reads as a refusal, not as a success.
+        held = await call_error(agent, "cancel-task", {"task_id": task["task_id"], "reason": "x" * 300})
+        approval_id = held.structured_content["approval"]["id"]
+        await page.goto(f"{base}/inbox/approvals/{approval_id}")
+        await page.locator("#deny-reason").fill("Keep it.")
+        await page.get_by_role("button", name="Deny").click()
+        banner = page.locator(".banner")
+        await expect(banner).to_contain_text("Denied by alice")
+        await expect(banner).to_have_class(re.compile(r"\bdenied\b"))
+        colour = await banner.evaluate("el => getComputedStyle(el).backgroundColor")
+        assert colour == "rgb(251, 224, 222)", colour  # the failure colour, not the success green
+
+        # The audit trail: one compact line per call, arguments opened on demand.
+        for _ in range(6):
+            await call(agent, "list-tasks", {"limit": 5})
+        await page.goto(f"{base}/inbox/audit")
+        rows = page.locator("table.audit tbody tr")
+        assert await rows.count() >= 8
+        heights = [box["height"] for box in [await rows.nth(i).bounding_box() for i in range(await rows.count())]]
+        assert max(heights) < 3 * min(heights), heights  # no row is a wall of JSON
+        cancel_row = rows.filter(has_text="cancel-task").first
+        details = cancel_row.locator("details")
+        assert await details.get_attribute("open") is None
+        await expect(cancel_row.locator("pre.args")).to_be_hidden()
+        await cancel_row.locator("summary").click()
+        await expect(cancel_row.locator("pre.args")).to_be_visible()
+        await expect(cancel_row.locator("pre.args")).to_contain_text(f'"task_id": "{task["task_id"]}"')
+        # Expanded JSON keeps its lines whole (it scrolls sideways rather than break a word).
+        white_space = await cancel_row.locator("pre.args").evaluate("el => getComputedStyle(el).whiteSpace")
+        assert white_space == "pre"
+        await page.screenshot(path=str(SCREENSHOTS / "audit-compact.png"), full_page=True)
+        assert watcher.dialogs == [] and watcher.csp == []

@@ -15,9 +15,11 @@ import argparse
 import getpass
 import logging
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from worker_server import __version__, forwarder
 
@@ -27,8 +29,54 @@ if TYPE_CHECKING:
 logger = logging.getLogger("taskwarden")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with an error as one line naming what is wrong (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """An integer argument with the same bounds as the tool's field."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer in {low}..{high}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _age(text: str) -> float:
+    """``30d``, ``12h``, ``90m``: an age in seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text, re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected an age such as 30d, 12h or 90m, got {text!r}")
+    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2).lower()]
+
+
+def _tools_from(parser: argparse.ArgumentParser, help_text: str) -> None:
+    # Everything after it is the command; main() takes it off argv before parsing.
+    parser.add_argument("--tools-from", metavar="-- CMD ARGS", nargs="?", help=help_text)
+
+
+def _split_tools_from(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """``policy check|explain … --tools-from -- CMD ARGS``: the argv before it and the command."""
+    if argv[:1] != ["policy"] or "--tools-from" not in argv:
+        return argv, None
+    at = argv.index("--tools-from")
+    command = argv[at + 1 :]
+    return argv[:at], command[1:] if command[:1] == ["--"] else command
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="config file (default: $TASKWARDEN_CONFIG, ./taskwarden.toml)")
+    parser.add_argument("--config", metavar="FILE", help="config file (default: $TASKWARDEN_CONFIG, else ./taskwarden.toml, "
+                        "else ~/.config/taskwarden/config.toml)")
     parser.add_argument("--db", metavar="FILE", help="database file (default: $TASKWARDEN_DB or the user state dir)")
 
 
@@ -40,20 +88,23 @@ def _host_port(value: str) -> tuple[str, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="taskwarden",
         description="An MCP server that hands background work to coding agents and people, behind a policy guard.",
     )
-    parser.add_argument("--version", action="version", version=f"taskwarden {__version__}")
+    parser.add_argument("--version", action="version", version=f"taskwarden {__version__}", help="print the version")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the MCP server (stdio by default)", description=(
         "Run the MCP server. With no --http it speaks MCP on stdin/stdout, as MCP clients such as "
-        "Claude Code and Codex expect. With --http it serves /mcp (streamable HTTP) and the inbox at /inbox."
+        "Claude Code and Codex expect, relaying to the daemon of its database (started in the background "
+        "when none runs), so tasks outlive the client. With --http this process is that daemon and also "
+        "serves /mcp (streamable HTTP) and the inbox at /inbox."
     ))
     _common(serve)
     serve.add_argument("--policy", metavar="FILE", help="policy file (default: the built-in policy)")
-    serve.add_argument("--http", metavar="HOST:PORT", type=_host_port, help="serve streamable HTTP instead of stdio")
+    serve.add_argument("--http", metavar="HOST:PORT", type=_host_port,
+                       help="serve MCP over streamable HTTP at /mcp (and the inbox) instead of stdio")
     serve.add_argument(
         "--allow-anonymous", action="store_true", help="accept HTTP requests without a bearer token (loopback only)"
     )
@@ -108,23 +159,48 @@ def build_parser() -> argparse.ArgumentParser:
         "database. Use this when the MCP server runs over stdio."
     ))
     _common(inbox)
-    inbox.add_argument("--http", metavar="HOST:PORT", type=_host_port, default=("127.0.0.1", 8765))
+    inbox.add_argument("--http", metavar="HOST:PORT", type=_host_port, default=("127.0.0.1", 8765),
+                       help="where to listen (default 127.0.0.1:8765)")
+
+    from worker_server.task import TaskStatus
 
     tasks = sub.add_parser("tasks", help="list, show and work on tasks").add_subparsers(
         dest="tasks_command", required=True, metavar="ACTION"
     )
     t_list = tasks.add_parser("list", help="list tasks, newest first")
     _common(t_list)
-    t_list.add_argument("--status")
-    t_list.add_argument("--worker")
-    t_list.add_argument("--label")
-    t_list.add_argument("--limit", type=int, default=50)
+    t_list.add_argument("--status", choices=[s.value for s in TaskStatus], help="only tasks in this status")
+    t_list.add_argument("--worker", metavar="NAME", help="only tasks of this worker (a profile name, or human)")
+    t_list.add_argument("--label", help="only tasks with this label")
+    t_list.add_argument("--limit", type=_bounded_int(1, 200), default=50, help="how many (1..200, default 50)")
     t_list.add_argument("--json", action="store_true", help="print JSON")
-    t_show = tasks.add_parser("show", help="show one task with its turns and thread")
+    t_show = tasks.add_parser("show", help="show one task: status, output, turns, thread, log file")
     _common(t_show)
-    t_show.add_argument("task_id", metavar="ID")
-    t_show.add_argument("--tail", type=int, default=20, help="lines of recent activity")
+    t_show.add_argument("task_id", metavar="ID", help="the task id (tsk_…)")
+    t_show.add_argument("--tail", type=_bounded_int(0, 500), default=20, help="lines of recent activity (0..500)")
     t_show.add_argument("--json", action="store_true", help="print JSON")
+    t_cancel = tasks.add_parser("cancel", help="cancel tasks, as the operator (the guard decides and audits it)",
+                                description=(
+        "Cancel tasks through the policy guard, as you (the operator): deny rules and rate limits apply and "
+        "the call is audited. A rule that requires approval is satisfied by you running this command."
+    ))  # fmt: skip
+    _common(t_cancel)
+    t_cancel.add_argument("task_ids", metavar="ID", nargs="+", help="task ids (tsk_…), up to 100")
+    t_cancel.add_argument("--reason", metavar="TEXT", help="why; shown to the worker or person")
+    t_cancel.add_argument("--as", dest="as_name", metavar="NAME", help="who you are (default: the OS user)")
+    t_logs = tasks.add_parser("logs", help="print a task's log (its worker's stdout and stderr)")
+    _common(t_logs)
+    t_logs.add_argument("task_id", metavar="ID", help="the task id (tsk_…)")
+    t_logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the task ends")
+    t_prune = tasks.add_parser("prune", help="delete old finished sessions, their logs and worktrees",
+                               description=(
+        "Delete sessions whose every turn is finished (completed, failed, cancelled) and whose last change "
+        "is older than --older-than: their tasks, messages, logs and git worktrees (the branches stay)."
+    ))  # fmt: skip
+    _common(t_prune)
+    t_prune.add_argument("--older-than", required=True, type=_age, metavar="AGE",
+                         help="an age such as 30d, 12h or 90m")  # fmt: skip
+    t_prune.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
     for name, help_text, takes_text in (
         ("claim", "claim a human task", False),
         ("release", "give a claimed human task back", False),
@@ -134,18 +210,23 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = tasks.add_parser(name, help=help_text)
         _common(p)
-        p.add_argument("task_id", metavar="ID")
+        p.add_argument("task_id", metavar="ID", help="the task id (tsk_…)")
         if takes_text:
-            p.add_argument("text", metavar="TEXT")
+            p.add_argument("text", metavar="TEXT", help="the message (Markdown)")
         p.add_argument("--as", dest="as_name", metavar="NAME", help="who you are (default: the OS user)")
+
+    workers = sub.add_parser("workers", help="the worker profiles: is each CLI installed, its version, limits")
+    _common(workers)
+    workers.add_argument("--json", action="store_true", help="print JSON")
 
     humans = sub.add_parser("humans", help="people who work in the inbox").add_subparsers(
         dest="humans_command", required=True, metavar="ACTION"
     )
     h_add = humans.add_parser("add", help="add (or update) a person and print a one-time sign-in link")
     _common(h_add)
-    h_add.add_argument("name", metavar="NAME")
-    h_add.add_argument("--url", help="the inbox's address (default: inbox_url from the config)")
+    h_add.add_argument("name", metavar="NAME", help="the person's name, as the inbox shows it")
+    h_add.add_argument("--url", help="the inbox's address (default: that of the daemon serving HTTP for this "
+                       "database, else inbox_url from the config)")
     h_add.add_argument("--role", choices=("worker", "approver", "admin"),
                        help="worker: claims tasks; approver: also decides approvals; admin: also manages people "
                             "(default for a new person: worker)")
@@ -158,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(h_list)
     h_rm = humans.add_parser("remove", help="remove a person (signs them out)")
     _common(h_rm)
-    h_rm.add_argument("name", metavar="NAME")
+    h_rm.add_argument("name", metavar="NAME", help="the person's name")
     h_rm.add_argument("--as", dest="as_name", metavar="NAME", help="who you are (default: the OS user)")
     h_inbox = humans.add_parser("inbox", help="what needs a person, in the terminal")
     _common(h_inbox)
@@ -171,12 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     a_list.add_argument("--json", action="store_true", help="print JSON")
     a_ok = approvals.add_parser("approve", help="approve a held call")
     _common(a_ok)
-    a_ok.add_argument("approval_id", metavar="ID")
+    a_ok.add_argument("approval_id", metavar="ID", help="the approval id (apr_…)")
     a_ok.add_argument("--as", dest="as_name", metavar="NAME", help="who decides (default: the OS user)")
-    a_ok.add_argument("--comment", metavar="TEXT")
+    a_ok.add_argument("--comment", metavar="TEXT", help="a note kept with the decision")
     a_no = approvals.add_parser("deny", help="deny a held call (a reason is required)")
     _common(a_no)
-    a_no.add_argument("approval_id", metavar="ID")
+    a_no.add_argument("approval_id", metavar="ID", help="the approval id (apr_…)")
     a_no.add_argument("--reason", required=True, metavar="TEXT", help="shown to the agent")
     a_no.add_argument("--as", dest="as_name", metavar="NAME", help="who decides (default: the OS user)")
 
@@ -184,16 +265,22 @@ def build_parser() -> argparse.ArgumentParser:
         dest="policy_command", required=True, metavar="ACTION"
     )
     p_check = policy.add_parser("check", help="validate a policy file")
-    p_check.add_argument("file", metavar="FILE")
+    p_check.add_argument("file", metavar="FILE", help="the policy file (YAML or JSON, any dialect)")
+    _tools_from(p_check, "warn about names that are not tools of the MCP server CMD starts, "
+                "instead of taskwarden's own tools")
     p_explain = policy.add_parser("explain", help="show the decision for one call and the rules behind it")
-    p_explain.add_argument("file", metavar="FILE")
-    p_explain.add_argument("--tool", required=True)
+    p_explain.add_argument("file", metavar="FILE", help="the policy file")
+    p_explain.add_argument("--tool", required=True, help="the tool called, e.g. spawn-task")
     p_explain.add_argument("--args", default="{}", metavar="JSON", help="the call's arguments as a JSON object")
     p_explain.add_argument("--identity", help="the caller (default: none)")
+    _tools_from(p_explain, "decide as a guard in front of the MCP server CMD starts (its tools and their "
+                "argument bounds) instead of taskwarden's own tools; last on the line")
+    p_explain.add_argument("--policy-only", action="store_true",
+                           help="the policy's rules alone: no server's tool list or argument bounds")
     _common(p_explain)
     p_test = policy.add_parser("test", help="run expected decisions from a CASES.yaml file")
-    p_test.add_argument("file", metavar="FILE")
-    p_test.add_argument("cases", metavar="CASES.yaml")
+    p_test.add_argument("file", metavar="FILE", help="the policy file")
+    p_test.add_argument("cases", metavar="CASES.yaml", help="the cases: tool, args, identity, expect (see the README)")
     p_scan = policy.add_parser("scan", help="print a starter policy for another MCP server's tools")
     p_scan.add_argument("--upstream", metavar="URL", help="scan a streamable-HTTP MCP server instead of a command")
     p_scan.add_argument("upstream_command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
@@ -219,39 +306,103 @@ def build_parser() -> argparse.ArgumentParser:
     _common(audit)
     audit.add_argument("--json", action="store_true", help="one JSON object per line")
     audit.add_argument("--since", help="ISO 8601 time or an age like 10m, 2h, 1d")
-    audit.add_argument("--tool")
-    audit.add_argument("--decision")
+    audit.add_argument("--tool", help="only calls of this tool")
+    audit.add_argument("--decision", help="only this decision (allow, deny, rate_limited, approval_required, …)")
     audit.add_argument("--follow", action="store_true", help="keep printing new records")
-    audit.add_argument("--limit", type=int, default=200)
+    audit.add_argument("--limit", type=_bounded_int(1, 100_000), default=200,
+                       help="the newest N records (default 200)")
     return parser
+
+
+# Commands that run a server: their INFO lines (listening on…, reloaded…) are
+# what an operator watches. Every other command logs warnings and errors only.
+SERVERS = {"serve", "daemon", "guard", "inbox"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if forwarder.wants_forwarder(argv):
         return forwarder.main(argv)
+    argv, tools_from = _split_tools_from(argv)
     args = build_parser().parse_args(argv)
+    if args.command == "policy":
+        args.tools_from = tools_from
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.command not in SERVERS:
+        logging.getLogger().setLevel(logging.WARNING)
+    import sqlite3
+
     from guard.dialects.source import PolicyError
     from worker_server.config import ConfigError
 
     try:
         return _dispatch(args)
-    except (ConfigError, PolicyError) as exc:
-        print(f"taskwarden: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except BaseException as exc:
+        # Errors raised inside a task group arrive wrapped in exception groups.
+        known = _upstream_exit(exc, (ConfigError, PolicyError, CliError, sqlite3.Error, OSError))
+        if known is None:
+            if _upstream_exit(exc, KeyboardInterrupt) is not None:
+                return 130
+            raise
+        if isinstance(known, sqlite3.Error):
+            # A file that is not a database, a locked or read-only file.
+            print(f"taskwarden: database {_db_shown(args)}: {known}", file=sys.stderr)
+            return 1
+        print(f"taskwarden: {known}", file=sys.stderr)
+        if isinstance(known, CliError):
+            return known.code
+        return 1 if isinstance(known, OSError) else 2
 
 
-def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+class CliError(Exception):
+    """What a command could not do, said in one line (exit ``code``)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _db_shown(args: argparse.Namespace) -> str:
+    try:
+        return str(_settings(args).db_path)
+    except Exception:  # noqa: BLE001 - only for a message
+        return str(getattr(args, "db", None) or "(default)")
+
+
+def _settings(args: argparse.Namespace, *, existing_db: bool = False, **extra: Any) -> Settings:
+    """The configuration; ``existing_db``: the command reads a database and must not create one."""
     from worker_server.config import load_settings
 
     settings = load_settings(getattr(args, "config", None), db=getattr(args, "db", None), **extra)
-    logging.getLogger().setLevel(settings.log_level)
+    if args.command in SERVERS:
+        logging.getLogger().setLevel(settings.log_level)
+    elif settings.log_level == "DEBUG":
+        logging.getLogger().setLevel(logging.DEBUG)
+    if existing_db:
+        _check_database(settings.db_path)
     return settings
+
+
+def _check_database(path: Path) -> None:
+    if str(path).startswith(("postgresql:", "postgres:")):
+        return
+    if path.is_dir():
+        raise CliError(f"--db {path} is a directory; name the database file (e.g. {path / 'taskwarden.db'})")
+    if not path.exists():
+        raise CliError(
+            f"no database at {path}: nothing has run with it yet (check --db, $TASKWARDEN_DB or db in the config)"
+        )
+    try:
+        with path.open("rb") as f:
+            header = f.read(16)
+    except OSError as exc:
+        raise CliError(f"cannot read the database {path}: {exc.strerror}") from None
+    if header and header != b"SQLite format 3\x00":
+        raise CliError(f"{path} is not a taskwarden database (not an SQLite file)")
 
 
 def _run(fn: Callable[[], Awaitable[int]]) -> int:
@@ -296,17 +447,20 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise ConfigError("--in-process only applies to stdio, not with --http")
         if args.http:
             from worker_server.daemon import run_daemon
-            from worker_server.server import check_http, serve_http_app
+            from worker_server.server import bind_listener, check_http, serve_http_app
 
             host, port = args.http
             check_http(settings, host, allow_anonymous=args.allow_anonymous)
+            sock = bind_listener(host, port)
+            url = f"http://{_url_host(host)}:{port}"
             # The daemon of the database, with an HTTP listener: stdio clients
             # share it. Another daemon already serves the database: HTTP alone.
             code = anyio.run(lambda: run_daemon(settings, lambda app: serve_http_app(
-                app, host, port, allow_anonymous=args.allow_anonymous, with_inbox=not args.no_inbox)))
+                app, host, port, allow_anonymous=args.allow_anonymous, with_inbox=not args.no_inbox, sock=sock),
+                http_url=None if args.no_inbox else f"{url}/inbox"))
             if code == 3:
                 anyio.run(lambda: serve_http(settings, host, port, allow_anonymous=args.allow_anonymous,
-                                             with_inbox=not args.no_inbox))
+                                             with_inbox=not args.no_inbox, sock=sock))
         else:
             if args.allow_anonymous:
                 raise ConfigError("--allow-anonymous only applies with --http")
@@ -317,18 +471,27 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "inbox":
         from worker_server.inbox.app import serve_inbox
 
+        from worker_server.server import bind_listener
+
         settings = _settings(args)
         host, port = args.http
-        anyio.run(serve_inbox, settings, host, port)
+        sock = bind_listener(host, port)
+        anyio.run(serve_inbox, settings, host, port, sock)
         return 0
     if args.command == "tasks":
-        return _run(lambda: _tasks(args, _settings(args)))
+        settings = _settings(args, existing_db=True)
+        return _run(lambda: _tasks(args, settings))
+    if args.command == "workers":
+        from worker_server.workers import print_workers
+
+        return print_workers(_settings(args), as_json=args.json, out=sys.stdout)
     if args.command == "humans":
-        return _run(lambda: _humans(args, _settings(args)))
+        settings = _settings(args, existing_db=args.humans_command != "add")
+        return _run(lambda: _humans(args, settings))
     if args.command == "notify":
-        return _run(lambda: _notify(args, _settings(args)))
+        return _run(lambda: _notify(args, _settings(args, existing_db=True)))
     if args.command == "approvals":
-        db = _settings(args).db_path
+        db = _settings(args, existing_db=True).db_path
         if args.approvals_command == "list":
             return _run(lambda: commands.approvals_list(db, args.json, sys.stdout))
         from worker_server.inbox.accounts import role_of
@@ -341,7 +504,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             db, args.approval_id, args.reason, sys.stdout, by=who, role_of=role_of))
     if args.command == "policy":
         if args.policy_command == "check":
-            return policy_cli.check(args.file)
+            schemas, server = _tool_schemas(args)
+            return policy_cli.check(args.file, tools=set(schemas), server=server)
         if args.policy_command == "scan":
             from guard.scan import scan
             from guard.upstream import UpstreamExited
@@ -361,19 +525,57 @@ def _dispatch(args: argparse.Namespace) -> int:
                 db_path = _settings(args).db_path
             except ConfigError:
                 db_path = None
-            return policy_cli.explain(args.file, args.tool, args.args, args.identity, db_path=db_path)
+            if args.policy_only and args.tools_from is not None:
+                raise CliError("give --policy-only or --tools-from, not both", 2)
+            schemas = None if args.policy_only else _tool_schemas(args)[0]
+            return policy_cli.explain(args.file, args.tool, args.args, args.identity, db_path=db_path, schemas=schemas)
         return policy_cli.test(args.file, args.cases)
     if args.command == "budgets":
-        db = _settings(args).db_path
+        db = _settings(args, existing_db=True).db_path
         return _run(lambda: commands.budgets(db, args.json, sys.stdout))
     if args.command == "audit":
-        db = _settings(args).db_path
+        db = _settings(args, existing_db=True).db_path
         return _run(
             lambda: commands.audit(
                 db, args.json, args.since, args.tool, args.decision, args.follow, sys.stdout, limit=args.limit
             )
         )
     raise AssertionError(args.command)
+
+
+def _tool_schemas(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """The input schema of each tool of the server a policy guards, and that server's name:
+    taskwarden's own, or (``--tools-from -- CMD``) those of the MCP server CMD starts."""
+    import anyio
+
+    if args.tools_from is None:
+        from worker_server.tools import input_schemas
+
+        return input_schemas(), "taskwarden"
+    command = args.tools_from
+    if not command:
+        raise CliError("--tools-from needs the MCP server's command: --tools-from -- CMD ARGS", 2)
+    from guard.scan import list_tools
+    from guard.upstream import StdioTarget, UpstreamExited
+
+    target = StdioTarget(command[0], tuple(command[1:]), env=dict(os.environ))
+    try:
+        tools = anyio.run(lambda: list_tools(target))
+    except BaseException as exc:
+        exited = _upstream_exit(exc, UpstreamExited)
+        if exited is None:
+            raise
+        raise CliError(f"--tools-from: {exited}") from None
+    return {t.name: t.input_schema for t in tools}, target.describe()
+
+
+def _url_host(host: str) -> str:
+    """``host`` as people reach it in a link (a wildcard address by the machine's name)."""
+    if host in ("0.0.0.0", "::", ""):
+        import socket
+
+        return socket.gethostname()
+    return f"[{host}]" if ":" in host else host
 
 
 def _upstream_target(args: argparse.Namespace) -> Any:
@@ -442,7 +644,9 @@ def _guard(args: argparse.Namespace) -> int:
     return 0
 
 
-def _upstream_exit(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+def _upstream_exit(
+    exc: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...]
+) -> BaseException | None:
     """The ``kind`` error inside task-group exception groups, if that is what ended the run."""
     if isinstance(exc, kind):
         return exc
@@ -512,8 +716,14 @@ async def _tasks(args: argparse.Namespace, settings: Settings) -> int:
                 if args.json:
                     print(detail.model_dump_json(indent=2))
                 else:
-                    _print_task(detail)
+                    _print_task(detail, await service.log_path(args.task_id))
                 return 0
+            if args.tasks_command == "cancel":
+                return await _cancel(app, args)
+            if args.tasks_command == "logs":
+                return await _logs(app, args.task_id, follow=args.follow)
+            if args.tasks_command == "prune":
+                return await _prune(app, args.older_than, dry_run=args.dry_run)
             humans = service.humans
             assert humans is not None
             who = args.as_name or getpass.getuser()
@@ -535,6 +745,104 @@ async def _tasks(args: argparse.Namespace, settings: Settings) -> int:
             return 1
 
 
+async def _cancel(app: Any, args: argparse.Namespace) -> int:
+    """``tasks cancel``: the call an agent would make, decided by the guard, with you as the caller.
+
+    A rule that requires approval is satisfied by the person running the
+    command (it is refused inside a worker's turn): the approval is recorded
+    as decided by them, then used by this very call.
+    """
+    from guard.audit import Outcome
+    from guard.decision import decide, fresh_counters
+    from guard.outcomes import Refusal
+    from guard.redaction import redact_off_loop
+    from guard.runtime import Call, Unknown
+    from worker_server.server import build_mcp
+
+    who = args.as_name or getpass.getuser()
+    ids = list(args.task_ids)
+    arguments: dict[str, Any] = {"task_id": ids if len(ids) > 1 else ids[0]}
+    if args.reason:
+        arguments["reason"] = args.reason
+    guard = app.guard
+    build_mcp(app)  # the guard learns the tools' schemas from the server, as when it serves
+    call = Call("cancel-task", arguments, identity=who, session="cli")
+    verdict = decide(guard.policy, call.tool, arguments, who, fresh_counters)
+    if verdict.action == "require_approval" and not await app.service.cancels_nothing(ids):
+        digest = guard.approvals.digest(call.tool, dict(arguments), who)
+        approval = await guard.approvals.open(
+            digest, call.tool, await redact_off_loop(dict(arguments)), who, call.session, verdict.rule_id,
+            verdict.reason, (verdict.approval.expires_s if verdict.approval else 900),
+        )  # fmt: skip
+        await guard.approvals.decide(approval.id, True, who, "approved by running `taskwarden tasks cancel`")
+    try:
+        admission = await guard.admit(call)
+    except Unknown:
+        raise CliError("cancel-task is hidden by the policy") from None
+    if isinstance(admission, Refusal):
+        raise CliError(admission.first_line())
+    try:
+        result = await app.service.cancel(ids, args.reason or f"cancelled by {who} from the command line")
+    except BaseException:
+        await guard.settle(admission, Outcome.ERROR)
+        raise
+    await guard.settle(admission, Outcome.OK)
+    for name, label in (("cancelled", "cancelled"), ("already_terminal", "already finished"),
+                        ("not_found", "not found")):  # fmt: skip
+        for task_id in getattr(result, name):
+            print(f"{task_id}: {label}")
+    return 1 if result.not_found else 0
+
+
+async def _logs(app: Any, task_id: str, *, follow: bool) -> int:
+    """Print the task's log; with ``follow``, keep printing until the task has ended."""
+    import anyio
+
+    path = await app.service.log_path(task_id)
+    out = sys.stdout.buffer
+    offset = 0
+    while True:
+        since = app.feed.generation
+        if path is None:
+            path = await app.service.log_path(task_id)
+        if path is not None and path.exists():
+            with path.open("rb") as f:
+                f.seek(offset)
+                while chunk := f.read(1 << 16):
+                    out.write(chunk)
+                    offset += len(chunk)
+            out.flush()
+        row = await app.store.get(task_id)
+        if not follow or row.terminal:
+            if path is None and not follow:
+                print(f"({task_id} has no log yet: it is {row.status.value})", file=sys.stderr)
+            return 0
+        # Woken by any change to the database (a finished turn), else read again soon.
+        with anyio.move_on_after(0.5):
+            await app.feed.wait(since, 0.5)
+
+
+async def _prune(app: Any, older_than_s: float, *, dry_run: bool) -> int:
+    from worker_server import git_work
+
+    before = app.store.clock.now() - older_than_s
+    pruned = await app.store.prune(before, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    for session in pruned:
+        if not dry_run:
+            for log in session.log_paths:
+                Path(log).unlink(missing_ok=True)
+            if session.worktree and session.cwd:
+                # The branch stays: it may hold the session's commits.
+                await git_work.remove_worktree(session.cwd, session.worktree, "")
+        extra = f", worktree {session.worktree}" if session.worktree else ""
+        print(f"{verb} session {session.id}: {len(session.task_ids)} task(s), "
+              f"{len(session.log_paths)} log(s){extra}")  # fmt: skip
+    if not pruned:
+        print("Nothing to prune: no finished session is that old.")
+    return 0
+
+
 async def _humans(args: argparse.Namespace, settings: Settings) -> int:
     from worker_server.inbox.accounts import Accounts, InvalidChannel, InvalidName
     from worker_server.server import open_app
@@ -550,9 +858,10 @@ async def _humans(args: argparse.Namespace, settings: Settings) -> int:
                       file=sys.stderr)  # fmt: skip
                 return 1
         if args.humans_command == "add":
+            base, source = _inbox_address(args, settings)
             try:
                 link = await accounts.add(
-                    args.name, base_url=args.url or settings.inbox_url, role=args.role, email=args.email,
+                    args.name, base_url=base, role=args.role, email=args.email,
                     webhook=args.webhook, webhook_secret=args.webhook_secret,
                 )
             except (InvalidName, InvalidChannel) as exc:
@@ -560,7 +869,7 @@ async def _humans(args: argparse.Namespace, settings: Settings) -> int:
                 return 2
             person = await accounts.person(args.name)
             assert person is not None
-            print(f"Sign-in link for {person.name} ({person.role}; works once, for 7 days):\n{link}")
+            print(f"Sign-in link for {person.name} ({person.role}; works once, for 7 days; {source}):\n{link}")
             if args.webhook:
                 print(f"Webhook {person.webhook}: requests carry X-Taskwarden-Signature: sha256=HMAC-SHA256 "
                       f"of the body with this secret:\n{person.webhook_secret}")  # fmt: skip
@@ -647,14 +956,24 @@ async def _notify(args: argparse.Namespace, settings: Settings) -> int:
             else:
                 print(f"{channel} {target}: sent")
         return 1 if failed else 0
+def _inbox_address(args: argparse.Namespace, settings: Settings) -> tuple[str, str]:
+    """Where the inbox is, and how we know: --url, the running daemon's HTTP address, else inbox_url."""
+    if args.url:
+        return args.url, "address from --url"
+    answer = forwarder.request(forwarder.daemon_dir(settings.db_path), "status")
+    if answer is not None and isinstance(answer.get("inbox_url"), str):
+        return str(answer["inbox_url"]), f"the inbox of the running daemon, pid {answer.get('pid')}"
+    why = "no daemon runs for this database" if answer is None else "its daemon serves no inbox over HTTP"
+    return settings.inbox_url, f"inbox_url from the config: {why}"
 
 
 def _print_task_table(tasks: Sequence[Any]) -> None:
     if not tasks:
         print("No tasks.")
         return
+    print(f"{'TASK':<{len(tasks[0].task_id)}}  {'STATUS':<15} {'WORKER':<8} {'CREATED':<20}  {'USAGE':<22}  TITLE")
     for t in tasks:
-        print(f"{t.task_id}  {t.status.value:<15} {t.worker:<8} {t.created_at}  {_usage_brief(t.usage):<22}  {t.title}")
+        print(f"{t.task_id}  {t.status.value:<15} {t.worker:<8} {t.created_at:<20}  {_usage_brief(t.usage):<22}  {t.title}")
 
 
 def _usage_brief(usage: Any) -> str:
@@ -677,7 +996,7 @@ def _usage_full(usage: Any) -> str:
     return ", ".join(f"{k} {v}" for k, v in fields.items() if v is not None) or "not reported"
 
 
-def _print_task(d: Any) -> None:
+def _print_task(d: Any, log_file: Path | None = None) -> None:
     print(f"{d.task_id}  {d.title}")
     print(f"  status:   {d.status.value}" + (f" ({d.status_message})" if d.status_message else ""))
     print(f"  worker:   {d.worker} ({d.kind})   session: {d.session_id}   turn {d.turn}")
@@ -710,7 +1029,7 @@ def _print_task(d: Any) -> None:
         print("  thread:")
         for m in d.thread:
             print(f"    [{m.created_at}] {m.author}{'/' + m.author_name if m.author_name else ''} ({m.kind}): {m.body}")
-    print(f"  log: {d.output.log_uri}")
+    print(f"  log: {log_file or '(none yet: the turn has not started)'}  ({d.output.log_uri})")
     print(f"  next: {d.next_action}")
 
 

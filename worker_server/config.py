@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -76,7 +76,8 @@ class NotifyConfig(BaseModel):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TASKWARDEN_", extra="forbid", env_nested_delimiter="__")
 
-    default_worker: str = "codex"
+    # None: the first installed agent CLI (codex, claude), else shell (see worker_server.workers).
+    default_worker: str | None = None
     allowed_roots: list[str] = Field(default_factory=lambda: ["~"])
     identity: str = Field(default_factory=getpass.getuser)
     db: Path | None = None
@@ -102,9 +103,14 @@ class Settings(BaseSettings):
     sandbox_hide: list[str] = Field(default_factory=list)
     identities: dict[str, IdentityConfig] = Field(default_factory=dict)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
+    # OpenTelemetry traces and metrics (worker_server.telemetry); also on when
+    # OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    otel: bool = False
 
     # Set by load_settings: where the values came from, for messages.
     config_file: Path | None = None
+    # How the default worker was chosen (said at start-up and by `taskwarden workers`).
+    _default_worker_note: str | None = PrivateAttr(default=None)
     # The TOML file this settings class reads (a subclass per file, see load_settings).
     toml_path: ClassVar[Path | None] = None
 
@@ -167,6 +173,18 @@ class Settings(BaseSettings):
         # Resolved once: spawn-task checks every cwd against them.
         return [Path(r).expanduser().resolve() for r in self.allowed_roots]
 
+    def inside_roots(self, path: Path) -> bool:
+        """Whether ``path`` lies inside one of ``allowed_roots``."""
+        try:
+            resolved = path.expanduser().resolve()
+        except (OSError, RuntimeError):
+            return False
+        return any(resolved == root or root in resolved.parents for root in self.roots)
+
+    @property
+    def default_worker_note(self) -> str | None:
+        return self._default_worker_note
+
     def profiles(self) -> dict[str, WorkerProfile]:
         """Built-in worker profiles with the config file's overrides and additions."""
         merged = dict(BUILTIN_PROFILES)
@@ -213,7 +231,11 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
     settings.config_file = path
     # Check profile overrides and the default worker now, not at first spawn.
     profiles = settings.profiles()
-    if settings.default_worker != "human" and settings.default_worker not in profiles:
+    if settings.default_worker is None:
+        from worker_server.workers import pick_default
+
+        settings.default_worker, settings._default_worker_note = pick_default(profiles)
+    elif settings.default_worker != "human" and settings.default_worker not in profiles:
         where = f"{path}: " if path else ""
         raise ConfigError(
             f"{where}default_worker: unknown worker {settings.default_worker!r}; "

@@ -141,8 +141,12 @@ async def serve_session(server: Server[Any], reader: _LineReader, writer: _LineW
 
 
 class Daemon:
-    def __init__(self, app: App, mcp: MCPServer[Any], directory: Path, lock_fd: int) -> None:
+    def __init__(
+        self, app: App, mcp: MCPServer[Any], directory: Path, lock_fd: int, inbox_url: str | None = None
+    ) -> None:
         self.app = app
+        # The inbox this daemon serves over HTTP (serve --http), for `humans add` links.
+        self.inbox_url = inbox_url
         self.mcp = mcp
         self._server = lowlevel_server(mcp)
         self.directory = directory
@@ -260,6 +264,7 @@ class Daemon:
             "database": str(self.app.settings.db_path),
             "socket": str(self.socket),
             "draining": self.draining,
+            "inbox_url": self.inbox_url,
         }
 
     # -- connections --------------------------------------------------------
@@ -307,7 +312,8 @@ class Daemon:
                     if self.draining:
                         await reply({"ok": False, "error": DRAINING})
                         return
-                    await reply({"ok": True, "pid": os.getpid(), "version": __version__})
+                    warnings = session_warnings(self.app.settings, hello.get("cwd"))
+                    await reply({"ok": True, "pid": os.getpid(), "version": __version__, "warnings": warnings})
                     await self._session(hello, buffered, stream)
                 else:
                     await reply({"ok": False, "error": f"unknown op {op!r}"})
@@ -331,8 +337,21 @@ class Daemon:
             self.sessions -= 1
 
 
-async def run_daemon(settings: Settings, extra: Callable[[App], Awaitable[None]] | None = None) -> int:
-    """Run the daemon of ``settings.db_path`` until stopped or idle; 3 if another one runs."""
+def session_warnings(settings: Settings, cwd: Any) -> list[str]:
+    """What a new client should be told at once (its forwarder prints it on stderr)."""
+    if isinstance(cwd, str) and cwd and not settings.inside_roots(Path(cwd)):
+        return [
+            f"this directory ({cwd}) is outside allowed_roots ({', '.join(settings.allowed_roots)}): "
+            "spawn-task without a cwd inside them will be refused; add it to allowed_roots in the config"
+        ]
+    return []
+
+
+async def run_daemon(
+    settings: Settings, extra: Callable[[App], Awaitable[None]] | None = None, *, http_url: str | None = None
+) -> int:
+    """Run the daemon of ``settings.db_path`` until stopped or idle; 3 if another one runs.
+    ``http_url``: the inbox ``extra`` serves over HTTP, if any."""
     directory = daemon_dir(settings.db_path)
     private_dir(directory)
     lock_fd = take_lock(directory)
@@ -343,7 +362,7 @@ async def run_daemon(settings: Settings, extra: Callable[[App], Awaitable[None]]
         become_subreaper()
         watch_children_with_pidfds()
         async with open_app(settings) as app:
-            daemon = Daemon(app, build_mcp(app), directory, lock_fd)
+            daemon = Daemon(app, build_mcp(app), directory, lock_fd, inbox_url=http_url)
             lock_fd = None  # the daemon gives it up
             await daemon.serve(None if extra is None else lambda: extra(app))
     finally:

@@ -291,6 +291,8 @@ def main(argv: list[str]) -> int:
             answer, early = hello(sock, {"op": "mcp", "cwd": os.getcwd(), "identity": identity, "pid": os.getpid()})
             if not answer.get("ok"):
                 raise ForwarderError(f"the daemon refused the session: {answer.get('error')}")
+            for warning in answer.get("warnings") or ():  # type: ignore[union-attr]
+                print(f"taskwarden: warning: {warning}", file=sys.stderr, flush=True)
             relay(sock, early)
     except ForwarderError as exc:
         # The daemon's own message (a bad config) already names taskwarden.

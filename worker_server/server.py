@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -21,7 +24,7 @@ from guard.budgets import BudgetLedger
 from guard.changes import ChangeFeed
 from guard.clock import SystemClock
 from guard.database import Database
-from guard.runtime import Guard
+from guard.runtime import Call, Guard
 from worker_server import __version__
 from worker_server.config import ConfigError, Settings
 from worker_server.humans import Humans
@@ -40,6 +43,8 @@ from worker_server.service import TaskService
 from worker_server.store import Store
 from worker_server.log_pages import PagePosition
 from worker_server.tools import build_tools, register_resources, resource_call
+from worker_server.workers import summary_for_agents
+from worker_server.telemetry import wanted, without_sdk_spans
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +71,14 @@ class App:
     deliverer: Deliverer
     # Closed by a draining daemon: new agent turns are refused.
     intake: Intake
+    # OpenTelemetry, when on (worker_server.telemetry); None: off, at no cost.
+    telemetry: Any = None
 
 
 @asynccontextmanager
 async def open_app(
-    settings: Settings, *, run_workers: bool = True, background: bool = True, guard_enabled: bool = True
+    settings: Settings, *, run_workers: bool = True, background: bool = True, guard_enabled: bool = True,
+    telemetry: Any = None,
 ) -> AsyncIterator[App]:
     """Open the database and start the runner; stop every turn on the way out.
 
@@ -78,7 +86,11 @@ async def open_app(
     keeps human deadlines and reloads the policy (servers and the inbox do,
     one-shot CLI commands do not).
     """
+    if telemetry is None and background and wanted(settings):
+        telemetry = _start_telemetry(settings)
     sandbox = worker_sandbox(settings) if run_workers else None
+    if run_workers:
+        _say_start_up(settings)
     db = await Database.open(settings.db_path)
     feed = ChangeFeed(settings.db_path)
     feed.start()
@@ -108,9 +120,19 @@ async def open_app(
         humans.view = service.view
         service.humans = humans
         callers = CallerResolver(settings.identity)
+
+        async def changes_nothing(call: Call) -> bool:
+            # Cancelling tasks that already finished needs nobody's approval.
+            if call.tool != "cancel-task":
+                return False
+            ids = call.args.get("task_id")
+            ids = [ids] if isinstance(ids, str) else list(ids or [])
+            return await service.cancels_nothing(ids)
+
         guard = await Guard.open(
             db, feed, policy_path=settings.policy, enabled=guard_enabled, callers=callers.caller,
             inbox_url=settings.inbox_url, resource_calls=resource_call, approval_events=notices,
+            changes_nothing=changes_nothing, telemetry=telemetry,
         )  # fmt: skip
         deliverer = Deliverer(
             outbox, guard.approvals, notices, LinkSigner.for_database(settings.db_path), settings, feed, SystemClock()
@@ -126,8 +148,10 @@ async def open_app(
                 await tg.start(humans.keep_deadlines)
                 await tg.start(guard.serve)
                 await tg.start(tasks.watchers.serve)
+                if telemetry is not None:
+                    await tg.start(telemetry.serve, store)
             try:
-                yield App(settings, db, feed, store, runner, service, guard, callers, tasks, deliverer, intake)
+                yield App(settings, db, feed, store, runner, service, guard, callers, tasks, deliverer, intake, telemetry)
             finally:
                 tg.cancel_scope.cancel()
     finally:
@@ -138,6 +162,32 @@ async def open_app(
                 await guard.audit.aclose()
         feed.close()
         await db.close()
+
+
+def _start_telemetry(settings: Settings) -> Any:
+    """OpenTelemetry exporting over OTLP, or None (with a warning) when the SDK is not installed."""
+    from worker_server.telemetry import Telemetry, install_exporters
+
+    try:
+        install_exporters()
+    except ImportError:
+        logger.warning("telemetry is on, but the OpenTelemetry SDK is not installed: pip install 'taskwarden[otel]'")
+        return None
+    logger.info("OpenTelemetry on: traces and metrics go to %s",
+                os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "the OTLP default (localhost:4318)"))  # fmt: skip
+    return Telemetry(policy_name=str(settings.policy or "built-in"))
+
+
+def _say_start_up(settings: Settings) -> None:
+    """What an operator should know when a server that runs workers starts."""
+    note = settings.default_worker_note
+    if note is not None:
+        (logger.warning if settings.default_worker == "shell" else logger.info)(note)
+    if not settings.inside_roots(Path.cwd()):
+        logger.warning(
+            "the working directory %s is outside allowed_roots (%s): spawn-task without a cwd inside them "
+            "will be refused", Path.cwd(), ", ".join(settings.allowed_roots),
+        )  # fmt: skip
 
 
 def worker_sandbox(settings: Settings) -> Sandbox:
@@ -172,9 +222,13 @@ def build_mcp(app: App, *, token_auth: bool = False, issuer: str = "http://127.0
         middleware=[TaskMiddleware(app.tasks), app.guard.middleware, PagePosition()],
         # MCP Tasks (2026-07-28 extension and the 2025-11-25 tasks/* methods).
         extensions=[app.tasks],
-        tools=build_tools(app.service, app.callers, app.guard.sees_all),
+        tools=build_tools(app.service, app.callers, app.guard.sees_all, summary_for_agents(app.settings)),
         **kwargs,
     )
+    if app.telemetry is None:
+        # The SDK puts its span middleware on every server; with telemetry off it goes.
+        # (The SDK documents dropping it from the list as the way to opt out.)
+        mcp.middleware[:] = without_sdk_spans(mcp.middleware)
     register_resources(mcp, app.service, app.callers, app.guard.sees_all)
     mcp.middleware.append(ProtocolEdges(mcp.list_prompts))
     app.guard.set_tools(mcp)
@@ -222,14 +276,43 @@ def check_http(settings: Settings, host: str, *, allow_anonymous: bool) -> None:
         )
 
 
-async def serve_http(settings: Settings, host: str, port: int, *, allow_anonymous: bool, with_inbox: bool = True) -> None:
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The listening socket for ``--http HOST:PORT``, bound before anything else starts,
+    so a port that is taken is one clear error instead of a server that half started."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--http {host}:{port}: cannot resolve {host!r} ({exc.strerror})") from None
+    family, kind, proto, _name, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"port {port} on {host} is taken: another program listens there; pick another with --http HOST:PORT"
+            ) from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+async def serve_http(
+    settings: Settings, host: str, port: int, *, allow_anonymous: bool, with_inbox: bool = True,
+    sock: socket.socket | None = None,
+) -> None:  # fmt: skip
     check_http(settings, host, allow_anonymous=allow_anonymous)
     watch_children_with_pidfds()
     async with open_app(settings) as app:
-        await serve_http_app(app, host, port, allow_anonymous=allow_anonymous, with_inbox=with_inbox)
+        await serve_http_app(app, host, port, allow_anonymous=allow_anonymous, with_inbox=with_inbox, sock=sock)
 
 
-async def serve_http_app(app: App, host: str, port: int, *, allow_anonymous: bool, with_inbox: bool = True) -> None:
+async def serve_http_app(
+    app: App, host: str, port: int, *, allow_anonymous: bool, with_inbox: bool = True,
+    sock: socket.socket | None = None,
+) -> None:  # fmt: skip
     """Serve /mcp (and the inbox) for ``app`` until SIGTERM/SIGINT.
 
     uvicorn handles SIGTERM/SIGINT itself and shuts down gracefully (open
@@ -245,10 +328,10 @@ async def serve_http_app(app: App, host: str, port: int, *, allow_anonymous: boo
         mount_inbox(starlette_app, app)
     config = uvicorn.Config(starlette_app, host=host, port=port, log_config=None, access_log=False, lifespan="on")
     logger.info("taskwarden %s serving MCP at http://%s:%d/mcp", __version__, host, port)
-    await run_uvicorn(uvicorn.Server(config))
+    await run_uvicorn(uvicorn.Server(config), sock)
 
 
-async def run_uvicorn(server: Any) -> None:
+async def run_uvicorn(server: Any, sock: socket.socket | None = None) -> None:
     """Serve until SIGTERM/SIGINT, which uvicorn handles gracefully.
 
     uvicorn raises the signal that stopped it again once it has shut down; a
@@ -258,7 +341,7 @@ async def run_uvicorn(server: Any) -> None:
     handled = (signal.SIGTERM, signal.SIGINT)
     previous = {sig: signal.signal(sig, _stopped) for sig in handled}
     try:
-        await server.serve()
+        await server.serve(sockets=[sock] if sock is not None else None)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -11,7 +11,6 @@ import base64
 import logging
 import os
 import re
-import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from worker_server import git_work
 from worker_server import usage as usage_
 from worker_server.profiles import DEFAULT_SANDBOX, EFFORTS, SANDBOXES, WorkerProfile
 from worker_server.runner import Runner, owner_alive, stop_orphan
+from worker_server.workers import find_program
 from worker_server.store import MessageRow, Store, TaskNotFound, TaskRow, new_id
 from worker_server.task import (
     CancelResult,
@@ -144,7 +144,7 @@ class TaskService:
     ) -> TaskView:
         if not prompt.strip():
             raise InvalidArgument("prompt", "must not be empty or only whitespace (1..100000 characters)")
-        worker = worker or self.settings.default_worker
+        worker = worker or self.settings.default_worker or "shell"
         labels = list(labels or [])
         title = (title or _title_from(prompt)).strip() or _title_from(prompt)
         common = {
@@ -339,6 +339,15 @@ class TaskService:
         for task_id in ids:
             getattr(result, outcomes[task_id]).append(task_id)
         return result
+
+    async def cancels_nothing(self, task_ids: Sequence[str]) -> bool:
+        """Whether cancelling ``task_ids`` would change nothing, whoever asks: each exists and has
+        finished. (Whose task it is does not matter: the answer must not depend on who is
+        looking. An unknown id is decided like a running task, so a held call cannot be used
+        to probe which ids exist.)"""
+        wanted = list(dict.fromkeys(task_ids))
+        rows = await self.store.get_many(wanted)
+        return len(rows) == len(wanted) and all(r.terminal for r in rows)
 
     async def _cancel_one(self, row: TaskRow, reason: str) -> str:
         if row.terminal:
@@ -560,13 +569,15 @@ def _check_options(
 
 def _check_installed(worker: str, profile: WorkerProfile) -> None:
     """Refuse a turn that could not start: the worker's program is not there."""
+    if find_program(profile) is not None:
+        return
     program = profile.command[0]
-    path = profile.env.get("PATH", os.environ.get("PATH"))  # the PATH the worker will start with
     if os.sep in program:
-        if not (os.path.isfile(program) and os.access(program, os.X_OK)):
-            raise InvalidArgument("worker", f"{worker}: {program} is not an executable file")
-    elif shutil.which(program, path=path) is None:
-        raise InvalidArgument("worker", f"{program} CLI not found on PATH")
+        raise InvalidArgument("worker", f"{worker}: {program} is not an executable file")
+    raise InvalidArgument(
+        "worker", f"{program} CLI not found on PATH: the {worker} worker is not installed on this server; "
+        "pick another worker (`taskwarden workers` lists them)",
+    )
 
 
 def _inside(path: Path, roots: Sequence[Path]) -> bool:

@@ -213,6 +213,18 @@ class TaskRow:
 
 
 @dataclass(frozen=True)
+class PrunedSession:
+    """A session ``Store.prune`` deleted, with the files it leaves behind."""
+
+    id: str
+    cwd: str | None
+    worktree: str | None
+    branch: str | None
+    task_ids: tuple[str, ...]
+    log_paths: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class MessageRow:
     seq: int
     id: str
@@ -753,6 +765,53 @@ class Store:
             ).fetchone()[0]
 
         return await self.db.read(read)
+
+    async def prune(self, before: float, *, dry_run: bool = False) -> list[PrunedSession]:
+        """Delete the sessions whose every turn is terminal and last changed before ``before``
+        (their tasks, events and messages); returns what went, for the caller to remove files."""
+        terminal = ",".join(f"'{s.value}'" for s in TERMINAL)
+
+        def run(c: sqlite3.Connection) -> list[PrunedSession]:
+            rows = c.execute(
+                f"""SELECT s.id, s.cwd, s.worktree, s.branch FROM sessions s
+                    WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.session_id = s.id
+                                      AND (t.status NOT IN ({terminal}) OR t.updated_at >= ?))""",
+                (before,),
+            ).fetchall()
+            pruned = []
+            for row in rows:
+                tasks = c.execute("SELECT id, log_path FROM tasks WHERE session_id = ?", (row["id"],)).fetchall()
+                pruned.append(PrunedSession(
+                    row["id"], row["cwd"], row["worktree"], row["branch"],
+                    tuple(t["id"] for t in tasks), tuple(t["log_path"] for t in tasks if t["log_path"]),
+                ))  # fmt: skip
+                if dry_run:
+                    continue
+                ids = [t["id"] for t in tasks]
+                marks = ",".join("?" * len(ids))
+                if ids:
+                    c.execute(f"DELETE FROM messages WHERE task_id IN ({marks})", ids)
+                    c.execute(f"DELETE FROM task_events WHERE task_id IN ({marks})", ids)
+                    c.execute(f"DELETE FROM tasks WHERE id IN ({marks})", ids)
+                c.execute("DELETE FROM sessions WHERE id = ?", (row["id"],))
+            return pruned
+
+        return await (self.db.read(run) if dry_run else self._write(run))
+
+    async def last_event_id(self) -> int:
+        return await self.db.read(lambda c: c.execute("SELECT COALESCE(MAX(id), 0) FROM task_events").fetchone()[0])
+
+    async def events_after(self, after_id: int, limit: int = 500) -> list[tuple[int, str, float, str, str | None]]:
+        """Task events (id, task_id, at, type, data JSON) newer than ``after_id``, oldest first."""
+        return await self.db.read(lambda c: [tuple(r) for r in c.execute(
+            "SELECT id, task_id, at, type, data FROM task_events WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
+        ).fetchall()])  # fmt: skip
+
+    async def events_of(self, task_id: str) -> list[tuple[int, str, float, str, str | None]]:
+        """Every event of one task, oldest first."""
+        return await self.db.read(lambda c: [tuple(r) for r in c.execute(
+            "SELECT id, task_id, at, type, data FROM task_events WHERE task_id = ? ORDER BY id", (task_id,)
+        ).fetchall()])  # fmt: skip
 
     async def queued_workers(self) -> list[str]:
         def read(c: sqlite3.Connection) -> list[str]:

@@ -100,9 +100,12 @@ def strict_tool(fn: Callable[..., Any], *, name: str, title: str, annotations: T
     return tool.model_copy(update={"parameters": parameters, "fn_metadata": metadata})
 
 
-def build_tools(service: TaskService, callers: CallerResolver, sees_all: Callable[[str], bool]) -> list[Tool]:
+def build_tools(
+    service: TaskService, callers: CallerResolver, sees_all: Callable[[str], bool], workers: str = ""
+) -> list[Tool]:
     """Every taskwarden tool, for ``MCPServer(tools=...)``. ``sees_all(identity)``: whether
-    the policy shares every session with that identity."""
+    the policy shares every session with that identity; ``workers``: the sentence on the
+    workers of this server in spawn-task's ``worker`` field (see worker_server.workers)."""
     tools: list[Tool] = []
 
     def tool(name: str, title: str, annotations: ToolAnnotations) -> Callable[[Callable[..., Any]], Any]:
@@ -247,7 +250,7 @@ def build_tools(service: TaskService, callers: CallerResolver, sees_all: Callabl
     ) -> CancelResult:
         """Cancel tasks: stops their worker processes (SIGTERM, then SIGKILL after 5 s) or withdraws them
         from people. Returns which were cancelled, already finished, or not found. Needs human approval
-        under the default policy."""
+        under the default policy, except when every task named has already finished (nothing changes)."""
         ids = [task_id] if isinstance(task_id, str) else task_id
         return await service.cancel(ids, reason, viewer=viewer(ctx))
 
@@ -332,7 +335,19 @@ def build_tools(service: TaskService, callers: CallerResolver, sees_all: Callabl
         await service.check_visible(task_id, viewer(ctx))
         return await humans.review(caller(ctx), task_id, decision, feedback)
 
+    if workers:
+        # What may be spawned here, where agents read before calling (the signature is static).
+        tools = [t.model_copy(update={"description": f"{t.description} {workers}"}) if t.name == "spawn-task" else t
+                 for t in tools]  # fmt: skip
     return tools
+
+
+def input_schemas() -> dict[str, dict[str, Any]]:
+    """Each tool's input schema as the server publishes it, with no server running: what
+    ``taskwarden policy explain`` checks arguments against, as the guard does. Only the
+    schemas are read; no handler is ever called, so they need no service."""
+    no_service: Any = None
+    return {t.name: t.parameters for t in build_tools(no_service, no_service, lambda _identity: False)}
 
 
 def _humans(service: TaskService) -> Any:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,7 +52,7 @@ from starlette.types import ASGIApp
 from guard.approvals import ApprovalError, ApprovalNotFound, NotAnApprover, ReasonRequired
 from worker_server.inbox import views
 from worker_server.inbox.accounts import SESSION_TTL_S, Accounts, LinkState
-from worker_server.inbox.rendering import pretty_json, render
+from worker_server.inbox.rendering import one_line_json, pretty_json, render
 from worker_server.inbox.security import (
     CSRF_FIELD,
     SecurityHeaders,
@@ -99,6 +100,7 @@ def environment() -> jinja2.Environment:
     env.filters["markdown"] = render
     env.filters["when"] = views.when
     env.filters["pretty_json"] = pretty_json
+    env.filters["one_line_json"] = one_line_json
     return env
 
 
@@ -530,7 +532,7 @@ def mount_inbox(starlette_app: Starlette, app: App) -> None:
     starlette_app.router.routes.append(Mount(MOUNT, app=create_inbox(app), name="inbox"))
 
 
-async def serve_inbox(settings: Settings, host: str, port: int) -> None:
+async def serve_inbox(settings: Settings, host: str, port: int, sock: socket.socket | None = None) -> None:
     """``taskwarden inbox``: the inbox alone, at ``http://HOST:PORT/inbox``, against the same database.
 
     SIGTERM/SIGINT stop it gracefully (uvicorn's own handling): it stops
@@ -556,4 +558,4 @@ async def serve_inbox(settings: Settings, host: str, port: int) -> None:
         )  # fmt: skip
         logger.info("taskwarden %s serving the inbox at http://%s:%d%s/ (db %s)",
                     __version__, host, port, MOUNT, settings.db_path)  # fmt: skip
-        await run_uvicorn(uvicorn.Server(config))
+        await run_uvicorn(uvicorn.Server(config), sock)

@@ -58,3 +58,9 @@ def render(body: str | None) -> Markup:
 def pretty_json(value: Any) -> str:
     """Arguments as indented JSON text (escaped by the template, never marked safe)."""
     return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def one_line_json(value: Any, width: int = 120) -> str:
+    """Arguments on one line, cut to ``width`` characters (the audit table's summary)."""
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(", ", ": "), default=str)
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -73,6 +73,8 @@ class TaskPage:
     can_work: bool  # ask a question, hand in, release (the claimer, while working)
     can_reply: bool  # anyone, while the task is open
     waiting_for: str | None  # what the task waits on, in words
+    # What the task used and changed, and the spend budgets it counts against: (label, text).
+    facts: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -142,7 +144,7 @@ async def pending_approvals(app: App, me: str | None = None, role: str | None = 
 
 
 async def inbox_page(app: App, me: str, tab: str, role: str = "worker") -> InboxPage:
-    tab = tab if tab in TAB_NAMES else "needs_reply"
+    """The inbox on ``tab``; with no tab asked for, the first tab with something in it."""
     active = await _human_tasks(app, S.WORKING, S.INPUT_REQUIRED)
     replied = await _back_with_claimer(app, active)
     needs = [r for r in active if r.status == S.WORKING and r.claimed_by == me and replied.get(r.id)]
@@ -156,6 +158,8 @@ async def inbox_page(app: App, me: str, tab: str, role: str = "worker") -> Inbox
         "approvals": len(approvals),
         "done": len(done),
     }
+    if tab not in TAB_NAMES:
+        tab = next((key for key, _ in TABS if counts[key]), "needs_reply")
     page = InboxPage(tab=tab, counts=counts)
     chosen = {"needs_reply": needs, "open": queued, "in_progress": active, "done": done}.get(tab)
     if chosen is not None:
@@ -182,7 +186,31 @@ async def task_page(app: App, me: str, row: TaskRow) -> TaskPage:
         can_work=row.status == S.WORKING and mine,
         can_reply=open_,
         waiting_for=waiting_for,
+        facts=await _task_facts(app, row),
     )
+
+
+async def _task_facts(app: App, row: TaskRow) -> list[tuple[str, str]]:
+    """Usage, changes, worktree and budget state, each only when the task has it."""
+    from guard.budgets import METRICS, BudgetTarget
+
+    facts: list[tuple[str, str]] = []
+    if row.usage:
+        facts.append(("Usage", ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in row.usage.items() if v is not None)))
+    if row.changes:
+        c = row.changes
+        files = ", ".join(f"{f['path']} ({f['status']})" for f in c.get("files", [])[:20])
+        more = " and more" if c.get("truncated") or len(c.get("files", [])) > 20 else ""
+        facts.append(("Changes", f"+{c.get('insertions', 0)} -{c.get('deletions', 0)}: {files}{more}"))
+    if row.worktree:
+        facts.append(("Worktree", f"{row.worktree} (branch {row.branch})"))
+    targets = [BudgetTarget.from_json(t) for t in row.budgets or []]
+    if targets:
+        for use in await app.guard.budgets.uses(targets):
+            t = use.target
+            shown = "; ".join(t.describe(m, use.used[m]) for m in METRICS if t.limit(m) is not None)
+            facts.append(("Budget", f"{t.name}: used {shown}"))
+    return facts
 
 
 async def audit_page(app: App, filters: dict[str, str]) -> AuditPage:

@@ -398,7 +398,7 @@ async def test_a_signed_decision_link_posted_from_inside_a_turn_is_refused_and_s
 
     policy = tmp_path / "policy.yaml"
     policy.write_text(HELD_CANCEL)
-    ws = Workspace(tmp_path, policy=policy)
+    ws = Workspace(tmp_path, policy=policy, env=python_on_path())
     async with http_server(ws, "--allow-anonymous") as base:
         ws.cli("humans", "add", "ann", "--role", "approver")
         async with Client(f"{base}/mcp") as client:

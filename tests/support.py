@@ -186,7 +186,12 @@ def stop_daemons(root: Path, timeout: float = 20) -> None:
     from worker_server import forwarder
 
     pids = []
-    for directory in root.rglob("*.daemon"):
+    # os.walk, not rglob: a daemon still removing a turn's scratch directory must
+    # not make the walk fail on a directory that vanished under it.
+    daemon_dirs = [
+        Path(top) / name for top, dirs, _ in os.walk(root) for name in dirs if name.endswith(".daemon")
+    ]
+    for directory in daemon_dirs:
         for version in {p.stem for p in directory.glob("*.sock")}:
             answer = forwarder.request(directory, "stop", version, now=True)
             if answer is not None:

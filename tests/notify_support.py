@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import signal
 import subprocess
 import sys
 import threading
@@ -128,14 +127,6 @@ def start_server(ws: Any, port: int, log_name: str) -> subprocess.Popen[bytes]:
     )  # fmt: skip
 
 
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 async def eventually(check: Any, timeout: float = 30.0, what: str = "condition") -> Any:

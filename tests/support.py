@@ -181,6 +181,17 @@ def server_process(ws: Workspace) -> psutil.Process:
     raise AssertionError("no daemon process found")
 
 
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a server we started, SIGKILL it after 15 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def stop_daemons(root: Path, timeout: float = 20) -> None:
     """Stop (now) every daemon of a database under ``root`` and wait until each has exited."""
     from worker_server import forwarder
@@ -231,12 +242,7 @@ async def http_server(
         await wait_for_port(port, proc, host=host)
         yield f"http://{host}:{port}"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
         log.close()
         out = proc.stdout.read() if proc.stdout else b""
         assert out == b"", f"taskwarden {command} wrote to stdout: {out[:200]!r}"

@@ -12,10 +12,9 @@ from tests.notify_support import (
     eventually,
     notify_workspace,
     start_server,
-    stop_server,
     webhook_secret,
 )
-from tests.support import FIXTURES, StrictClient, Workspace, call, call_error, free_port, wait_for_port
+from tests.support import FIXTURES, StrictClient, Workspace, call, call_error, free_port, stop_server, wait_for_port
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,8 @@ from playwright.async_api import async_playwright, expect
 
 from guard.clock import SystemClock
 from tests.inbox_support import CHROMIUM, CHROMIUM_ARGS
-from tests.notify_support import SmtpServer, eventually, notify_workspace, start_server, stop_server
+from tests.notify_support import SmtpServer, eventually, notify_workspace, start_server
+from tests.support import stop_server
 from tests.support import FIXTURES, StrictClient, call, call_error, free_port, wait_for_port
 from worker_server.notify.links import LinkSigner
 

@@ -12,8 +12,8 @@ from mcp import Client
 from bench.core import Metric, Section, Sizes, fmt, median, percentile, progress, rounded
 from bench.workspace import Workspace, structured
 from guard.approvals import Approval, Approvals, ApprovalStatus
-from guard.clock import SystemClock
-from guard.database import Database
+from guard.storage.clock import SystemClock
+from guard.storage import open_database
 
 TITLE = "Approval latency"
 METHOD = """\
@@ -40,7 +40,7 @@ async def run(sizes: Sizes, scratch: Path) -> Section:
     from_start: list[float] = []
     cli_s: list[float] = []
     async with ws.client() as (client, _):
-        db = await Database.open(ws.db)
+        db = await open_database(ws.db)
         try:
             approvals = Approvals(db, SystemClock())
             for i in range(sizes.approval_samples + 1):

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.core import Metric, Section, Sizes, fmt, percentile, progress, rounded
-from guard.clock import SystemClock
+from guard.storage.clock import SystemClock
 from guard.decision import decide
 from guard.dialects import load_default_policy
 from guard.limits import LimitRequest, Limiter, Reservation, ScopeKeys

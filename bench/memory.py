@@ -13,8 +13,7 @@ from mcp import Client
 
 from bench.core import Metric, Section, Sizes, fmt, median, progress, rounded
 from bench.workspace import SHELL, Workspace, structured
-from guard.changes import ChangeFeed
-from guard.database import Database
+from guard.storage import open_database
 from worker_server.store import Store
 from worker_server.task import TaskStatus
 
@@ -150,8 +149,8 @@ async def _flood(client: Client, proc: psutil.Process, ws: Workspace, megabytes:
 
 async def _populate(ws: Workspace, n: int) -> None:
     """N finished agent tasks, written through the Store API before the server starts."""
-    db = await Database.open(ws.db)
-    feed = ChangeFeed(ws.db)  # not started: nobody listens yet
+    db = await open_database(ws.db)
+    feed = db.change_feed()  # not started: nobody listens yet
     try:
         store = await Store.open(db, feed)
         prompt = "Refactor the parser so that it " + "handles every edge case " * 7

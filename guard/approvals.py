@@ -30,9 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from guard.changes import ChangeFeed, notify_others
-from guard.clock import Clock, iso
-from guard.database import Database
+from guard.storage.changes import ChangeFeed
+from guard.storage.clock import Clock, iso
+from guard.storage.database import Database
 from guard.approvers import may_decide
 from guard.digests import Digester
 from guard.policy import ApprovalSettings
@@ -296,18 +296,19 @@ class Approvals:
         self._digester = digester
         self._events = events
 
-    def digest(self, tool: str, args: Any, identity: str) -> str:
+    async def digest(self, tool: str, args: Any, identity: str) -> str:
         """The digest an approval for this call is bound to (keyed: see ``guard.digests``)."""
         if self._digester is None:
-            self._digester = Digester.for_database(self._db.path)
+            self._digester = await Digester.for_database(self._db)
         return self._digester.call(tool, args, identity)
 
-    def _notify(self) -> None:
+    async def _notify(self) -> None:
         # Wakes calls waiting for a decision here and in other processes.
         if self._feed is not None:
             self._feed.notify()
         else:
-            notify_others(self._db.path)
+            # No feed of our own (the CLI): wake the daemons through the database.
+            await self._db.announce()
 
     # -- reading -----------------------------------------------------------
 
@@ -409,7 +410,7 @@ class Approvals:
         approval, created = await self._db.write(tx)
         if created:
             logger.info("approval %s opened for %s by %s", approval.id, tool, identity)
-            self._notify()
+            await self._notify()
         return approval
 
     async def consume(self, approval_id: str) -> bool:
@@ -534,7 +535,7 @@ class Approvals:
 
         approval, error = await self._db.write(tx)
         if approval is not None:  # something changed: decided, counted, or marked expired
-            self._notify()
+            await self._notify()
         if error is not None:
             raise error
         assert approval is not None
@@ -552,5 +553,5 @@ class Approvals:
             ).rowcount
         )
         if count:
-            self._notify()
+            await self._notify()
         return count

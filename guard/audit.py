@@ -23,9 +23,9 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-from guard.clock import iso
-from guard.clock import Clock
-from guard.database import Database
+from guard.storage.clock import iso
+from guard.storage.clock import Clock
+from guard.storage.database import Database
 from guard.digests import Digester
 from guard.redaction import INLINE_TEXT_CHARS, redact, redact_text, text_size
 
@@ -153,7 +153,7 @@ _COLUMNS = (
     "time, identity, session, tool, args, args_digest, decision, rule, reason,"
     " approval_id, duration_ms, outcome"
 )
-_INSERT_SQL = f"INSERT INTO guard_audit ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_SQL = f"INSERT INTO guard_audit ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id"
 
 _Row = tuple[Any, ...]
 
@@ -291,7 +291,7 @@ class AuditLog:
         decision = parse_decision(record.decision)
         outcome = record.outcome.value if isinstance(record.outcome, Outcome) else record.outcome
         if self._digester is None:
-            self._digester = Digester.for_database(self._db.path)
+            self._digester = Digester.for_file_database(self._db)
         # Before redaction: ties the row to the exact call. Hashing is linear
         # and cheap; everything else below reads a bounded copy.
         digest = self._digester.args(record.args)
@@ -323,7 +323,7 @@ class AuditLog:
         rows = [row for row, _ in batch]
 
         def tx(c: sqlite3.Connection) -> list[int]:
-            return [c.execute(_INSERT_SQL, row).lastrowid for row in rows]  # type: ignore[misc]
+            return [c.execute(_INSERT_SQL, row).fetchone()[0] for row in rows]
 
         try:
             ids = await self._db.write(tx)

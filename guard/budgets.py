@@ -25,8 +25,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from guard.clock import Clock
-from guard.database import Database
+from guard.storage.clock import Clock
+from guard.storage.database import Database
 from guard.policy import Budget, Scope
 
 _US = 1_000_000

@@ -22,8 +22,8 @@ import anyio
 
 from guard.approvals import Approval, ApprovalError, Approvals, ReasonRequired
 from guard.audit import AuditEntry, AuditLog, InvalidDecision, parse_decision
-from guard.clock import Clock, SystemClock, iso
-from guard.database import Database
+from guard.storage.clock import Clock, SystemClock, iso
+from guard.storage.database import Database
 from guard.schema import open_guard_db
 
 EXIT_OK = 0

@@ -3,8 +3,10 @@
 The audit trail's ``args_digest`` and an approval's digest tie a row to the
 exact call. A plain sha256 of the arguments lets anyone holding the database
 file guess short secrets offline (hash candidates until one matches). So
-both are HMAC-SHA256 with a per-database key kept *outside* the database:
-``<database>.key`` beside it, mode 0600, created on first use. Equal calls
+both are HMAC-SHA256 with a per-database key. A SQLite file's key is kept
+*outside* the database: ``<database>.key`` beside it, mode 0600, created on
+first use; a PostgreSQL database's key is a row every daemon reads (its
+holders are the database's own users). Equal calls
 still get equal digests (approvals keep matching, audit rows can be
 compared); without the key file the digests say nothing.
 
@@ -18,59 +20,20 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
-import secrets
-from pathlib import Path
 from typing import Any
 
+from guard.storage.database import Database
+from guard.storage.sqlite import KeyFileError as DigestKeyError
+from guard.storage.sqlite import key_path, load_key_file
+
+__all__ = ["KEY_BYTES", "DigestKeyError", "Digester", "canonical_json", "key_path", "load_key_file"]
+
 KEY_BYTES = 32
-KEY_SUFFIX = ".key"
-
-
-class DigestKeyError(RuntimeError):
-    """The key file exists but cannot be used (wrong size, unreadable)."""
 
 
 def canonical_json(value: Any) -> str:
     """One spelling per JSON value: sorted keys, no whitespace, Unicode kept."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-def key_path(db_path: str | Path) -> Path:
-    """Where the key of the database at ``db_path`` lives."""
-    path = Path(db_path)
-    return path.with_name(path.name + KEY_SUFFIX)
-
-
-def load_or_create_key(db_path: str | Path) -> bytes:
-    """The database's digest key, created (0600) if it does not exist yet."""
-    path = key_path(db_path)
-    try:
-        return _read(path)
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(KEY_BYTES))
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # fails if another process linked its key first
-        except FileExistsError:
-            pass
-    finally:
-        tmp.unlink(missing_ok=True)
-    return _read(path)
-
-
-def _read(path: Path) -> bytes:
-    key = path.read_bytes()
-    if len(key) != KEY_BYTES:
-        raise DigestKeyError(f"{path}: a digest key must be {KEY_BYTES} bytes, this file has {len(key)}")
-    return key
 
 
 class Digester:
@@ -82,8 +45,16 @@ class Digester:
         self._key = key
 
     @classmethod
-    def for_database(cls, db_path: str | Path) -> Digester:
-        return cls(load_or_create_key(db_path))
+    async def for_database(cls, db: Database) -> Digester:
+        """The digester of ``db``: its key is shared by every process using the database."""
+        return cls(await db.secret_key("digest", KEY_BYTES))
+
+    @classmethod
+    def for_file_database(cls, db: Database) -> Digester:
+        """The same, without awaiting: only a SQLite file's key can be read here."""
+        if db.path is None:
+            raise RuntimeError("a server database's digest key is read with `await Digester.for_database(db)`")
+        return cls(load_key_file(key_path(db.path), KEY_BYTES))
 
     def _mac(self, text: str) -> str:
         return hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()

@@ -43,8 +43,8 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from guard.clock import Clock
-from guard.database import Database
+from guard.storage.clock import Clock
+from guard.storage.database import Database
 from guard.policy import Scope
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ _OLDEST_SQL = (
 )
 _INSERT_SQL = (
     "INSERT INTO guard_limit_hits (counter, scope, scope_value, at_us, cost)"
-    " VALUES (?, ?, ?, ?, ?)"
+    " VALUES (?, ?, ?, ?, ?) RETURNING id"
 )
 _TOTAL_SQL = (
     "SELECT total FROM guard_limit_totals WHERE counter = ? AND scope = ? AND scope_value = ?"
@@ -270,7 +270,7 @@ class Limiter:
         for item in plan:
             if item.request.cost:
                 cursor = c.execute(_INSERT_SQL, (*item.key, now, item.request.cost))
-                ids.append(cursor.lastrowid)  # type: ignore[arg-type]
+                ids.append(cursor.fetchone()[0])
         return Reservation(tuple(ids))
 
     def _check(

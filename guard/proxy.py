@@ -30,8 +30,7 @@ from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
 from starlette.applications import Starlette
 
-from guard.changes import ChangeFeed
-from guard.database import Database
+from guard.storage import open_database
 from guard.runtime import Guard
 from guard.upstream import RestartPolicy, Upstream
 
@@ -265,8 +264,8 @@ async def run_guard(
     """Serve ``upstream_target`` behind the guard until our client leaves (stdio)
     or a signal stops the HTTP listener. Raises ``UpstreamExited`` when the
     upstream cannot be started, or goes away and ``restart`` says not to restart it."""
-    db = await Database.open(db_path)
-    feed = ChangeFeed(Path(db_path))
+    db = await open_database(db_path)
+    feed = db.change_feed()
     feed.start()
     try:
         guard = await Guard.open(db, feed, policy_path=policy_path, callers=callers)

@@ -28,9 +28,9 @@ from guard.approvals import (
 from guard.audit import AuditLog, AuditRecord, Decision, Outcome
 from guard import detectors
 from guard.budgets import BudgetLedger, BudgetTarget, targets_for
-from guard.changes import ChangeFeed
-from guard.clock import Clock, SystemClock
-from guard.database import Database
+from guard.storage.changes import ChangeFeed
+from guard.storage.clock import Clock, SystemClock
+from guard.storage.database import Database
 from guard.conditions import STATE_PREFIX
 from guard.decision import CounterLookup, Verdict, decide
 from guard.digests import Digester
@@ -135,6 +135,7 @@ class Guard:
         db: Database,
         feed: ChangeFeed,
         policies: PolicySource,
+        digester: Digester,
         *,
         clock: Clock | None = None,
         enabled: bool = True,
@@ -157,7 +158,6 @@ class Guard:
         self.enabled = enabled
         self.callers = callers
         self.limiter = Limiter(db, self.clock)
-        digester = Digester.for_database(db.path)
         self.budgets = BudgetLedger(db, self.clock)
         self.approvals = Approvals(db, self.clock, feed, digester, approval_events)
         self.audit = AuditLog(db, self.clock, digester=digester)
@@ -186,7 +186,7 @@ class Guard:
     ) -> Guard:
         await migrate(db)
         return cls(
-            db, feed, PolicySource(policy_path), clock=clock, enabled=enabled, callers=callers, inbox_url=inbox_url,
+            db, feed, PolicySource(policy_path), await Digester.for_database(db), clock=clock, enabled=enabled, callers=callers, inbox_url=inbox_url,
             resource_calls=resource_calls, approval_events=approval_events, changes_nothing=changes_nothing,
             telemetry=telemetry,
         )  # fmt: skip
@@ -421,7 +421,7 @@ class Guard:
         settings = verdict.approval or ApprovalSettings()
         if not settings.elicit:
             asker = None  # the policy wants a human in the inbox or CLI, not the client
-        digest = self.approvals.digest(call.tool, dict(call.args), call.identity)
+        digest = await self.approvals.digest(call.tool, dict(call.args), call.identity)
 
         usable = await self.approvals.find_usable(digest)
         if usable is not None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from guard.database import Database, Step
+from guard.storage import open_database
+from guard.storage.database import Database, Migrations
 
 # 1: the rate-limit log, approvals and the audit trail.
 _V1 = """
@@ -161,7 +162,7 @@ CREATE TABLE guard_approval_decisions (
 );
 """
 
-STEPS: list[Step] = [_V1, _V2, _V3]
+STEPS = Migrations(sqlite=[_V1, _V2, _V3])
 
 
 async def migrate(db: Database) -> int:
@@ -171,7 +172,7 @@ async def migrate(db: Database) -> int:
 
 async def open_guard_db(path: str | Path) -> Database:
     """Open (creating if needed) the database at ``path`` with the guard's tables."""
-    db = await Database.open(path)
+    db = await open_database(path)
     try:
         await migrate(db)
     except BaseException:

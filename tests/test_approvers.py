@@ -9,6 +9,7 @@ import pytest
 
 from tests.inbox_support import add_human, post_form, signed_in_client
 from tests.support import FIXTURES, StrictClient, Workspace, call, call_error, http_server
+from guard.storage import open_database
 
 pytestmark = pytest.mark.anyio
 
@@ -98,14 +99,14 @@ async def test_people_added_before_roles_become_approvers(tmp_path: Path) -> Non
     """The upgrade keeps what existing people could do: decide approvals."""
     import sqlite3
 
-    from guard.database import Database
+    from guard.storage import Migrations
     from worker_server.inbox.accounts import STEPS, Accounts
 
     path = tmp_path / "old.db"
-    db = await Database.open(path)
-    await db.migrate_component("inbox", STEPS[:1])  # the schema before roles
+    db = await open_database(path)
+    await db.migrate_component("inbox", Migrations(sqlite=STEPS.sqlite[:1]))  # the schema before roles
     await db.write(lambda c: c.execute("INSERT INTO inbox_humans (name, created_at) VALUES ('old', 0)"))
-    from guard.clock import SystemClock
+    from guard.storage.clock import SystemClock
 
     accounts = Accounts(db, SystemClock())
     assert await accounts.role_of("old") == "approver"

@@ -16,8 +16,8 @@ import anyio
 import httpx
 import pytest
 
-from guard.clock import FakeClock
-from guard.database import Database
+from guard.storage.clock import FakeClock
+from guard.storage import open_database
 from tests.inbox_support import add_human, csrf_of, inbox_server, post_form, sign_in, signed_in_client
 from tests.support import FIXTURES, StrictClient, Workspace, call, call_error, http_server, stdio_client, text_of
 from worker_server.inbox.accounts import SIGNIN_TTL_S, Accounts, InvalidName
@@ -135,7 +135,7 @@ async def test_sign_in_refuses_cross_site_posts_and_offers_a_same_site_way_in(ws
 
 async def test_sign_in_links_expire_after_seven_days(tmp_path: Path) -> None:
     clock = FakeClock()
-    db = await Database.open(tmp_path / "t.db")
+    db = await open_database(tmp_path / "t.db")
     try:
         accounts = Accounts(db, clock)
         link = await accounts.add("bob", "http://127.0.0.1:1/inbox")

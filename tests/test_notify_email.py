@@ -13,7 +13,7 @@ import httpx
 import pytest
 from playwright.async_api import async_playwright, expect
 
-from guard.clock import SystemClock
+from guard.storage.clock import SystemClock
 from tests.inbox_support import CHROMIUM, CHROMIUM_ARGS
 from tests.notify_support import SmtpServer, eventually, notify_workspace, start_server
 from tests.support import stop_server
@@ -121,7 +121,7 @@ async def test_email_over_starttls_and_a_one_click_link_that_decides_once(tmp_pa
                     second = await call(agent, "spawn-task", {"prompt": "keep", "worker": "human"})
                     held2 = await call_error(agent, "cancel-task", {"task_id": second["task_id"]})
                     other = held2.structured_content["approval"]["id"]
-                    signer = LinkSigner.for_database(ws.db)
+                    signer = LinkSigner.for_file(ws.db)
                     expired = signer.url(f"{base}/inbox", other, "ann", SystemClock().now() - 1)
                     await page.goto(expired)
                     await expect(page.locator("#link-problem h1")).to_have_text("This link has expired")

@@ -406,7 +406,7 @@ async def test_a_signed_decision_link_posted_from_inside_a_turn_is_refused_and_s
             held = (await call_error(client, "cancel-task", {"task_id": victim["task_id"]})).structured_content
             approval_id = held["approval"]["id"]
             # A worker that read a notification (say, a mailbox it can reach) posts its link.
-            link = LinkSigner.for_database(ws.db).url(f"{base}/inbox", approval_id, "ann", 4_000_000_000)
+            link = LinkSigner.for_file(ws.db).url(f"{base}/inbox", approval_id, "ann", 4_000_000_000)
             post = textwrap.dedent(f"""\
                 import urllib.error, urllib.parse, urllib.request
                 body = urllib.parse.urlencode({{"decision": "approve"}}).encode()

@@ -769,7 +769,7 @@ async def _cancel(app: Any, args: argparse.Namespace) -> int:
     call = Call("cancel-task", arguments, identity=who, session="cli")
     verdict = decide(guard.policy, call.tool, arguments, who, fresh_counters)
     if verdict.action == "require_approval" and not await app.service.cancels_nothing(ids):
-        digest = guard.approvals.digest(call.tool, dict(arguments), who)
+        digest = await guard.approvals.digest(call.tool, dict(arguments), who)
         approval = await guard.approvals.open(
             digest, call.tool, await redact_off_loop(dict(arguments)), who, call.session, verdict.rule_id,
             verdict.reason, (verdict.approval.expires_s if verdict.approval else 900),
@@ -902,7 +902,7 @@ async def _humans(args: argparse.Namespace, settings: Settings) -> int:
 async def _notify(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
-    from guard.clock import iso
+    from guard.storage.clock import iso
     from worker_server.notify.channels import DeliveryError
     from worker_server.notify.outbox import Notification, Status
     from worker_server.server import open_app

@@ -89,7 +89,7 @@ def daemon_dir(db: Path) -> Path:
     """The daemon's private directory: beside the database, else under /tmp by a digest.
 
     Derived from the database path alone, like the wake-up sockets
-    (guard.changes), so every process on one file finds the same daemon.
+    (guard.storage.changes), so every process on one file finds the same daemon.
     """
     resolved = db.resolve()
     beside = resolved.parent / f".{resolved.name}.daemon"

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import anyio
 
-from guard.changes import ChangeFeed
+from guard.storage.changes import ChangeFeed
 from worker_server.config import Settings
 from worker_server.service import Caller, InvalidArgument
 from worker_server.store import MessageRow, Store, TaskNotFound, TaskRow, TransitionRefused

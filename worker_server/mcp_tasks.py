@@ -63,7 +63,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, Field, ValidationError
 
 from guard.audit import Outcome
-from guard.clock import iso
+from guard.storage.clock import iso
 from guard.outcomes import Refusal
 from guard.runtime import Call, Guard, Unknown
 from worker_server.service import Caller, InvalidArgument, TaskService, Viewer

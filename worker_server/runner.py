@@ -25,7 +25,7 @@ import psutil
 from anyio.abc import Process, TaskGroup
 
 from guard.budgets import BudgetLedger, BudgetTarget
-from guard.changes import ChangeFeed
+from guard.storage.changes import ChangeFeed
 from worker_server import git_work
 from worker_server import usage as usage_
 from worker_server.budget_meter import TurnMeter

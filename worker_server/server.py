@@ -21,9 +21,10 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 
 from guard.budgets import BudgetLedger
-from guard.changes import ChangeFeed
-from guard.clock import SystemClock
-from guard.database import Database
+from guard.storage.changes import ChangeFeed
+from guard.storage.clock import SystemClock
+from guard.storage import open_database
+from guard.storage.database import Database
 from guard.runtime import Call, Guard
 from worker_server import __version__
 from worker_server.config import ConfigError, Settings
@@ -91,8 +92,8 @@ async def open_app(
     sandbox = worker_sandbox(settings) if run_workers else None
     if run_workers:
         _say_start_up(settings)
-    db = await Database.open(settings.db_path)
-    feed = ChangeFeed(settings.db_path)
+    db = await open_database(settings.db_path)
+    feed = db.change_feed()
     feed.start()
     guard: Guard | None = None
     try:
@@ -135,7 +136,7 @@ async def open_app(
             changes_nothing=changes_nothing, telemetry=telemetry,
         )  # fmt: skip
         deliverer = Deliverer(
-            outbox, guard.approvals, notices, LinkSigner.for_database(settings.db_path), settings, feed, SystemClock()
+            outbox, guard.approvals, notices, await LinkSigner.for_database(db), settings, feed, SystemClock()
         )
         tasks = TasksExtension(service, guard, callers.caller)
         async with anyio.create_task_group() as tg:

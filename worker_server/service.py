@@ -19,8 +19,8 @@ from pathlib import Path
 import anyio
 
 from guard.budgets import admitted_budgets
-from guard.changes import ChangeFeed
-from guard.clock import iso
+from guard.storage.changes import ChangeFeed
+from guard.storage.clock import iso
 from worker_server.config import Settings
 from worker_server.intake import Intake
 from worker_server import git_work

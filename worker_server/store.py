@@ -17,12 +17,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from guard.changes import ChangeFeed
-from guard.clock import Clock, SystemClock
-from guard.database import Database
+from guard.storage.changes import ChangeFeed
+from guard.storage.clock import Clock, SystemClock
+from guard.storage.database import Database, Migrations
 from worker_server.task import SETTLED, TERMINAL, TaskStatus
 
-SCHEMA: list[str] = [
+_SQLITE_SCHEMA: list[str] = [
     # 1: sessions, tasks, events, messages
     """
     CREATE TABLE sessions (
@@ -117,6 +117,7 @@ SCHEMA: list[str] = [
     CREATE INDEX sessions_owner ON sessions(owner);
     """,
 ]
+SCHEMA = Migrations(sqlite=_SQLITE_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -878,11 +879,12 @@ def _insert_message(
 ) -> MessageRow:
     message_id = new_id("msg")
     cur = c.execute(
-        "INSERT INTO messages (id, task_id, author, author_name, kind, body, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO messages (id, task_id, author, author_name, kind, body, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        " RETURNING seq",
         (message_id, task_id, author, author_name, kind, body, now),
     )
     return MessageRow(
-        seq=cur.lastrowid or 0, id=message_id, task_id=task_id, author=author, author_name=author_name,
+        seq=cur.fetchone()[0], id=message_id, task_id=task_id, author=author, author_name=author_name,
         kind=kind, body=body, created_at=now, read_at=None,
     )
 

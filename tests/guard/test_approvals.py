@@ -16,8 +16,7 @@ from guard.approvals import (
     ApprovalStatus,
     ReasonRequired,
 )
-from guard.changes import ChangeFeed
-from guard.clock import FakeClock
+from guard.storage.clock import FakeClock
 from guard.digests import Digester
 from guard.schema import open_guard_db
 
@@ -39,7 +38,7 @@ def clock() -> FakeClock:
 
 
 async def open_for(approvals: Approvals, args: dict = ARGS, identity: str = "alice", expires_s: float = 900):
-    digest = approvals.digest("cancel-task", args, identity)
+    digest = await approvals.digest("cancel-task", args, identity)
     return await approvals.open(
         digest, "cancel-task", args, identity, "s1", "cancel-task#1", "cancelling needs a human", expires_s
     )
@@ -184,7 +183,7 @@ async def test_expire_due_and_an_approval_left_unused(db, clock) -> None:
 
 
 async def test_a_decision_wakes_a_waiter(db, clock, tmp_path: Path) -> None:
-    feed = ChangeFeed(db.path)
+    feed = db.change_feed()
     feed.start()
     try:
         approvals = Approvals(db, clock, feed)

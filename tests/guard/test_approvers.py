@@ -8,7 +8,7 @@ import pytest
 
 from guard.approvals import AlreadyDecided, Approvals, ApprovalStatus, NotAnApprover
 from guard.approvers import may_decide
-from guard.clock import FakeClock
+from guard.storage.clock import FakeClock
 from guard.dialects import PolicyError, load_policy
 from guard.policy import ApprovalSettings
 from guard.schema import open_guard_db
@@ -27,7 +27,7 @@ async def db(tmp_path: Path):
 
 async def held(db, settings: ApprovalSettings):
     approvals = Approvals(db, FakeClock(1_700_000_000.0))
-    digest = approvals.digest("cancel-task", ARGS, "agent")
+    digest = await approvals.digest("cancel-task", ARGS, "agent")
     approval = await approvals.open(digest, "cancel-task", ARGS, "agent", "s1", "cancel-task#1", "why", 900, settings)
     return approvals, approval
 

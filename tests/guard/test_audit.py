@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from guard.audit import AuditLog, AuditLogClosed, AuditRecord, Decision, InvalidDecision, Outcome
-from guard.clock import FakeClock
+from guard.storage.clock import FakeClock
 from guard.digests import Digester, canonical_json, key_path
+from guard.storage import open_database
 from guard.schema import open_guard_db
 
 pytestmark = pytest.mark.anyio
@@ -42,7 +43,7 @@ async def test_a_record_is_stored_redacted_with_the_digest_of_the_real_arguments
     (entry,) = await log.query()
     assert entry.id == row_id
     assert entry.args == {"prompt": "deploy", "api_key": "[REDACTED]"}
-    digester = Digester.for_database(db.path)
+    digester = await Digester.for_database(db)
     assert entry.args_digest == digester.args(args)
     assert entry.to_dict() == {
         "id": row_id,
@@ -61,13 +62,14 @@ async def test_a_record_is_stored_redacted_with_the_digest_of_the_real_arguments
     }
 
 
-def test_digests_are_keyed_by_a_0600_file_beside_the_database(tmp_path: Path) -> None:
+async def test_digests_are_keyed_by_a_0600_file_beside_the_database(tmp_path: Path) -> None:
     import hashlib
     import hmac
     import stat
 
     db_path = tmp_path / "guard.db"
-    digester = Digester.for_database(db_path)
+    db = await open_database(db_path)
+    digester = await Digester.for_database(db)
     key_file = key_path(db_path)
     assert key_file.name == "guard.db.key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
@@ -82,8 +84,12 @@ def test_digests_are_keyed_by_a_0600_file_beside_the_database(tmp_path: Path) ->
     assert call == '{"args":{"a":1,"b":"é"},"identity":"i","tool":"t"}'
     assert digester.call("t", args, "i") == hmac.new(key, call.encode(), hashlib.sha256).hexdigest()
     # Another process opening the same database reads the same key; another database has its own.
-    assert Digester.for_database(db_path).args(args) == digester.args(args)
-    assert Digester.for_database(tmp_path / "other.db").args(args) != digester.args(args)
+    again = await open_database(db_path)
+    other = await open_database(tmp_path / "other.db")
+    assert (await Digester.for_database(again)).args(args) == digester.args(args)
+    assert (await Digester.for_database(other)).args(args) != digester.args(args)
+    for each in (db, again, other):
+        await each.close()
 
 
 async def test_rows_cannot_be_updated_or_deleted(db) -> None:

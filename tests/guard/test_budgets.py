@@ -17,9 +17,8 @@ from mcp.server.mcpserver import MCPServer
 
 from guard import policy_cli
 from guard.budgets import BudgetLedger, BudgetTarget, admitted_budgets
-from guard.changes import ChangeFeed
-from guard.clock import FakeClock, SystemClock
-from guard.database import Database
+from guard.storage.clock import FakeClock, SystemClock
+from guard.storage import open_database
 from guard.dialects import PolicyError, load_policy
 from guard.runtime import Guard
 from guard.schema import open_guard_db
@@ -40,8 +39,8 @@ BUDGET_POLICY = """\
 async def guarded(tmp_path: Path, policy: str, clock: FakeClock) -> AsyncIterator[tuple[MCPServer[Any], Guard]]:
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text(textwrap.dedent(policy))
-    db = await Database.open(tmp_path / "guard.db")
-    feed = ChangeFeed(db.path)
+    db = await open_database(tmp_path / "guard.db")
+    feed = db.change_feed()
     feed.start()
     guard = await Guard.open(db, feed, policy_path=policy_file, clock=clock)
     server: MCPServer[Any] = MCPServer("guarded", middleware=[guard.middleware])
@@ -132,11 +131,11 @@ async def test_cost_and_worker_time_sum_exactly(tmp_path: Path) -> None:
 CHARGER = """
 import anyio, sys
 from guard.budgets import BudgetLedger, BudgetTarget
-from guard.clock import SystemClock
-from guard.database import Database
+from guard.storage.clock import SystemClock
+from guard.storage import open_database
 
 async def main() -> None:
-    db = await Database.open(sys.argv[1])
+    db = await open_database(sys.argv[1])
     ledger = BudgetLedger(db, SystemClock())
     target = BudgetTarget("shared", "r#1", "global", "", 3600, tokens=1000)
     for _ in range(200):

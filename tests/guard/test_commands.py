@@ -13,7 +13,7 @@ import pytest
 from guard import commands
 from guard.approvals import Approval, Approvals
 from guard.audit import AuditLog, AuditRecord
-from guard.clock import FakeClock
+from guard.storage.clock import FakeClock
 from guard.schema import open_guard_db
 
 pytestmark = pytest.mark.anyio
@@ -40,7 +40,7 @@ async def open_approval(
     try:
         approvals = Approvals(db, clock)
         return await approvals.open(
-            approvals.digest("cancel-task", args, "alice"), "cancel-task", args, "alice", "s1",
+            await approvals.digest("cancel-task", args, "alice"), "cancel-task", args, "alice", "s1",
             "cancel-task#1", "needs a human", expires_s,
         )  # fmt: skip
     finally:

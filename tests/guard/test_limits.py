@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guard.clock import FakeClock
+from guard.storage.clock import FakeClock
 from guard.limits import Exhausted, InvalidLimit, LimitRequest, Limiter, Reservation, ScopeKeys
 from guard.schema import open_guard_db
 
@@ -260,12 +260,12 @@ async def test_expired_hits_are_swept_but_the_longest_window_is_kept(db) -> None
 _WORKER = textwrap.dedent(
     """
     import asyncio, sys
-    from guard.clock import FakeClock
-    from guard.database import Database
+    from guard.storage.clock import FakeClock
+    from guard.storage import open_database
     from guard.limits import Limiter, LimitRequest, Reservation, ScopeKeys
 
     async def main(path):
-        db = await Database.open(path)  # schema made by the parent
+        db = await open_database(path)  # schema made by the parent
         limiter = Limiter(db, FakeClock(1_700_000_000.0))
         limit = LimitRequest("spawn-task#1", "spawn-task#1", 30, 60, "global")
         results = await asyncio.gather(

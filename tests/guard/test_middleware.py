@@ -21,8 +21,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
 from mcp_types import INTERNAL_ERROR, ElicitResult, ErrorData
 
-from guard.changes import ChangeFeed
-from guard.database import Database
+from guard.storage import open_database
 from guard.runtime import Guard
 
 pytestmark = pytest.mark.anyio
@@ -32,8 +31,8 @@ pytestmark = pytest.mark.anyio
 async def guarded(tmp_path: Path, policy: str) -> AsyncIterator[tuple[MCPServer[Any], Guard]]:
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text(textwrap.dedent(policy))
-    db = await Database.open(tmp_path / "guard.db")
-    feed = ChangeFeed(db.path)
+    db = await open_database(tmp_path / "guard.db")
+    feed = db.change_feed()
     feed.start()
     guard = await Guard.open(db, feed, policy_path=policy_file)
     server: MCPServer[Any] = MCPServer("guarded", middleware=[guard.middleware])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from guard.audit import AuditLog, AuditRecord
-from guard.clock import FakeClock
+from guard.storage.clock import FakeClock
 from guard.redaction import REDACTED, is_secret_key, redact, redact_text
 from guard.schema import open_guard_db
 

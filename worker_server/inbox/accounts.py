@@ -22,8 +22,8 @@ from enum import StrEnum
 import anyio
 
 from guard.approvers import ROLES
-from guard.clock import Clock, iso
-from guard.database import Database, Step
+from guard.storage.clock import Clock, iso
+from guard.storage.database import Database, Migrations, Step
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ SESSION_TTL_S = 30 * 86_400
 
 _NAME_RE = re.compile(r"^[\w][\w .@+-]{0,63}$")
 
-STEPS: list[Step] = [
+_SQLITE: list[Step] = [
     # 1: people, their sign-in tokens and web sessions
     """
     CREATE TABLE inbox_humans (
@@ -68,6 +68,7 @@ STEPS: list[Step] = [
     ALTER TABLE inbox_humans ADD COLUMN webhook_secret TEXT;
     """,
 ]
+STEPS = Migrations(sqlite=_SQLITE)
 
 #: The role ``humans add`` gives a new person unless told otherwise.
 DEFAULT_ROLE = "worker"

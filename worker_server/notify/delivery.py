@@ -17,8 +17,8 @@ import anyio
 import anyio.abc
 
 from guard.approvals import Approval, Approvals, ApprovalStatus
-from guard.changes import ChangeFeed
-from guard.clock import Clock
+from guard.storage.changes import ChangeFeed
+from guard.storage.clock import Clock
 from worker_server.config import Settings
 from worker_server.notify.channels import DeliveryError, build_email, send_email, send_webhook
 from worker_server.notify.events import Notices

@@ -23,7 +23,7 @@ from typing import Any
 
 from guard.approvals import Approval
 from guard.approvers import has_role, is_role, may_decide
-from guard.clock import Clock, iso
+from guard.storage.clock import Clock, iso
 from worker_server.config import Settings
 from worker_server.inbox.accounts import Person, people
 from worker_server.notify.outbox import enqueue

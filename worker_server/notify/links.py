@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from guard.digests import load_or_create_key
+from guard.digests import KEY_BYTES, key_path, load_key_file
+from guard.storage.database import Database
 
 _CONTEXT = b"taskwarden-decision-link-v1"
 MAX_TOKEN = 1024
@@ -59,8 +60,14 @@ class LinkSigner:
         self._key = hmac.new(key, _CONTEXT, hashlib.sha256).digest()
 
     @classmethod
-    def for_database(cls, db_path: str | Path) -> LinkSigner:
-        return cls(load_or_create_key(db_path))
+    async def for_database(cls, db: Database) -> LinkSigner:
+        """Signed with the database's key: a link made by one daemon is accepted by every other."""
+        return cls(await db.secret_key("digest", KEY_BYTES))
+
+    @classmethod
+    def for_file(cls, db_path: str | Path) -> LinkSigner:
+        """The signer of the SQLite file ``db_path`` (for tools outside the daemon)."""
+        return cls(load_key_file(key_path(Path(db_path)), KEY_BYTES))
 
     def _sign(self, payload: str) -> str:
         return _b64(hmac.new(self._key, payload.encode(), hashlib.sha256).digest())

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from guard.clock import Clock, iso
-from guard.database import Database, Step
+from guard.storage.clock import Clock, iso
+from guard.storage.database import Database, Migrations, Step
 
-STEPS: list[Step] = [
+_SQLITE: list[Step] = [
     # 1: the outbox and the spent one-click decision links
     """
     CREATE TABLE notify_outbox (
@@ -54,6 +54,7 @@ STEPS: list[Step] = [
     );
     """,
 ]
+STEPS = Migrations(sqlite=_SQLITE)
 
 #: A leased row is someone's for this long; a daemon that died lets it go then.
 LEASE_S = 120.0

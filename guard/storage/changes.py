@@ -1,10 +1,13 @@
-"""Change notifications for one database file, within and across processes.
+"""Change notifications for one database, within and across processes.
 
 Waiters (``wait-task``, a call held for approval) must wake when another
-process — the CLI, the inbox — commits a change, without a sleep loop. Each
-process that listens binds a Unix datagram socket in a directory derived from
-the database path; a writer sends one empty datagram to every socket there
-after it commits. In-process waiters are woken directly.
+process — the CLI, the inbox, another daemon — commits a change, without a
+sleep loop. ``ChangeFeed`` is the in-process half (a generation counter and
+an event); each backend adds how other processes are told: for SQLite, every
+listening process binds a Unix datagram socket in a directory derived from
+the database path and a writer sends one empty datagram to each after it
+commits (``SocketChangeFeed``); PostgreSQL uses LISTEN/NOTIFY
+(``guard.storage.postgres``).
 """
 
 from __future__ import annotations
@@ -60,13 +63,50 @@ def _private_dir(path: Path) -> None:
 
 
 class ChangeFeed:
-    """A broadcast "something changed" signal for one database."""
+    """A broadcast "something changed" signal for one database, in this process."""
 
-    def __init__(self, db_path: str | Path) -> None:
-        self.db_path = Path(db_path)
-        self.dir = _bus_dir(self.db_path)
+    def __init__(self) -> None:
         self._event = anyio.Event()
         self._generation = 0
+
+    def start(self) -> None:
+        """Listen for changes made by other processes (needs a running asyncio loop)."""
+
+    def close(self) -> None:
+        """Stop listening."""
+
+    @property
+    def generation(self) -> int:
+        """Bumped on every change; read it before checking state, then wait on it."""
+        return self._generation
+
+    def _fire(self) -> None:
+        self._generation += 1
+        event, self._event = self._event, anyio.Event()
+        event.set()
+
+    def notify(self) -> None:
+        """Wake waiters here (and, in a backend's feed, in every other listening process)."""
+        self._fire()
+
+    async def wait(self, since: int, timeout: float) -> bool:
+        """Wait until the generation moves past ``since``; False on timeout."""
+        if self._generation != since:
+            return True
+        with anyio.move_on_after(max(timeout, 0)):
+            while self._generation == since:
+                await self._event.wait()
+            return True
+        return False
+
+
+class SocketChangeFeed(ChangeFeed):
+    """Other processes on one SQLite file are told through Unix datagram sockets."""
+
+    def __init__(self, db_path: str | Path) -> None:
+        super().__init__()
+        self.db_path = Path(db_path)
+        self.dir = _bus_dir(self.db_path)
         self._sock: socket.socket | None = None
         self._sock_path: Path | None = None
 
@@ -107,30 +147,10 @@ class ChangeFeed:
 
     # -- signalling --------------------------------------------------------
 
-    @property
-    def generation(self) -> int:
-        """Bumped on every change; read it before checking state, then wait on it."""
-        return self._generation
-
-    def _fire(self) -> None:
-        self._generation += 1
-        event, self._event = self._event, anyio.Event()
-        event.set()
-
     def notify(self) -> None:
         """Wake waiters here and in every other listening process."""
         self._fire()
         _wake_listeners(self.dir, exclude=self._sock_path)
-
-    async def wait(self, since: int, timeout: float) -> bool:
-        """Wait until the generation moves past ``since``; False on timeout."""
-        if self._generation != since:
-            return True
-        with anyio.move_on_after(max(timeout, 0)):
-            while self._generation == since:
-                await self._event.wait()
-            return True
-        return False
 
 
 def notify_others(db_path: str | Path, exclude: Path | None = None) -> None:

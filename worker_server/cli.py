@@ -77,7 +77,10 @@ def _split_tools_from(argv: list[str]) -> tuple[list[str], list[str] | None]:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="config file (default: $TASKWARDEN_CONFIG, else ./taskwarden.toml, "
                         "else ~/.config/taskwarden/config.toml)")
-    parser.add_argument("--db", metavar="FILE", help="database file (default: $TASKWARDEN_DB or the user state dir)")
+    parser.add_argument(
+        "--db", metavar="FILE|URL",
+        help="SQLite file or postgresql:// URL (default: $TASKWARDEN_DB or the user state dir)",
+    )  # fmt: skip
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -382,14 +385,12 @@ def _settings(args: argparse.Namespace, *, existing_db: bool = False, **extra: A
         logging.getLogger().setLevel(settings.log_level)
     elif settings.log_level == "DEBUG":
         logging.getLogger().setLevel(logging.DEBUG)
-    if existing_db:
+    if existing_db and not settings.db_is_server:
         _check_database(settings.db_path)
     return settings
 
 
 def _check_database(path: Path) -> None:
-    if str(path).startswith(("postgresql:", "postgres:")):
-        return
     if path.is_dir():
         raise CliError(f"--db {path} is a directory; name the database file (e.g. {path / 'taskwarden.db'})")
     if not path.exists():
@@ -491,7 +492,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "notify":
         return _run(lambda: _notify(args, _settings(args, existing_db=True)))
     if args.command == "approvals":
-        db = _settings(args, existing_db=True).db_path
+        db = _settings(args, existing_db=True).db_target
         if args.approvals_command == "list":
             return _run(lambda: commands.approvals_list(db, args.json, sys.stdout))
         from worker_server.inbox.accounts import role_of
@@ -531,10 +532,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             return policy_cli.explain(args.file, args.tool, args.args, args.identity, db_path=db_path, schemas=schemas)
         return policy_cli.test(args.file, args.cases)
     if args.command == "budgets":
-        db = _settings(args, existing_db=True).db_path
+        db = _settings(args, existing_db=True).db_target
         return _run(lambda: commands.budgets(db, args.json, sys.stdout))
     if args.command == "audit":
-        db = _settings(args, existing_db=True).db_path
+        db = _settings(args, existing_db=True).db_target
         return _run(
             lambda: commands.audit(
                 db, args.json, args.since, args.tool, args.decision, args.follow, sys.stdout, limit=args.limit
@@ -626,7 +627,7 @@ def _guard(args: argparse.Namespace) -> int:
     try:
         anyio.run(lambda: run_guard(
             target,
-            db_path=settings.db_path,
+            db_path=settings.db_target,
             policy_path=settings.policy,
             name=args.name,
             callers=CallerResolver(settings.identity).caller,

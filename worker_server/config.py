@@ -21,6 +21,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from worker_server.forwarder import is_server_url, server_db_anchor
 from worker_server.profiles import BUILTIN_PROFILES, WorkerProfile, merge_profile
 
 
@@ -80,7 +81,10 @@ class Settings(BaseSettings):
     default_worker: str | None = None
     allowed_roots: list[str] = Field(default_factory=lambda: ["~"])
     identity: str = Field(default_factory=getpass.getuser)
-    db: Path | None = None
+    # A SQLite file (the default, one host), or postgresql://… (several daemons share it).
+    db: str | None = None
+    # Per-host state for a server database: daemon socket, logs, scratch (default: the user's state dir).
+    state_dir: Path | None = None
     policy: Path | None = None
     log_dir: Path | None = None
     # isolation=worktree: where session worktrees are made (default: beside the logs).
@@ -139,8 +143,24 @@ class Settings(BaseSettings):
     # -- derived values ----------------------------------------------------
 
     @property
+    def db_is_server(self) -> bool:
+        """True for a PostgreSQL database shared by several daemons."""
+        return bool(self.db) and is_server_url(str(self.db))
+
+    @property
+    def db_target(self) -> str:
+        """What ``open_database`` opens: the SQLite file's path or the PostgreSQL URL."""
+        if self.db_is_server:
+            return str(self.db)
+        return str(Path(self.db or user_state_dir() / "taskwarden.db").expanduser())
+
+    @property
     def db_path(self) -> Path:
-        return (self.db or user_state_dir() / "taskwarden.db").expanduser()
+        """The SQLite file; for a server database, this host's anchor beside which
+        per-host state lives (see ``forwarder.server_db_anchor``)."""
+        if self.db_is_server:
+            return server_db_anchor(str(self.db), self.state_dir or user_state_dir())
+        return Path(self.db_target)
 
     @property
     def logs_path(self) -> Path:

@@ -80,9 +80,38 @@ def state_dir() -> Path:
     return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "taskwarden"
 
 
-def db_path(db: str | None, values: dict[str, object]) -> Path:
+def is_server_url(db: str) -> bool:
+    """``db`` names a PostgreSQL database (shared by daemons on many hosts), not a SQLite file."""
+    return db.startswith(("postgresql://", "postgres://"))
+
+
+def server_db_anchor(url: str, state: Path) -> Path:
+    """Where this host keeps what it alone owns of a server database.
+
+    A daemon's socket, its turns' logs and scratch directories stay per host;
+    they go in a directory named by a digest of the URL, under ``state``
+    (``state_dir`` in the config, else the user's state directory). The path
+    returned stands where a SQLite file would: its parent is that directory.
+    """
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return state.expanduser() / f"pg-{digest}" / "taskwarden.pg"
+
+
+def db_target(db: str | None, values: dict[str, object]) -> str:
+    """The database to open: a ``postgresql://`` URL, or the SQLite file's path."""
     chosen = db or _setting("db", values)
-    return Path(chosen).expanduser() if chosen else state_dir() / "taskwarden.db"
+    if chosen and is_server_url(chosen):
+        return chosen
+    return str(Path(chosen).expanduser() if chosen else state_dir() / "taskwarden.db")
+
+
+def db_path(db: str | None, values: dict[str, object]) -> Path:
+    """The SQLite file, or for a server database this host's anchor (see ``server_db_anchor``)."""
+    target = db_target(db, values)
+    if is_server_url(target):
+        chosen_state = _setting("state_dir", values)
+        return server_db_anchor(target, Path(chosen_state) if chosen_state else state_dir())
+    return Path(target)
 
 
 def daemon_dir(db: Path) -> Path:

@@ -92,7 +92,7 @@ async def open_app(
     sandbox = worker_sandbox(settings) if run_workers else None
     if run_workers:
         _say_start_up(settings)
-    db = await open_database(settings.db_path)
+    db = await open_database(settings.db_target)
     feed = db.change_feed()
     feed.start()
     guard: Guard | None = None

@@ -338,6 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import sqlite3
 
     from guard.dialects.source import PolicyError
+    from guard.storage import StorageError
     from worker_server.config import ConfigError
 
     try:
@@ -346,7 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BaseException as exc:
         # Errors raised inside a task group arrive wrapped in exception groups.
-        known = _upstream_exit(exc, (ConfigError, PolicyError, CliError, sqlite3.Error, OSError))
+        # (StorageError names a server database without its password.)
+        known = _upstream_exit(exc, (ConfigError, PolicyError, CliError, StorageError, sqlite3.Error, OSError))
         if known is None:
             if _upstream_exit(exc, KeyboardInterrupt) is not None:
                 return 130
@@ -358,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"taskwarden: {known}", file=sys.stderr)
         if isinstance(known, CliError):
             return known.code
-        return 1 if isinstance(known, OSError) else 2
+        return 1 if isinstance(known, (OSError, StorageError)) else 2
 
 
 class CliError(Exception):
@@ -371,7 +373,7 @@ class CliError(Exception):
 
 def _db_shown(args: argparse.Namespace) -> str:
     try:
-        return str(_settings(args).db_path)
+        return _settings(args).db_display
     except Exception:  # noqa: BLE001 - only for a message
         return str(getattr(args, "db", None) or "(default)")
 

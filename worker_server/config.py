@@ -163,6 +163,15 @@ class Settings(BaseSettings):
         return Path(self.db_target)
 
     @property
+    def db_display(self) -> str:
+        """The database for logs and messages: a server database's URL never shows its password."""
+        if self.db_is_server:
+            from guard.storage.postgres import redacted
+
+            return redacted(self.db_target)
+        return str(self.db_path)
+
+    @property
     def logs_path(self) -> Path:
         return (self.log_dir or self.db_path.parent / "logs").expanduser()
 

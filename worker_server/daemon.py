@@ -165,8 +165,9 @@ class Daemon:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket)  # left by a daemon that was killed; the lock says it is gone
         listener = await anyio.create_unix_listener(self.socket, mode=0o600)
+        # db.display: a server database's URL without its password.
         logger.info("taskwarden %s daemon (pid %d) on %s, db %s", __version__, os.getpid(), self.socket,
-                    self.app.settings.db_path)  # fmt: skip
+                    self.app.db.display)  # fmt: skip
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._accept, listener, tg)
@@ -261,7 +262,7 @@ class Daemon:
             "sessions": self.sessions,
             "running_turns": running,
             "queued_turns": queued,
-            "database": str(self.app.settings.db_path),
+            "database": self.app.db.display,
             "socket": str(self.socket),
             "draining": self.draining,
             "inbox_url": self.inbox_url,
@@ -352,11 +353,14 @@ async def run_daemon(
 ) -> int:
     """Run the daemon of ``settings.db_path`` until stopped or idle; 3 if another one runs.
     ``http_url``: the inbox ``extra`` serves over HTTP, if any."""
+    if settings.db_is_server:
+        # This host's state for a server database (socket, logs, scratch) lives here.
+        settings.db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     directory = daemon_dir(settings.db_path)
     private_dir(directory)
     lock_fd = take_lock(directory)
     if lock_fd is None:
-        logger.info("a taskwarden %s daemon already serves %s", __version__, settings.db_path)
+        logger.info("a taskwarden %s daemon already serves %s on this host", __version__, settings.db_display)
         return 3
     try:
         become_subreaper()

@@ -26,6 +26,7 @@ from anyio.abc import Process, TaskGroup
 
 from guard.budgets import BudgetLedger, BudgetTarget
 from guard.storage.changes import ChangeFeed
+from guard.storage.database import is_server_url
 from worker_server import git_work
 from worker_server import usage as usage_
 from worker_server.budget_meter import TurnMeter
@@ -47,6 +48,8 @@ ACTIVITY_FLUSH_S = 1.0
 DRAIN_S = 2.0
 
 INTERRUPTED = "interrupted: server restarted"
+#: What a worker never inherits from the daemon's environment (a profile's env may still set it).
+WORKER_ENV_HIDDEN = ("TASKWARDEN_DB", "PGPASSWORD")
 # While the database cannot be written (a full disk), how often to try again.
 RETRY_S = 1.0
 RETRY_MAX_S = 10.0
@@ -267,6 +270,12 @@ class Runner:
         argv = profile.argv(cwd=cwd, prompt=task.prompt, session=task.worker_session, options=task.options)
         env = {**os.environ, **profile.env, MARKER_ENV: task.id}
         env.pop(HELPER_ENV, None)  # a worker is never the server's helper
+        for name in WORKER_ENV_HIDDEN:
+            # A server database's URL (and its password) would let a worker
+            # reach the database the sandbox hides, and decide approvals.
+            if name != "TASKWARDEN_DB" or is_server_url(env.get(name)):
+                env.pop(name, None)
+        env.update({k: v for k, v in profile.env.items() if k in WORKER_ENV_HIDDEN})  # asked for by name
         log = LogFile(self.logs_dir / f"{task.id}.log")
         # The work tree before the turn, to tell what the turn changed.
         before = await git_work.snapshot(cwd) if Path(cwd).is_dir() else None

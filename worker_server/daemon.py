@@ -266,6 +266,9 @@ class Daemon:
             "socket": str(self.socket),
             "draining": self.draining,
             "inbox_url": self.inbox_url,
+            "host": self.app.lease.host if self.app.lease is not None else None,
+            # Every daemon registered on this database (this one included, "this": true).
+            "daemons": await daemons_seen(self.app),
         }
 
     # -- connections --------------------------------------------------------
@@ -338,6 +341,19 @@ class Daemon:
             self.sessions -= 1
 
 
+async def daemons_seen(app: App) -> list[dict[str, Any]]:
+    """The registry as this daemon sees it (for status); empty when it cannot be read."""
+    if app.registry is None:
+        return []
+    try:
+        now, records = await app.registry.all()
+    except Exception as exc:  # noqa: BLE001 - status must answer even when the database is away
+        logger.warning("could not read the daemon registry: %s", exc)
+        return []
+    this = app.lease.record.id if app.lease is not None and app.lease.record is not None else None
+    return [r.describe(now, this=this) for r in records]
+
+
 def session_warnings(settings: Settings, cwd: Any) -> list[str]:
     """What a new client should be told at once (its forwarder prints it on stderr)."""
     if isinstance(cwd, str) and cwd and not settings.inside_roots(Path(cwd)):
@@ -365,7 +381,7 @@ async def run_daemon(
     try:
         become_subreaper()
         watch_children_with_pidfds()
-        async with open_app(settings) as app:
+        async with open_app(settings, url=http_url) as app:
             daemon = Daemon(app, build_mcp(app), directory, lock_fd, inbox_url=http_url)
             lock_fd = None  # the daemon gives it up
             await daemon.serve(None if extra is None else lambda: extra(app))

@@ -171,6 +171,7 @@ class HostLease:
                         await self.registry.unregister(self.record.id)
                 except Exception as exc:  # noqa: BLE001 - the lease lapses by itself
                     logger.warning("could not remove this daemon from the registry (%s); its lease lapses", exc)
+                await self.registry.close()
 
     async def _renew(self) -> None:
         interval = self.lease_s / 3

@@ -15,10 +15,13 @@ injected ``clock`` (tests, SQLite).
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
+
+import anyio
 
 from guard.storage.clock import Clock, iso
 from guard.storage.database import Database, Migrations, Tx
@@ -110,6 +113,9 @@ class DaemonRegistry:
     def __init__(self, db: Database, clock: Clock | None = None) -> None:
         self.db = db
         self.clock = clock
+        # PostgreSQL: renewals go through a connection of their own (see renew).
+        self._conn: Any = None
+        self._conn_lock = anyio.Lock()
 
     async def migrate(self) -> None:
         await self.db.migrate_component("daemons", SCHEMA)
@@ -146,7 +152,16 @@ class DaemonRegistry:
 
     async def renew(self, daemon_id: str, lease_s: float) -> bool:
         """Extend the lease; False when it had already lapsed (or the row is gone): the others
-        may have taken over this daemon's turns, so it must not carry on as if nothing happened."""
+        may have taken over this daemon's turns, so it must not carry on as if nothing happened.
+
+        On PostgreSQL a renewal must not queue behind the daemon's own work: it
+        runs on a connection of its own, outside the pool, and without the
+        write lock every other transaction takes (it changes one row of this
+        daemon's, and its condition is checked against the latest committed
+        lease, so a lease another daemon saw lapsed is never renewed).
+        """
+        if self.db.dialect == "postgresql" and self.clock is None:
+            return await self._renew_direct(daemon_id, lease_s)
 
         def write(tx: Tx) -> bool:
             now = self._now(tx)
@@ -157,6 +172,29 @@ class DaemonRegistry:
             return cur.rowcount > 0
 
         return await self.db.write(write)
+
+    async def _renew_direct(self, daemon_id: str, lease_s: float) -> bool:
+        async with self._conn_lock:
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = await self.db.connect_listener()  # type: ignore[attr-defined]
+                cur = await self._conn.execute(
+                    "UPDATE daemons SET renewed_at = t.now_s, lease_until = t.now_s + %s"
+                    " FROM (SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS now_s) AS t"
+                    " WHERE id = %s AND lease_until >= t.now_s",
+                    (lease_s, daemon_id),
+                )
+                return cur.rowcount > 0
+            except BaseException:
+                await self.close()
+                raise
+
+    async def close(self) -> None:
+        """Close the renewal connection, if one is open."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
 
     async def unregister(self, daemon_id: str) -> None:
         await self.db.write(lambda tx: tx.execute("DELETE FROM daemons WHERE id = ?", (daemon_id,)))

@@ -91,7 +91,7 @@ async def run(sizes: Sizes, scratch: Path) -> Section:
             on_a = await stack.enter_async_context(Client(f"{base_a}/mcp"))
             on_b = await stack.enter_async_context(Client(f"{base_b}/mcp"))
             wake = await _wake(on_a, on_b, a, samples)
-            approval = await _approval(on_b, a, base_a, url, samples)
+            approval = await _approval(on_b, a, b, base_a, url, samples)
 
     wake_p50, approval_p50 = percentile(wake, 50), percentile(approval, 50)
     progress(f"cross_instance: wake p50 {wake_p50:.1f} ms, approval p50 {approval_p50:.1f} ms")
@@ -126,7 +126,7 @@ async def _wake(on_a: Client, on_b: Client, a: Workspace, samples: int) -> list[
     return out
 
 
-async def _approval(on_b: Client, a: Workspace, base_a: str, url: str, samples: int) -> list[float]:
+async def _approval(on_b: Client, a: Workspace, b: Workspace, base_a: str, url: str, samples: int) -> list[float]:
     out: list[float] = []
     db = await open_database(url)
     try:
@@ -134,7 +134,7 @@ async def _approval(on_b: Client, a: Workspace, base_a: str, url: str, samples: 
         async with inbox_approver(a, base_a) as approve:
             for i in range(samples + 1):
                 # A cancel of finished work is not held: each sample cancels a running task.
-                spawn = {"prompt": "sleep 60", "worker": "shell", "cwd": str(a.work)}
+                spawn = {"prompt": "sleep 60", "worker": "shell", "cwd": str(b.work)}
                 task = structured(await on_b.call_tool("spawn-task", spawn), "spawn-task")
                 reason = f"bench {i}"
                 arrived = 0.0

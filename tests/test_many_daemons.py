@@ -129,6 +129,18 @@ async def statuses(db: Any, task_ids: Sequence[str]) -> dict[str, tuple[str, str
     return await db.read(read)
 
 
+async def until(check: Any, what: str, timeout: float = 30, interval: float = 0.05) -> Any:
+    """Poll ``await check()`` in the test until it returns something true; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} (not within {timeout:g} s)")
+        await anyio.sleep(interval)
+
+
 def daemon_status(ws: Workspace) -> dict[str, Any]:
     return json.loads(ws.cli("daemon", "status", "--json").stdout)
 
@@ -185,12 +197,11 @@ async def test_spawned_on_a_waited_on_b_cancelled_on_c_approved_in_as_inbox(tmp_
         # B sees it start (A runs it).
         seen = await call(on_b, "wait-task", {"task_ids": task_id, "timeout_s": 1})
         assert seen["tasks"][0]["status"] in ("queued", "working")
-        for _ in range(100):
-            if (await call(on_b, "get-task", {"task_id": task_id}))["status"] == "working":
-                break
-            await anyio.sleep(0.1)
-        else:
-            raise AssertionError("the task never started")
+
+        async def started() -> bool:
+            return (await call(on_b, "get-task", {"task_id": task_id}))["status"] == "working"
+
+        await until(started, "the task never started", interval=0.1)
 
         held = await call_error(on_c, "cancel-task", {"task_id": task_id})
         assert held.structured_content["error"] == "approval_required"
@@ -263,12 +274,11 @@ async def test_a_killed_daemons_running_turns_are_lost_and_its_queue_runs_elsewh
     a, b, c = spaces = workspaces(tmp_path, pg_url, max_concurrent=2)
     async with three_daemons(spaces) as (on_a, on_b, on_c), database(pg_url) as db:
         long = [(await call(on_a, "spawn-task", {"prompt": "sleep 300"}))["task_id"] for _ in range(2)]
-        for _ in range(200):
-            if {s for s, _ in (await statuses(db, long)).values()} == {"working"}:
-                break
-            await anyio.sleep(0.05)
-        else:
-            raise AssertionError("A's turns did not start")
+
+        async def both_working() -> bool:
+            return {s for s, _ in (await statuses(db, long)).values()} == {"working"}
+
+        await until(both_working, "A's turns did not start")
         # A's slots are both taken: what is spawned now waits in the queue, A's and the others'.
         queued_on_a = [(await call(on_a, "spawn-task", {"prompt": f"say after {i}"}))["task_id"] for i in range(6)]
         queued_elsewhere = [
@@ -293,12 +303,11 @@ async def test_a_killed_daemons_running_turns_are_lost_and_its_queue_runs_elsewh
         assert {m for _, m in now.values()} == {HOST_LOST}, now
         assert lost_after <= 3 * LEASE_S + 5
         # ... and this host's daemons kill what the lost turns left running.
-        for _ in range(100):
-            if not any(marked_processes(t) for t in long):
-                break
-            await anyio.sleep(0.1)
-        else:
-            raise AssertionError("the lost turns' processes outlived them")
+
+        async def all_gone() -> bool:
+            return not any(marked_processes(t) for t in long)
+
+        await until(all_gone, "the lost turns' processes outlived them", interval=0.1)
 
         # Its queued turns run on B or C; nothing is lost.
         everything = queued_on_a + queued_elsewhere
@@ -321,33 +330,41 @@ async def test_a_stalled_daemon_is_taken_for_lost_then_finds_its_lease_lapsed_an
     a, b, c = spaces = workspaces(tmp_path, pg_url)
     async with three_daemons(spaces) as (on_a, on_b, on_c), database(pg_url) as db:
         task_id = (await call(on_b, "spawn-task", {"prompt": "sleep 300"}))["task_id"]
-        for _ in range(200):
-            if (await statuses(db, [task_id]))[task_id][0] == "working":
-                break
-            await anyio.sleep(0.05)
+
+        async def state() -> tuple[str, str | None]:
+            return (await statuses(db, [task_id]))[task_id]
+
+        async def working() -> bool:
+            return (await state())[0] == "working"
+
+        async def ended() -> tuple[str, str | None] | None:
+            now = await state()
+            return now if now[0] != "working" else None
+
+        await until(working, "B's turn did not start")
+        assert marked_processes(task_id)
         stalled = server_process(b)
         stalled.send_signal(signal.SIGSTOP)
         try:
             # Its process still exists, but its lease lapses: the others give its turn up.
-            for _ in range(200):
-                status, message = (await statuses(db, [task_id]))[task_id]
-                if status != "working":
-                    break
-                await anyio.sleep(0.05)
-            assert (status, message) == ("failed", HOST_LOST)
+            assert await until(ended, "B's turn was not given up") == ("failed", HOST_LOST)
             others = daemon_status(a)["daemons"]
             assert [d["live"] for d in others if d["pid"] == stalled.pid] == [False]
         finally:
             stalled.send_signal(signal.SIGCONT)
         # Woken, it finds its own lease lapsed, stops the turn here and registers again.
         log = next(b.root.glob("serve-*.log"))
-        for _ in range(200):
-            if "lease lapsed" in log.read_text() and "registered again" in log.read_text():
-                break
-            await anyio.sleep(0.05)
-        else:
-            raise AssertionError(f"B did not notice its lapsed lease:\n{log.read_text()[-2000:]}")
-        assert not marked_processes(task_id)
+
+        async def noticed() -> bool:
+            text = log.read_text()
+            return "lease lapsed" in text and "registered again" in text
+
+        await until(noticed, "B did not notice its lapsed lease")
+
+        async def gone() -> bool:
+            return not marked_processes(task_id)
+
+        await until(gone, "the given-up turn's processes outlived it", interval=0.1)
         seen = {d["pid"]: d["live"] for d in daemon_status(a)["daemons"]}
         assert seen.get(stalled.pid) is True
         # It serves again: a task spawned through it runs.

@@ -120,8 +120,11 @@ class Database(abc.ABC):
                 (component, version),
             )
 
-        what = f"the {component} schema"
-        return await self.write(lambda tx: self._upgrade(tx, what, wanted, self._schema_version(tx, component), set_version))
+        def run(tx: Tx) -> int:
+            current = self._schema_version(tx, component)
+            return self._upgrade(tx, f"the {component} schema", wanted, current, set_version)
+
+        return await self.write(run)
 
     def _upgrade(
         self, tx: Tx, what: str, wanted: Sequence[Step], current: int, set_version: Callable[[Tx, int], None]

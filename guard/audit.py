@@ -9,7 +9,8 @@ reports a call the trail does not hold. (Commits are WAL with
 ``synchronous = NORMAL``: they survive a crash of the process, and only a
 power loss can drop the last ones.)
 
-SQLite triggers make the table append-only: UPDATE and DELETE abort.
+Triggers make the table append-only on both backends: UPDATE and DELETE
+(and, on PostgreSQL, TRUNCATE) are refused.
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ import contextlib
 import enum
 import json
 import logging
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
 from guard.storage.clock import iso
 from guard.storage.clock import Clock
-from guard.storage.database import Database
+from guard.storage.database import Database, Tx
 from guard.digests import Digester
 from guard.redaction import INLINE_TEXT_CHARS, redact, redact_text, text_size
 
@@ -198,7 +198,9 @@ class AuditLog:
             raise AuditLogClosed("the audit log is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
-        if text_size(record.args, INLINE_TEXT_CHARS + 1) <= INLINE_TEXT_CHARS:
+        if (self._digester is not None or self._db.path is not None) and text_size(
+            record.args, INLINE_TEXT_CHARS + 1
+        ) <= INLINE_TEXT_CHARS:
             self._enqueue(self._prepare(record), future, urgent)
             return future
         # Redacting a large record (the secret detector's plugins are
@@ -212,6 +214,9 @@ class AuditLog:
 
     async def _prepare_later(self, record: AuditRecord, future: asyncio.Future[int], urgent: bool) -> None:
         try:
+            if self._digester is None:
+                # A server database's key is a row: read it once, by awaiting.
+                self._digester = await Digester.for_database(self._db)
             row = await asyncio.to_thread(self._prepare, record)
         except Exception as exc:
             logger.exception("could not prepare an audit record")
@@ -322,7 +327,7 @@ class AuditLog:
     async def _commit(self, batch: list[tuple[_Row, asyncio.Future[int]]]) -> None:
         rows = [row for row, _ in batch]
 
-        def tx(c: sqlite3.Connection) -> list[int]:
+        def tx(c: Tx) -> list[int]:
             return [c.execute(_INSERT_SQL, row).fetchone()[0] for row in rows]
 
         try:
@@ -351,7 +356,7 @@ def parse_decision(value: Decision | str) -> str:
         raise InvalidDecision(value) from None
 
 
-def _entry(row: sqlite3.Row | _Row) -> AuditEntry:
+def _entry(row: _Row) -> AuditEntry:
     (id_, time, identity, session, tool, args, digest, decision, rule, reason,
      approval_id, duration_ms, outcome) = tuple(row)  # fmt: skip
     return AuditEntry(

@@ -1,4 +1,4 @@
-"""Sliding-window rate limits kept in SQLite.
+"""Sliding-window rate limits kept in the guard's database (SQLite or PostgreSQL).
 
 Each unit of room a call takes is one row in ``guard_limit_hits`` (a log, not
 a counter), so "at most ``max`` units in any ``window_s`` seconds" is checked
@@ -7,9 +7,10 @@ stored as integer microseconds, so the window arithmetic and the reported
 ``retry_after_s`` carry no float rounding.
 
 A reservation checks and takes room in every requested counter inside one
-``BEGIN IMMEDIATE`` transaction: all or nothing, serialised against other
-coroutines on the same connection (one transaction is one call on aiosqlite's
-thread) and against other processes sharing the file (SQLite's write lock).
+write transaction: all or nothing, serialised against every other writer of
+the database in this process and in any other (``BEGIN IMMEDIATE`` on a
+SQLite file; the write advisory lock on PostgreSQL, so several daemons on
+several hosts never admit twice at a window's edge).
 
 Checking costs O(1), not O(hits in the window): each counter key's rows
 older than its counter's longest window are pruned as it is checked, and
@@ -39,12 +40,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from guard.storage.clock import Clock
-from guard.storage.database import Database
+from guard.storage.database import Database, Tx
 from guard.policy import Scope
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ _US = 1_000_000
 _SCOPES: tuple[str, ...] = ("session", "identity", "global")
 
 _SUM_SQL = (
-    "SELECT COALESCE(SUM(cost), 0) FROM guard_limit_hits"
+    # CAST: PostgreSQL sums BIGINT as NUMERIC (a Decimal in Python).
+    "SELECT CAST(COALESCE(SUM(cost), 0) AS BIGINT) FROM guard_limit_hits"
     " WHERE counter = ? AND scope = ? AND scope_value = ? AND at_us > ?"
 )
 _OLDEST_SQL = (
@@ -75,7 +76,10 @@ _PRUNE_SQL = (
 _RETAINED_SQL = "SELECT retain_us FROM guard_limit_counters WHERE counter = ?"
 _RETAIN_SQL = (
     "INSERT INTO guard_limit_counters (counter, retain_us) VALUES (?, ?)"
-    " ON CONFLICT (counter) DO UPDATE SET retain_us = max(retain_us, excluded.retain_us)"
+    # Qualified, and CASE rather than max()/GREATEST(): the one spelling both backends accept.
+    " ON CONFLICT (counter) DO UPDATE SET retain_us = CASE"
+    " WHEN guard_limit_counters.retain_us > excluded.retain_us THEN guard_limit_counters.retain_us"
+    " ELSE excluded.retain_us END"
     " RETURNING retain_us"
 )
 
@@ -182,7 +186,7 @@ class Limiter:
             return {}
         now = round(self._clock.now() * _US)
 
-        def read(c: sqlite3.Connection) -> dict[str, int]:
+        def read(c: Tx) -> dict[str, int]:
             return {
                 name: c.execute(_SUM_SQL, (*item.key, now - item.window_us)).fetchone()[0] for name, item in planned
             }
@@ -240,10 +244,10 @@ class Limiter:
         if orphaned:
             await self.release(Reservation(tuple(orphaned)))
 
-    # -- inside the transaction (aiosqlite's thread) -----------------------
+    # -- inside the transaction (a worker thread) --------------------------
 
     def _reserve_all(
-        self, c: sqlite3.Connection, plans: list[list[_Planned]]
+        self, c: Tx, plans: list[list[_Planned]]
     ) -> list[Reservation | Exhausted]:
         # Retention read once per counter per transaction: no other process
         # can change it while we hold the write lock.
@@ -251,7 +255,7 @@ class Limiter:
         return [self._reserve_one(c, plan, retained) for plan in plans]
 
     def _reserve_one(
-        self, c: sqlite3.Connection, plan: list[_Planned], retained: dict[str, int]
+        self, c: Tx, plan: list[_Planned], retained: dict[str, int]
     ) -> Reservation | Exhausted:
         # Read the clock under the write lock, so hits from processes that
         # queued for the lock are logged in the order they were counted.
@@ -274,7 +278,7 @@ class Limiter:
         return Reservation(tuple(ids))
 
     def _check(
-        self, c: sqlite3.Connection, item: _Planned, now: int, taken: int, retained: dict[str, int]
+        self, c: Tx, item: _Planned, now: int, taken: int, retained: dict[str, int]
     ) -> Exhausted | None:
         request = item.request
         if request.max == 0 or taken + request.cost > request.max:
@@ -306,7 +310,7 @@ class Limiter:
         raise AssertionError("limit log changed inside its own transaction")  # pragma: no cover
 
     @staticmethod
-    def _retention(c: sqlite3.Connection, counter: str, window_us: int) -> int:
+    def _retention(c: Tx, counter: str, window_us: int) -> int:
         # Read per transaction, not cached: another process may have stored a longer window.
         row = c.execute(_RETAINED_SQL, (counter,)).fetchone()
         if row is not None and row[0] >= window_us:
@@ -314,7 +318,7 @@ class Limiter:
         (stored,) = c.execute(_RETAIN_SQL, (counter, window_us)).fetchone()
         return int(stored)
 
-    def _sweep(self, c: sqlite3.Connection, now: int) -> None:
+    def _sweep(self, c: Tx, now: int) -> None:
         deleted = 0
         for counter, retain_us in c.execute(
             "SELECT counter, retain_us FROM guard_limit_counters"

@@ -16,7 +16,6 @@ Triggers make the table append-only on both backends: UPDATE and DELETE
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import json
 import logging
@@ -26,6 +25,7 @@ from typing import Any
 from guard.storage.clock import iso
 from guard.storage.clock import Clock
 from guard.storage.database import Database, Tx
+from guard.storage.group_commit import GroupCommit
 from guard.digests import Digester
 from guard.redaction import INLINE_TEXT_CHARS, redact, redact_text, text_size
 
@@ -174,11 +174,12 @@ class AuditLog:
         self._clock = clock
         # Keyed digests (guard.digests); the key file sits beside the database.
         self._digester = digester
-        self._max_batch = max_batch
-        self._linger_s = linger_s
-        self._queue: list[tuple[_Row, asyncio.Future[int]]] = []
-        self._writer: asyncio.Task[None] | None = None
-        self._urgent = asyncio.Event()
+        # Records nobody awaits yet linger up to linger_s for company; every
+        # record is written, even if its caller stopped waiting.
+        self._writer: GroupCommit[_Row, int] = GroupCommit(
+            self._commit, max_batch=max_batch, linger_s=linger_s, failed=_write_failed,
+            cancelled=lambda: AuditWriteFailed("the audit writer was cancelled"), name="guard-audit-writer",
+        )  # fmt: skip
         self._closed = False
         # Large records being redacted on a worker thread (see record()).
         self._preparing: set[asyncio.Task[None]] = set()
@@ -226,25 +227,21 @@ class AuditLog:
         self._enqueue(row, future, urgent)
 
     def _enqueue(self, row: _Row, future: asyncio.Future[int], urgent: bool) -> None:
-        self._queue.append((row, future))
-        if urgent:
-            self._urgent.set()
-        if self._writer is None:
-            self._writer = asyncio.get_running_loop().create_task(self._drain(), name="guard-audit-writer")
+        committed = self._writer.submit(row, urgent=urgent)
+        committed.add_done_callback(lambda done: _pass_on(done, future))
 
     async def flush(self) -> None:
         """Wait until everything recorded so far is committed (or has failed)."""
         while self._preparing:
             await asyncio.wait(set(self._preparing))
-        self._urgent.set()
-        while self._writer is not None:
-            await asyncio.shield(self._writer)
+        await self._writer.flush()
 
     async def aclose(self) -> None:
         """Flush and refuse further records. Call before closing the database."""
         self._closed = True
-        self._urgent.set()
-        await self.flush()
+        while self._preparing:
+            await asyncio.wait(set(self._preparing))
+        await self._writer.close()
 
     async def query(
         self,
@@ -307,45 +304,31 @@ class AuditLog:
         return (when, record.identity, record.session, tool, args, digest, decision,
                 record.rule, reason, record.approval_id, record.duration_ms, outcome)  # fmt: skip
 
-    async def _drain(self) -> None:
-        try:
-            # Records queued while a batch commits go into the next batch.
-            while self._queue:
-                if not self._urgent.is_set() and len(self._queue) < self._max_batch and not self._closed:
-                    # Nobody waits on these yet: let a few more join this commit.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._urgent.wait(), self._linger_s)
-                self._urgent.clear()
-                batch = self._queue[: self._max_batch]
-                del self._queue[: self._max_batch]
-                await self._commit(batch)
-        finally:
-            # No await between the empty check and this: a record() after it
-            # starts a new writer, one before it was drained.
-            self._writer = None
-
-    async def _commit(self, batch: list[tuple[_Row, asyncio.Future[int]]]) -> None:
-        rows = [row for row, _ in batch]
-
+    async def _commit(self, rows: list[_Row]) -> list[int]:
         def tx(c: Tx) -> list[int]:
             return [c.execute(_INSERT_SQL, row).fetchone()[0] for row in rows]
 
         try:
-            ids = await self._db.write(tx)
-        except asyncio.CancelledError:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(AuditWriteFailed("the audit writer was cancelled"))
+            return await self._db.write(tx)
+        except Exception:
+            logger.exception("could not write %d audit records", len(rows))
             raise
-        except Exception as exc:
-            logger.exception("could not write %d audit records", len(batch))
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(AuditWriteFailed(f"audit record not written: {exc}"))
-            return
-        for (_, future), row_id in zip(batch, ids):
-            if not future.done():  # a caller may have stopped waiting; the row is written anyway
-                future.set_result(row_id)
+
+
+def _write_failed(exc: Exception) -> BaseException:
+    return AuditWriteFailed(f"audit record not written: {exc}")
+
+
+def _pass_on(done: asyncio.Future[int], future: asyncio.Future[int]) -> None:
+    """The writer's outcome to the future ``record`` returned (which its caller may have cancelled)."""
+    if future.done():
+        return
+    if done.cancelled():
+        future.cancel()
+    elif done.exception() is not None:
+        future.set_exception(done.exception())  # type: ignore[arg-type]
+    else:
+        future.set_result(done.result())
 
 
 def parse_decision(value: Decision | str) -> str:

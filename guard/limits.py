@@ -38,13 +38,13 @@ Edge cases, decided:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from guard.storage.clock import Clock
 from guard.storage.database import Database, Tx
+from guard.storage.group_commit import GroupCommit
 from guard.policy import Scope
 
 logger = logging.getLogger(__name__)
@@ -151,10 +151,14 @@ class Limiter:
         self._db = db
         self._clock = clock
         self._sweep_interval_us = round(sweep_interval_s * _US)
-        self._max_batch = max_batch
-        self._next_sweep_us = 0  # only touched inside transactions (one thread)
-        self._queue: list[tuple[list[_Planned], asyncio.Future[Reservation | Exhausted]]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._next_sweep_us = 0  # only touched inside transactions (one at a time)
+        # Reservations queued while a batch commits are taken in the next one;
+        # one whose caller gave up before its batch began takes no room, one
+        # whose caller gave up during the commit is given back.
+        self._writer: GroupCommit[list[_Planned], Reservation | Exhausted] = GroupCommit(
+            self._commit, max_batch=max_batch, drop_abandoned=True, abandoned=self._give_back,
+            name="guard-limiter",
+        )  # fmt: skip
 
     async def reserve(
         self, requests: Sequence[LimitRequest], keys: ScopeKeys
@@ -167,12 +171,7 @@ class Limiter:
         plan = [_plan(request, keys) for request in requests]
         if not plan:
             return Reservation(())
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Reservation | Exhausted] = loop.create_future()
-        self._queue.append((plan, future))
-        if self._writer is None:
-            self._writer = loop.create_task(self._drain(), name="guard-limiter")
-        return await future
+        return await self._writer.submit(plan)
 
     async def usage(
         self, counters: Sequence[tuple[str, float, str]], keys: ScopeKeys
@@ -204,43 +203,15 @@ class Limiter:
 
     # -- batching (event loop) ---------------------------------------------
 
-    async def _drain(self) -> None:
-        try:
-            while self._queue:
-                batch = self._queue[: self._max_batch]
-                del self._queue[: self._max_batch]
-                await self._commit(batch)
-        finally:
-            # No await between the empty check and this: a reserve() after it
-            # starts a new writer, one before it was drained.
-            self._writer = None
-
-    async def _commit(
-        self, batch: list[tuple[list[_Planned], asyncio.Future[Reservation | Exhausted]]]
-    ) -> None:
-        batch = [(plan, future) for plan, future in batch if not future.done()]  # drop cancelled
-        if not batch:
-            return
-        plans = [plan for plan, _ in batch]
-        try:
-            results = await self._db.write(lambda c: self._reserve_all(c, plans))
-        except asyncio.CancelledError:
-            for _, future in batch:
-                future.cancel()
-            raise
-        except Exception as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        orphaned: list[int] = []
-        for (_, future), result in zip(batch, results):
-            if not future.done():
-                future.set_result(result)
-            elif isinstance(result, Reservation):  # its caller gave up while it was committed
-                orphaned.extend(result.ids)
+    async def _commit(self, plans: list[list[_Planned]]) -> list[Reservation | Exhausted]:
+        results = await self._db.write(lambda c: self._reserve_all(c, plans))
+        for result in results:
             if isinstance(result, Exhausted):
                 logger.debug("limit %s full; retry after %.6f s", result.rule_id, result.retry_after_s)
+        return results
+
+    async def _give_back(self, results: list[Reservation | Exhausted]) -> None:
+        orphaned = [row_id for result in results if isinstance(result, Reservation) for row_id in result.ids]
         if orphaned:
             await self.release(Reservation(tuple(orphaned)))
 

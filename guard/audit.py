@@ -181,7 +181,9 @@ class AuditLog:
             cancelled=lambda: AuditWriteFailed("the audit writer was cancelled"), name="guard-audit-writer",
         )  # fmt: skip
         self._closed = False
-        # Large records being redacted on a worker thread (see record()).
+        # Records waiting for a server database's digest key (see record()).
+        self._awaiting_key: list[tuple[AuditRecord, asyncio.Future[int], bool]] = []
+        # Large records being redacted on a worker thread, and the key being read.
         self._preparing: set[asyncio.Task[None]] = set()
 
     def record(self, record: AuditRecord, *, urgent: bool = True) -> asyncio.Future[int]:
@@ -199,25 +201,52 @@ class AuditLog:
             raise AuditLogClosed("the audit log is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
-        if (self._digester is not None or self._db.path is not None) and text_size(
-            record.args, INLINE_TEXT_CHARS + 1
-        ) <= INLINE_TEXT_CHARS:
-            self._enqueue(self._prepare(record), future, urgent)
+        if self._digester is None and self._db.path is None:
+            # A server database's key is a row, read by awaiting: records wait
+            # for it in order, then go on as usual.
+            parse_decision(record.decision)  # a bad decision still raises here
+            self._awaiting_key.append((record, future, urgent))
+            if len(self._awaiting_key) == 1:
+                loading = loop.create_task(self._load_key())
+                self._preparing.add(loading)
+                loading.add_done_callback(self._preparing.discard)
             return future
+        self._route(record, future, urgent)
+        return future
+
+    def _route(self, record: AuditRecord, future: asyncio.Future[int], urgent: bool) -> None:
+        if text_size(record.args, INLINE_TEXT_CHARS + 1) <= INLINE_TEXT_CHARS:
+            self._enqueue(self._prepare(record), future, urgent)
+            return
         # Redacting a large record (the secret detector's plugins are
         # Python) takes milliseconds: do it on a worker thread so the event
         # loop keeps serving other clients meanwhile.
         parse_decision(record.decision)  # a bad decision still raises here
-        preparing = loop.create_task(self._prepare_later(record, future, urgent))
+        preparing = asyncio.get_running_loop().create_task(self._prepare_later(record, future, urgent))
         self._preparing.add(preparing)
         preparing.add_done_callback(self._preparing.discard)
-        return future
+
+    async def _load_key(self) -> None:
+        try:
+            digester = await Digester.for_database(self._db)
+        except Exception as exc:
+            logger.exception("could not read the audit digest key")
+            waiting, self._awaiting_key = self._awaiting_key, []
+            for _, future, _ in waiting:
+                if not future.done():
+                    future.set_exception(AuditWriteFailed(f"audit record not prepared: {exc}"))
+            return
+        self._digester = digester
+        waiting, self._awaiting_key = self._awaiting_key, []
+        for record, future, urgent in waiting:
+            try:
+                self._route(record, future, urgent)
+            except Exception as exc:  # noqa: BLE001 - one bad record fails alone
+                if not future.done():
+                    future.set_exception(AuditWriteFailed(f"audit record not prepared: {exc}"))
 
     async def _prepare_later(self, record: AuditRecord, future: asyncio.Future[int], urgent: bool) -> None:
         try:
-            if self._digester is None:
-                # A server database's key is a row: read it once, by awaiting.
-                self._digester = await Digester.for_database(self._db)
             row = await asyncio.to_thread(self._prepare, record)
         except Exception as exc:
             logger.exception("could not prepare an audit record")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -30,8 +29,9 @@ def per_session(max_: int = 30, window_s: float = 60, cost: int = 1, counter: st
 
 
 @pytest.fixture
-async def db(tmp_path: Path):
-    database = await open_guard_db(tmp_path / "guard.db")
+async def db(db_target: str):
+    """The guard's tables in a fresh database: a SQLite file, then PostgreSQL."""
+    database = await open_guard_db(db_target)
     yield database
     await database.close()
 
@@ -208,9 +208,9 @@ async def test_bad_requests_are_refused_with_the_field_named(db) -> None:
         await limiter.reserve([LimitRequest("r", "c", 1, 60, "tenant")], ALICE)  # type: ignore[arg-type]
 
 
-async def test_counts_survive_reopening_the_database(tmp_path: Path) -> None:
+async def test_counts_survive_reopening_the_database(db_target: str) -> None:
     clock = FakeClock()
-    path = tmp_path / "guard.db"
+    path = db_target
     db = await open_guard_db(path)
     for _ in range(3):
         await Limiter(db, clock).reserve([per_session(max_=3)], ALICE)
@@ -255,7 +255,7 @@ async def test_expired_hits_are_swept_but_the_longest_window_is_kept(db) -> None
     assert count == 1
 
 
-# -- several processes sharing one file --------------------------------------
+# -- several processes sharing one database ----------------------------------
 
 _WORKER = textwrap.dedent(
     """
@@ -279,16 +279,18 @@ _WORKER = textwrap.dedent(
 )
 
 
-async def test_processes_sharing_the_file_admit_exactly_max_in_total(tmp_path: Path) -> None:
-    path = tmp_path / "guard.db"
-    db = await open_guard_db(path)
+@pytest.mark.parametrize("processes", [2, 4])
+async def test_processes_sharing_the_database_admit_exactly_max_in_total(db_target: str, processes: int) -> None:
+    # SQLite: processes sharing one file. PostgreSQL: daemons sharing one
+    # database (the write lock is the advisory lock): 50 each, 30 admitted in all.
+    db = await open_guard_db(db_target)
     await db.close()
 
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [sys.executable, "-c", _WORKER, db_target], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        for _ in range(4)
+        for _ in range(processes)
     ]
     admitted = 0
     for proc in procs:
@@ -377,12 +379,18 @@ _operation = st.one_of(
 )
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(_operation, min_size=20, max_size=100))
-def test_matches_the_reference_model(operations: list) -> None:
-    async def run(path: Path) -> None:
-        db = await open_guard_db(path)
+@settings(
+    max_examples=100, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)  # fmt: skip
+@given(operations=st.lists(_operation, min_size=20, max_size=100))
+def test_matches_the_reference_model(db_target: str, operations: list) -> None:
+    # One database for every example (a fresh PostgreSQL database each would
+    # dominate the run): each example starts from empty tables.
+    async def run(target: str) -> None:
+        db = await open_guard_db(target)
         try:
+            await db.write(_empty_limit_tables)
             clock = FakeClock(1000.0)
             limiter = Limiter(db, clock, sweep_interval_s=_SWEEP_S)
             model = ReferenceLimiter(_SWEEP_S)
@@ -409,5 +417,10 @@ def test_matches_the_reference_model(operations: list) -> None:
         finally:
             await db.close()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        asyncio.run(run(Path(tmp) / "guard.db"))
+    asyncio.run(run(db_target))
+
+
+def _empty_limit_tables(c) -> None:
+    c.execute("DELETE FROM guard_limit_hits")
+    c.execute("DELETE FROM guard_limit_totals")
+    c.execute("DELETE FROM guard_limit_counters")

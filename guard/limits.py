@@ -19,6 +19,16 @@ is then exactly the room used in that window. (A shorter window on a counter
 shared with a longer one sums its range instead.) Only a full limit walks
 hits, oldest first, and only until enough room would be free.
 
+Reservations that arrive while a batch commits share the next transaction
+(``guard.storage.group_commit``); each is checked in turn, counting the hits
+of those before it, and their hits are written together at the end, in one
+statement. On PostgreSQL, where every statement is a round trip, the prune
+and the total are one statement too, and the transaction commits with
+``synchronous_commit = off``: acknowledged once in the server's memory and
+visible to every daemon at once; only a crash of the database server can
+lose the last moments' hits (letting a few more calls through after it), as
+only a power loss can with SQLite's ``synchronous = NORMAL``.
+
 Edge cases, decided:
 
 - ``max == 0`` blocks every call, whatever its cost; so does a cost larger
@@ -62,10 +72,6 @@ _OLDEST_SQL = (
     " WHERE counter = ? AND scope = ? AND scope_value = ? AND at_us > ?"
     " ORDER BY at_us"
 )
-_INSERT_SQL = (
-    "INSERT INTO guard_limit_hits (counter, scope, scope_value, at_us, cost)"
-    " VALUES (?, ?, ?, ?, ?) RETURNING id"
-)
 _TOTAL_SQL = (
     "SELECT total FROM guard_limit_totals WHERE counter = ? AND scope = ? AND scope_value = ?"
 )
@@ -73,6 +79,17 @@ _PRUNE_SQL = (
     "DELETE FROM guard_limit_hits"
     " WHERE counter = ? AND scope = ? AND scope_value = ? AND at_us <= ?"
 )
+# PostgreSQL: prune and read the total in one round trip. Every part of the
+# statement sees the table as it was before it, and the totals trigger runs
+# at its end, so the total left is the total before minus what was pruned.
+_PRUNE_AND_TOTAL_SQL = (
+    "WITH pruned AS (DELETE FROM guard_limit_hits"
+    " WHERE counter = ? AND scope = ? AND scope_value = ? AND at_us <= ? RETURNING cost)"
+    " SELECT CAST(COALESCE((SELECT total FROM guard_limit_totals"
+    " WHERE counter = ? AND scope = ? AND scope_value = ?), 0)"
+    " - COALESCE((SELECT SUM(cost) FROM pruned), 0) AS BIGINT)"
+)
+_INSERT_ROWS = 200  # hits per INSERT statement (5 parameters each)
 _RETAINED_SQL = "SELECT retain_us FROM guard_limit_counters WHERE counter = ?"
 _RETAIN_SQL = (
     "INSERT INTO guard_limit_counters (counter, retain_us) VALUES (?, ?)"
@@ -217,17 +234,28 @@ class Limiter:
 
     # -- inside the transaction (a worker thread) --------------------------
 
-    def _reserve_all(
-        self, c: Tx, plans: list[list[_Planned]]
-    ) -> list[Reservation | Exhausted]:
+    def _reserve_all(self, c: Tx, plans: list[list[_Planned]]) -> list[Reservation | Exhausted]:
+        if c.dialect == "postgresql":
+            # The commit is acknowledged once it is in the server's memory, visible
+            # to every other daemon at once; only a crash of the database server
+            # can lose the last moments' hits (as a power loss can on SQLite).
+            c.execute("SET LOCAL synchronous_commit = off")
         # Retention read once per counter per transaction: no other process
         # can change it while we hold the write lock.
         retained: dict[str, int] = {}
-        return [self._reserve_one(c, plan, retained) for plan in plans]
+        # Hits taken by earlier reservations of this batch, written together
+        # at its end (one statement, not one per reservation): (at_us, cost) per key.
+        batch = _Batch()
+        results = [self._reserve_one(c, plan, retained, batch) for plan in plans]
+        ids = batch.write(c)
+        return [
+            Reservation(tuple(ids[n] for n in result)) if isinstance(result, range) else result
+            for result in results
+        ]
 
     def _reserve_one(
-        self, c: Tx, plan: list[_Planned], retained: dict[str, int]
-    ) -> Reservation | Exhausted:
+        self, c: Tx, plan: list[_Planned], retained: dict[str, int], batch: _Batch
+    ) -> range | Exhausted:
         # Read the clock under the write lock, so hits from processes that
         # queued for the lock are logged in the order they were counted.
         now = round(self._clock.now() * _US)
@@ -235,21 +263,19 @@ class Limiter:
             self._sweep(c, now)
         taken: dict[_Key, int] = {}
         for item in plan:
-            full = self._check(c, item, now, taken.get(item.key, 0), retained)
+            full = self._check(c, item, now, taken.get(item.key, 0), retained, batch)
             if full is not None:
                 return full
             if item.request.cost:
                 taken[item.key] = taken.get(item.key, 0) + item.request.cost
-
-        ids: list[int] = []
+        start = len(batch.rows)
         for item in plan:
             if item.request.cost:
-                cursor = c.execute(_INSERT_SQL, (*item.key, now, item.request.cost))
-                ids.append(cursor.fetchone()[0])
-        return Reservation(tuple(ids))
+                batch.add(item.key, now, item.request.cost)
+        return range(start, len(batch.rows))
 
     def _check(
-        self, c: Tx, item: _Planned, now: int, taken: int, retained: dict[str, int]
+        self, c: Tx, item: _Planned, now: int, taken: int, retained: dict[str, int], batch: _Batch
     ) -> Exhausted | None:
         request = item.request
         if request.max == 0 or taken + request.cost > request.max:
@@ -260,21 +286,28 @@ class Limiter:
         retain_us = retained.get(request.counter, 0)
         if retain_us < item.window_us:
             retain_us = retained[request.counter] = self._retention(c, request.counter, item.window_us)
-        c.execute(_PRUNE_SQL, (*item.key, now - retain_us))
         cutoff = now - item.window_us
         if item.window_us >= retain_us:
-            # Every row left is inside this window: the running total is the answer.
-            row = c.execute(_TOTAL_SQL, item.key).fetchone()
-            used = row[0] if row else 0
+            # Every row left after pruning is inside this window: the running total is the answer.
+            if c.dialect == "postgresql":
+                (used,) = c.execute(_PRUNE_AND_TOTAL_SQL, (*item.key, now - retain_us, *item.key)).fetchone()
+            else:
+                c.execute(_PRUNE_SQL, (*item.key, now - retain_us))
+                row = c.execute(_TOTAL_SQL, item.key).fetchone()
+                used = row[0] if row else 0
         else:
+            c.execute(_PRUNE_SQL, (*item.key, now - retain_us))
             (used,) = c.execute(_SUM_SQL, (*item.key, cutoff)).fetchone()
+        pending = [hit for hit in batch.hits.get(item.key, ()) if hit[0] > cutoff]
+        used += sum(cost for _, cost in pending)
         excess = used + taken + request.cost - request.max
         if excess <= 0:
             return None
         # Walk the oldest hits until enough units have left the window; hits
         # sharing a timestamp leave together, so the walk simply continues.
+        hits = [(int(at_us), int(cost)) for at_us, cost in c.execute(_OLDEST_SQL, (*item.key, cutoff)).fetchall()]
         freed = 0
-        for at_us, cost in c.execute(_OLDEST_SQL, (*item.key, cutoff)):
+        for at_us, cost in sorted(hits + pending, key=lambda hit: hit[0]):
             freed += cost
             if freed >= excess:
                 return Exhausted(request.rule_id, request.reason, (at_us + item.window_us - now) / _US)
@@ -302,6 +335,36 @@ class Limiter:
         self._next_sweep_us = now + self._sweep_interval_us
         if deleted:
             logger.debug("swept %d expired rate-limit hits", deleted)
+
+
+class _Batch:
+    """The hits one transaction's reservations take, counted as they are taken, written at its end."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, int, int]] = []
+        self.hits: dict[_Key, list[tuple[int, int]]] = {}
+
+    def add(self, key: _Key, at_us: int, cost: int) -> None:
+        self.rows.append((*key, at_us, cost))
+        self.hits.setdefault(key, []).append((at_us, cost))
+
+    def write(self, c: Tx) -> list[int]:
+        """Insert every row; their ids in the order the rows were added."""
+        ids: list[int] = []
+        for start in range(0, len(self.rows), _INSERT_ROWS):
+            chunk = self.rows[start : start + _INSERT_ROWS]
+            values = ", ".join(["(?, ?, ?, ?, ?)"] * len(chunk))
+            params = [value for row in chunk for value in row]
+            # Ids come from one sequence, assigned in VALUES order while we hold
+            # the write lock: sorted, they line up with the rows.
+            ids += sorted(
+                row[0] for row in c.execute(
+                    f"INSERT INTO guard_limit_hits (counter, scope, scope_value, at_us, cost) VALUES {values}"
+                    " RETURNING id",
+                    params,
+                ).fetchall()
+            )  # fmt: skip
+        return ids
 
 
 def _plan(request: LimitRequest, keys: ScopeKeys) -> _Planned:

@@ -424,3 +424,26 @@ def _empty_limit_tables(c) -> None:
     c.execute("DELETE FROM guard_limit_hits")
     c.execute("DELETE FROM guard_limit_totals")
     c.execute("DELETE FROM guard_limit_counters")
+
+
+async def test_reservations_committed_together_see_each_others_hits(db) -> None:
+    # Concurrent reservations share one transaction; each counts the hits of
+    # those before it, and a full limit's retry time walks them too.
+    clock = FakeClock(0.0)
+    limiter = Limiter(db, clock)
+    one = per_session(max_=10, window_s=60)
+    await limiter.reserve([one], ALICE)  # t=0: 1 unit
+    clock.set(5)
+    results = await asyncio.gather(
+        *(limiter.reserve([one], ALICE) for _ in range(9)),  # t=5: 9 more, full
+        limiter.reserve([per_session(max_=10, window_s=60, cost=3)], ALICE),
+        limiter.reserve([one], ALICE),
+    )
+    assert all(isinstance(r, Reservation) for r in results[:9])
+    # 3 units must leave: the one at t=0 and two of those at t=5 (at 65).
+    assert results[9] == Exhausted("spawn-task#1", "10 calls per 60 s per session", 60.0)
+    assert results[10] == Exhausted("spawn-task#1", "10 calls per 60 s per session", 55.0)
+    ids = [i for r in results[:9] for i in r.ids]
+    assert len(set(ids)) == 9
+    await limiter.release(results[0])
+    assert isinstance(await limiter.reserve([one], ALICE), Reservation)

@@ -11,11 +11,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from bench.core import Metric, Section, Sizes, fmt, percentile, progress, rounded
-from guard.storage.clock import SystemClock
 from guard.decision import decide
 from guard.dialects import load_default_policy
-from guard.limits import LimitRequest, Limiter, Reservation, ScopeKeys
+from guard.limits import Limiter, LimitRequest, Reservation, ScopeKeys
 from guard.schema import open_guard_db
+from guard.storage.clock import SystemClock
 
 TITLE = "Rate-limit check under concurrency"
 METHOD = """\
@@ -105,9 +105,9 @@ async def _measure(
 @contextlib.contextmanager
 def _fresh_pg_database(server_url: str) -> Iterator[str]:
     """A new, empty database on the server ``server_url`` names, dropped afterwards."""
-    import psycopg
     from urllib.parse import quote
 
+    import psycopg
     from psycopg.conninfo import conninfo_to_dict
 
     name = f"tw_bench_{secrets.token_hex(6)}"

@@ -35,7 +35,7 @@ from typing import Generic, TypeVar
 
 logger = logging.getLogger(__name__)
 
-I = TypeVar("I")  # noqa: E741 - an item
+I = TypeVar("I")  # an item
 R = TypeVar("R")  # its result
 
 
@@ -66,7 +66,9 @@ class GroupCommit(Generic[I, R]):
         self._name = name
         self._queue: list[tuple[I, asyncio.Future[R]]] = []
         self._writer: asyncio.Task[None] | None = None
-        self._urgent: asyncio.Event | None = None  # made on first use, on the running loop
+        self._urgent: asyncio.Event | None = (
+            None  # made on first use, on the running loop
+        )
         self._closing = False
 
     def submit(self, item: I, *, urgent: bool = True) -> asyncio.Future[R]:
@@ -137,10 +139,12 @@ class GroupCommit(Generic[I, R]):
                     else:
                         future.set_exception(self._cancelled())
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every waiting caller is given it
             for _, future in batch:
                 if not future.done():
-                    future.set_exception(self._failed(exc) if self._failed is not None else exc)
+                    future.set_exception(
+                        self._failed(exc) if self._failed is not None else exc
+                    )
             return
         gave_up: list[R] = []
         for (_, future), result in zip(batch, results, strict=True):

@@ -85,7 +85,10 @@ async def test_results_of_callers_who_left_during_the_commit_are_handed_back() -
 
 
 async def test_a_failed_commit_fails_its_batch_with_the_mapped_error() -> None:
-    writer = GroupCommit(Recorder(fail=OSError("disk")), failed=lambda exc: RuntimeError(f"not written: {exc}"))
+    writer = GroupCommit(
+        Recorder(fail=OSError("disk")),
+        failed=lambda exc: RuntimeError(f"not written: {exc}"),
+    )
     futures = [writer.submit(n) for n in range(3)]
     for future in futures:
         with pytest.raises(RuntimeError, match="not written: disk"):

@@ -6,15 +6,21 @@ import asyncio
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guard.storage.clock import FakeClock
-from guard.limits import Exhausted, InvalidLimit, LimitRequest, Limiter, Reservation, ScopeKeys
+from guard.limits import (
+    Exhausted,
+    InvalidLimit,
+    Limiter,
+    LimitRequest,
+    Reservation,
+    ScopeKeys,
+)
 from guard.schema import open_guard_db
+from guard.storage.clock import FakeClock
 
 pytestmark = pytest.mark.anyio
 

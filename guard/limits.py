@@ -22,12 +22,14 @@ hits, oldest first, and only until enough room would be free.
 Reservations that arrive while a batch commits share the next transaction
 (``guard.storage.group_commit``); each is checked in turn, counting the hits
 of those before it, and their hits are written together at the end, in one
-statement. On PostgreSQL, where every statement is a round trip, the prune
-and the total are one statement too, and the transaction commits with
-``synchronous_commit = off``: acknowledged once in the server's memory and
-visible to every daemon at once; only a crash of the database server can
-lose the last moments' hits (letting a few more calls through after it), as
-only a power loss can with SQLite's ``synchronous = NORMAL``.
+statement. On PostgreSQL, where every statement is a round trip, the prunes
+and the totals of every key the batch counts are one statement, the batch
+is one instant (the clock read once, under the write lock), and the
+transaction commits with ``synchronous_commit = off``: acknowledged once in
+the server's memory and visible to every daemon at once; only a crash of the
+database server can lose the last moments' hits (letting a few more calls
+through after it), as only a power loss can with SQLite's
+``synchronous = NORMAL``.
 
 Edge cases, decided:
 
@@ -79,16 +81,25 @@ _PRUNE_SQL = (
     "DELETE FROM guard_limit_hits"
     " WHERE counter = ? AND scope = ? AND scope_value = ? AND at_us <= ?"
 )
-# PostgreSQL: prune and read the total in one round trip. Every part of the
-# statement sees the table as it was before it, and the totals trigger runs
-# at its end, so the total left is the total before minus what was pruned.
-_PRUNE_AND_TOTAL_SQL = (
-    "WITH pruned AS (DELETE FROM guard_limit_hits"
-    " WHERE counter = ? AND scope = ? AND scope_value = ? AND at_us <= ? RETURNING cost)"
-    " SELECT CAST(COALESCE((SELECT total FROM guard_limit_totals"
-    " WHERE counter = ? AND scope = ? AND scope_value = ?), 0)"
-    " - COALESCE((SELECT SUM(cost) FROM pruned), 0) AS BIGINT)"
-)
+# PostgreSQL: prune every key a batch checks and read what each has left, in
+# one round trip. Every part of the statement sees the tables as they were
+# before it (the totals trigger runs at its end), so what is left is the
+# total before minus what was pruned.
+_PRUNE_AND_TOTALS_SQL = """
+WITH k (counter, scope, scope_value, cutoff) AS (VALUES {values}),
+pruned AS (
+    DELETE FROM guard_limit_hits h USING k
+    WHERE h.counter = k.counter AND h.scope = k.scope AND h.scope_value = k.scope_value AND h.at_us <= k.cutoff
+    RETURNING h.counter, h.scope, h.scope_value, h.cost
+),
+gone AS (SELECT counter, scope, scope_value, SUM(cost) AS cost FROM pruned GROUP BY counter, scope, scope_value)
+SELECT k.counter, k.scope, k.scope_value, CAST(COALESCE(t.total, 0) - COALESCE(g.cost, 0) AS BIGINT)
+FROM k
+LEFT JOIN guard_limit_totals t ON t.counter = k.counter AND t.scope = k.scope AND t.scope_value = k.scope_value
+LEFT JOIN gone g ON g.counter = k.counter AND g.scope = k.scope AND g.scope_value = k.scope_value
+"""
+_KEY_VALUES = "(CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS BIGINT))"
+_KEYS_PER_STATEMENT = 500
 _INSERT_ROWS = 200  # hits per INSERT statement (5 parameters each)
 _RETAINED_SQL = "SELECT retain_us FROM guard_limit_counters WHERE counter = ?"
 _RETAIN_SQL = (
@@ -235,35 +246,79 @@ class Limiter:
     # -- inside the transaction (a worker thread) --------------------------
 
     def _reserve_all(self, c: Tx, plans: list[list[_Planned]]) -> list[Reservation | Exhausted]:
-        if c.dialect == "postgresql":
-            # The commit is acknowledged once it is in the server's memory, visible
-            # to every other daemon at once; only a crash of the database server
-            # can lose the last moments' hits (as a power loss can on SQLite).
-            c.execute("SET LOCAL synchronous_commit = off")
         # Retention read once per counter per transaction: no other process
         # can change it while we hold the write lock.
         retained: dict[str, int] = {}
         # Hits taken by earlier reservations of this batch, written together
         # at its end (one statement, not one per reservation): (at_us, cost) per key.
         batch = _Batch()
-        results = [self._reserve_one(c, plan, retained, batch) for plan in plans]
+        if c.dialect == "postgresql":
+            # The commit is acknowledged once it is in the server's memory, visible
+            # to every other daemon at once; only a crash of the database server
+            # can lose the last moments' hits (as a power loss can on SQLite).
+            c.execute("SET LOCAL synchronous_commit = off")
+            # Every statement is a round trip here: the batch is one instant
+            # (read under the write lock), and what each key has used is read
+            # for all of them at once.
+            now = self._now()
+            self._maybe_sweep(c, now)
+            known = self._prefetch(c, plans, now, retained)
+            results = [self._reserve_one(c, plan, retained, batch, now, known) for plan in plans]
+        else:
+            results = [self._reserve_one(c, plan, retained, batch, None, {}) for plan in plans]
         ids = batch.write(c)
         return [
             Reservation(tuple(ids[n] for n in result)) if isinstance(result, range) else result
             for result in results
         ]
 
-    def _reserve_one(
-        self, c: Tx, plan: list[_Planned], retained: dict[str, int], batch: _Batch
-    ) -> range | Exhausted:
-        # Read the clock under the write lock, so hits from processes that
-        # queued for the lock are logged in the order they were counted.
-        now = round(self._clock.now() * _US)
+    def _now(self) -> int:
+        return round(self._clock.now() * _US)
+
+    def _maybe_sweep(self, c: Tx, now: int) -> None:
         if now >= self._next_sweep_us:
             self._sweep(c, now)
+
+    def _prefetch(
+        self, c: Tx, plans: list[list[_Planned]], now: int, retained: dict[str, int]
+    ) -> dict[_Key, int]:
+        """Prune each key the batch counts by its running total, and return what it has left."""
+        items = [item for plan in plans for item in plan if item.request.cost and item.request.max]
+        for item in items:
+            if retained.get(item.request.counter, 0) < item.window_us:
+                retained[item.request.counter] = self._retention(c, item.request.counter, item.window_us)
+        cutoffs: dict[_Key, int] = {}
+        for item in items:
+            retain_us = retained[item.request.counter]
+            if item.window_us >= retain_us:
+                cutoffs[item.key] = now - retain_us
+        known: dict[_Key, int] = {}
+        pending = list(cutoffs.items())
+        for start in range(0, len(pending), _KEYS_PER_STATEMENT):
+            chunk = pending[start : start + _KEYS_PER_STATEMENT]
+            sql = _PRUNE_AND_TOTALS_SQL.format(values=", ".join([_KEY_VALUES] * len(chunk)))
+            params = [value for key, cutoff in chunk for value in (*key, cutoff)]
+            for counter, scope, value, used in c.execute(sql, params).fetchall():
+                known[(counter, scope, value)] = int(used)
+        return known
+
+    def _reserve_one(
+        self,
+        c: Tx,
+        plan: list[_Planned],
+        retained: dict[str, int],
+        batch: _Batch,
+        now: int | None,
+        known: dict[_Key, int],
+    ) -> range | Exhausted:
+        if now is None:
+            # Read the clock under the write lock, so hits from processes that
+            # queued for the lock are logged in the order they were counted.
+            now = self._now()
+            self._maybe_sweep(c, now)
         taken: dict[_Key, int] = {}
         for item in plan:
-            full = self._check(c, item, now, taken.get(item.key, 0), retained, batch)
+            full = self._check(c, item, now, taken.get(item.key, 0), retained, batch, known)
             if full is not None:
                 return full
             if item.request.cost:
@@ -275,7 +330,14 @@ class Limiter:
         return range(start, len(batch.rows))
 
     def _check(
-        self, c: Tx, item: _Planned, now: int, taken: int, retained: dict[str, int], batch: _Batch
+        self,
+        c: Tx,
+        item: _Planned,
+        now: int,
+        taken: int,
+        retained: dict[str, int],
+        batch: _Batch,
+        known: dict[_Key, int],
     ) -> Exhausted | None:
         request = item.request
         if request.max == 0 or taken + request.cost > request.max:
@@ -289,8 +351,8 @@ class Limiter:
         cutoff = now - item.window_us
         if item.window_us >= retain_us:
             # Every row left after pruning is inside this window: the running total is the answer.
-            if c.dialect == "postgresql":
-                (used,) = c.execute(_PRUNE_AND_TOTAL_SQL, (*item.key, now - retain_us, *item.key)).fetchone()
+            if item.key in known:  # pruned and read at the start of the batch
+                used = known[item.key]
             else:
                 c.execute(_PRUNE_SQL, (*item.key, now - retain_us))
                 row = c.execute(_TOTAL_SQL, item.key).fetchone()

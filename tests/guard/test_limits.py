@@ -453,3 +453,23 @@ async def test_reservations_committed_together_see_each_others_hits(db) -> None:
     assert len(set(ids)) == 9
     await limiter.release(results[0])
     assert isinstance(await limiter.reserve([one], ALICE), Reservation)
+
+
+async def test_a_batch_over_many_keys_counts_each_key_on_its_own(db) -> None:
+    clock = FakeClock(0.0)
+    limiter = Limiter(db, clock)
+    two = per_session(max_=2, window_s=10)
+    sessions = [ScopeKeys(f"s{n}", "alice") for n in range(5)]
+    await limiter.reserve([two], sessions[0])  # t=0: s0 has one already
+    clock.set(4)
+    results = await asyncio.gather(*(limiter.reserve([two], keys) for keys in sessions for _ in range(3)))
+    admitted = {keys.session: 0 for keys in sessions}
+    for keys, result in zip([k for k in sessions for _ in range(3)], results, strict=True):
+        admitted[keys.session] += isinstance(result, Reservation)
+    assert admitted == {"s0": 1, "s1": 2, "s2": 2, "s3": 2, "s4": 2}
+    # s0's oldest hit leaves at 10, the others' at 14.
+    assert {r.retry_after_s for r in results[:3] if isinstance(r, Exhausted)} == {6.0}
+    assert {r.retry_after_s for r in results[3:] if isinstance(r, Exhausted)} == {10.0}
+    clock.set(10)  # s0's first hit has left; the batch prunes it
+    assert isinstance(await limiter.reserve([two], sessions[0]), Reservation)
+    assert isinstance(await limiter.reserve([two], sessions[1]), Exhausted)

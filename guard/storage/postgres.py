@@ -187,10 +187,9 @@ class PostgresDatabase(Database):
     async def _run(self, begin: str, fn: Callable[[Tx], T], *, lock: bool) -> T:
         def tx() -> T:
             with self._pool.connection() as conn:
-                conn.execute(begin)  # type: ignore[arg-type]
+                # BEGIN and the write lock in one round trip (one simple query).
+                conn.execute(f"{begin}; SELECT pg_advisory_xact_lock({WRITE_LOCK})" if lock else begin)  # type: ignore[arg-type]
                 try:
-                    if lock:
-                        conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
                     result = fn(_Tx(conn))  # type: ignore[arg-type]
                 except BaseException:
                     with contextlib.suppress(Exception):

@@ -49,3 +49,15 @@ async def test_spawn_and_wait_over_http_on_postgresql(tmp_path: Path, pg_url: st
     # --db names the server database as well as the config's db does.
     by_flag = ws.cli("tasks", "list", "--db", pg_url)
     assert task["task_id"] in by_flag.stdout and nxt["task_id"] in by_flag.stdout
+
+
+def test_a_server_database_that_cannot_be_reached_is_one_line_and_exit_1(tmp_path: Path, pg_url: str) -> None:
+    from tests.pg_support import _with_dbname, admin_url
+
+    missing = _with_dbname(admin_url(), "tw_no_such_database")
+    ws = Workspace(tmp_path)
+    proc = ws.cli("tasks", "list", "--db", missing, check=False, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("taskwarden: cannot reach postgresql://"), proc.stderr
+    assert "tw_no_such_database" in lines[0]

@@ -335,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command not in SERVERS:
         logging.getLogger().setLevel(logging.WARNING)
+        # The pool logs each failed connection attempt; a one-shot command says why in one line instead.
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     from guard.dialects.source import PolicyError
     from guard.storage.database import StorageError
     from worker_server.config import ConfigError
@@ -358,7 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"taskwarden: {known}", file=sys.stderr)
         if isinstance(known, CliError):
             return known.code
-        return 1 if isinstance(known, OSError) else 2
+        # A database that cannot be reached or used is not a usage error.
+        return 1 if isinstance(known, (OSError, StorageError)) else 2
 
 
 class CliError(Exception):

@@ -113,23 +113,32 @@ class Database(abc.ABC):
         if not wanted:
             raise StorageError(f"the {component} schema has no {self.dialect} version")
 
+        def set_version(tx: Tx, version: int) -> None:
+            tx.execute(
+                "INSERT INTO schema_versions (component, version) VALUES (?, ?)"
+                " ON CONFLICT (component) DO UPDATE SET version = excluded.version",
+                (component, version),
+            )
+
         def run(tx: Tx) -> int:
             current = self._schema_version(tx, component)
-            if current > len(wanted):
-                raise StorageError(
-                    f"{self.display}: the {component} schema is at version {current}, newer than this "
-                    f"taskwarden understands ({len(wanted)}); upgrade taskwarden"
-                )
-            for version in range(current, len(wanted)):
-                self._apply(tx, wanted[version])
-                tx.execute(
-                    "INSERT INTO schema_versions (component, version) VALUES (?, ?)"
-                    " ON CONFLICT (component) DO UPDATE SET version = excluded.version",
-                    (component, version + 1),
-                )
-            return len(wanted)
+            return self._upgrade(tx, f"the {component} schema", wanted, current, set_version)
 
         return await self.write(run)
+
+    def _upgrade(
+        self, tx: Tx, what: str, wanted: Sequence[Step], current: int, set_version: Callable[[Tx, int], None]
+    ) -> int:
+        """Apply the steps after ``current`` in this transaction; refuse a newer schema than we know."""
+        if current > len(wanted):
+            raise StorageError(
+                f"{self.display}: {what} is at version {current}, newer than this "
+                f"taskwarden understands ({len(wanted)}); upgrade taskwarden"
+            )
+        for version in range(current, len(wanted)):
+            self._apply(tx, wanted[version])
+            set_version(tx, version + 1)
+        return len(wanted)
 
     async def migrate_user_version(self, steps: Migrations) -> int:
         """The host application's own schema (the task store).

@@ -338,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The pool logs each failed connection attempt; a one-shot command says why in one line instead.
         logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     from guard.dialects.source import PolicyError
-    from guard.storage.database import StorageError
+    from guard.storage import StorageError
     from worker_server.config import ConfigError
     from worker_server.db_errors import DB_ERRORS
 
@@ -374,12 +374,7 @@ class CliError(Exception):
 
 def _db_shown(args: argparse.Namespace) -> str:
     try:
-        settings = _settings(args)
-        if settings.db_is_server:
-            from guard.storage.postgres import redacted
-
-            return redacted(settings.db_target)
-        return str(settings.db_path)
+        return _settings(args).db_display
     except Exception:  # noqa: BLE001 - only for a message
         return str(getattr(args, "db", None) or "(default)")
 
@@ -683,11 +678,18 @@ def _daemon(args: argparse.Namespace) -> int:
 
             log_to(Path(args.log_file).expanduser())
         return anyio.run(run_daemon, settings)
-    directory = forwarder.daemon_dir(_settings(args).db_path)
+    settings = _settings(args)
+    directory = forwarder.daemon_dir(settings.db_path)
     if args.daemon_command == "status":
         answer = forwarder.request(directory, "status")
         if answer is None:
-            print(json.dumps({"running": False}) if args.json else "No daemon is running for this database.")
+            # No daemon here; on a server database the others may still be seen.
+            others = _run(lambda: _registered_daemons(settings)) if settings.db_is_server else []
+            if args.json:
+                print(json.dumps({"running": False, **({"daemons": others} if settings.db_is_server else {})}))
+            else:
+                print("No daemon is running for this database" + (" on this host." if settings.db_is_server else "."))
+                _print_daemons(others)
             return 1
         if args.json:
             print(json.dumps({"running": True, **{k: v for k, v in answer.items() if k != "ok"}}))
@@ -697,6 +699,7 @@ def _daemon(args: argparse.Namespace) -> int:
             print(f"  database: {answer['database']}")
             if answer.get("draining"):
                 print("  stopping: waiting for running turns")
+            _print_daemons([d for d in answer.get("daemons") or () if not d.get("this")])
         return 0
     answer = forwarder.request(directory, "stop", now=args.now)
     if answer is None:
@@ -704,6 +707,32 @@ def _daemon(args: argparse.Namespace) -> int:
         return 0
     print(f"daemon pid {answer['pid']}: " + ("stopping now" if args.now else "stopping once its turns finish"))
     return 0
+
+
+async def _registered_daemons(settings: Settings) -> list[dict[str, Any]]:
+    from guard.storage import open_database
+    from guard.storage.lease import DaemonRegistry
+
+    db = await open_database(settings.db_target)
+    try:
+        registry = DaemonRegistry(db)
+        await registry.migrate()
+        now, records = await registry.all()
+        return [r.describe(now) for r in records]
+    finally:
+        await db.close()
+
+
+def _print_daemons(daemons: Sequence[dict[str, Any]]) -> None:
+    """The other daemons on the database: host, pid, last renewal, lease."""
+    if not daemons:
+        return
+    print(f"  other daemons on this database: {len(daemons)}")
+    for d in daemons:
+        lease = f"lease {d['lease_left_s']:.1f} s left" if d["live"] else f"LAPSED {-d['lease_left_s']:.1f} s ago"
+        where = f"  {d['url']}" if d.get("url") else ""
+        print(f"    {d['host']} pid {d['pid']} (taskwarden {d['version']}): renewed {d['renewed_s_ago']:.1f} s ago,"
+              f" {lease}{where}")
 
 
 async def _tasks(args: argparse.Namespace, settings: Settings) -> int:

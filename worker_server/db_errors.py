@@ -1,9 +1,9 @@
 """Database errors of both backends, for the few places that name them.
 
-The guard's storage floor hands out ``sqlite3`` errors on SQLite and
-``psycopg`` errors on PostgreSQL; code that reports "the database failed" or
-tells a duplicate key from other failures asks here instead of importing one
-driver.
+The storage floor hands out ``sqlite3`` errors on SQLite and ``psycopg``
+errors on PostgreSQL; code that reports "the database failed" asks here
+instead of importing one driver. (Constraint violations: see
+``guard.storage.integrity_errors`` and ``is_unique_violation``.)
 """
 
 from __future__ import annotations
@@ -21,14 +21,3 @@ def _psycopg_errors() -> tuple[type[BaseException], ...]:
 
 #: Any error raised by either database driver.
 DB_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, *_psycopg_errors())
-
-
-def is_unique_violation(exc: BaseException) -> bool:
-    """True when ``exc`` is a UNIQUE/PRIMARY KEY conflict on either backend."""
-    if isinstance(exc, sqlite3.IntegrityError):
-        return "UNIQUE" in str(exc) or "PRIMARY KEY" in str(exc)
-    try:
-        from psycopg import errors
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(exc, errors.UniqueViolation)

@@ -15,9 +15,9 @@ from typing import Any
 import anyio
 import pytest
 
-from guard.storage import Database, FakeClock, open_database
+from guard.storage import Database, FakeClock, is_unique_violation, open_database
 from guard.storage.changes import ChangeFeed
-from worker_server.db_errors import DB_ERRORS, is_unique_violation
+from worker_server.db_errors import DB_ERRORS
 from worker_server.store import Store, TaskEvent, TaskNotFound
 from worker_server.task import TaskStatus
 

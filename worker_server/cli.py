@@ -335,11 +335,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command not in SERVERS:
         logging.getLogger().setLevel(logging.WARNING)
-    import sqlite3
-
+        # The pool logs each failed connection attempt; a one-shot command says why in one line instead.
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     from guard.dialects.source import PolicyError
     from guard.storage import StorageError
     from worker_server.config import ConfigError
+    from worker_server.db_errors import DB_ERRORS
 
     try:
         return _dispatch(args)
@@ -347,19 +348,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BaseException as exc:
         # Errors raised inside a task group arrive wrapped in exception groups.
-        # (StorageError names a server database without its password.)
-        known = _upstream_exit(exc, (ConfigError, PolicyError, CliError, StorageError, sqlite3.Error, OSError))
+        known = _upstream_exit(exc, (ConfigError, PolicyError, CliError, StorageError, *DB_ERRORS, OSError))
         if known is None:
             if _upstream_exit(exc, KeyboardInterrupt) is not None:
                 return 130
             raise
-        if isinstance(known, sqlite3.Error):
-            # A file that is not a database, a locked or read-only file.
+        if isinstance(known, DB_ERRORS):
+            # A file that is not a database, a locked or read-only file; a server that refused.
             print(f"taskwarden: database {_db_shown(args)}: {known}", file=sys.stderr)
             return 1
         print(f"taskwarden: {known}", file=sys.stderr)
         if isinstance(known, CliError):
             return known.code
+        # A database that cannot be reached or used is not a usage error.
         return 1 if isinstance(known, (OSError, StorageError)) else 2
 
 

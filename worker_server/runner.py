@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +28,7 @@ from guard.storage.database import is_server_url
 from worker_server import git_work
 from worker_server import usage as usage_
 from worker_server.budget_meter import TurnMeter
+from worker_server.db_errors import DB_ERRORS
 from worker_server.event_formats import EventReader, WorkerEvent, reader_for
 from worker_server.hosts import INTERRUPTED, Liveness, ProcessLiveness, current_owner, owner_alive  # noqa: F401 (re-exported)
 from worker_server.process_group import HELPER_ENV, MARKER_ENV, terminate
@@ -569,13 +569,15 @@ def _failure_cause(exc: BaseException) -> str:
     cause = _os_error(exc)
     if cause is not None and cause.strerror:
         return f"failed: {cause.strerror}" + (f": {cause.filename}" if cause.filename else "")
-    db_error = _found(exc, sqlite3.Error)
+    db_error = _found(exc, DB_ERRORS)
     if db_error is not None:
         return f"failed: the database could not be written: {db_error}"
     return "internal error: see the server log"
 
 
-def _found(exc: BaseException, kind: type[BaseException], depth: int = 0) -> BaseException | None:
+def _found(
+    exc: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...], depth: int = 0
+) -> BaseException | None:
     """The first ``kind`` in ``exc``, its task-group members, or its causes (a few levels deep)."""
     if isinstance(exc, kind):
         return exc

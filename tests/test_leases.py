@@ -11,7 +11,13 @@ import pytest
 
 from guard.storage import FakeClock, open_database
 from guard.storage.lease import DaemonRegistry
-from worker_server.hosts import HOST_LOST, HostLease, LeaseLiveness, ProcessLiveness, current_owner
+from worker_server.hosts import (
+    HOST_LOST,
+    HostLease,
+    LeaseLiveness,
+    ProcessLiveness,
+    current_owner,
+)
 
 pytestmark = pytest.mark.anyio
 

@@ -235,6 +235,10 @@ class HostLease:
         while True:
             await anyio.sleep(max(0.0, renewed_at + interval - time.monotonic()))
             assert self.record is not None
+            # The lease runs from when the database took the renewal, which is
+            # before its answer arrives: timed from the asking, a slow answer
+            # brings the next renewal forward rather than late.
+            asked = time.monotonic()
             try:
                 ok = await self.registry.renew(self.record.id, self.lease_s)
             except Exception as exc:  # noqa: BLE001 - the database is away: try again, the lease may lapse
@@ -242,7 +246,7 @@ class HostLease:
                 await anyio.sleep(min(interval, 1.0))
                 continue
             if ok:
-                renewed_at = time.monotonic()
+                renewed_at = asked
                 continue
             self.lapses += 1
             logger.warning(

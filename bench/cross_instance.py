@@ -71,7 +71,8 @@ async def run(sizes: Sizes, scratch: Path) -> Section:
         ]
         section.details = [f"Skipped: `${ENV}` names no PostgreSQL server."]
         return section
-    samples = max(3, sizes.wake_samples // 2)
+    # The built-in policy allows 30 spawns a minute (the two sections together spawn 2 × (samples + 1)).
+    samples = min(12, max(3, sizes.wake_samples // 2))
     with postgres.fresh_database() as url:
         stamp = {"command": [sys.executable, "-S", "-c", STAMP, "{prompt}"], "prompt": "arg", "events": "text"}
         workers = {"shell": SHELL, "stamp": stamp}

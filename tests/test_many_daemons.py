@@ -325,6 +325,11 @@ async def test_a_killed_daemons_running_turns_are_lost_and_its_queue_runs_elsewh
         status = daemon_status(b)
         assert [d["pid"] for d in status["daemons"] if not d["live"]] == [victim.pid]
         assert {d["pid"] for d in status["daemons"] if d["live"]} == {status["pid"], server_process(c).pid}
+        # On A's host no daemon answers now, and the others are still seen there.
+        here = a.cli("daemon", "status", check=False)
+        assert here.returncode == 1
+        assert "No daemon is running for this database on this host." in here.stdout
+        assert "other daemons on this database: 3" in here.stdout and "LAPSED" in here.stdout
 
 
 async def test_a_stalled_daemon_is_taken_for_lost_then_finds_its_lease_lapsed_and_registers_again(

@@ -12,7 +12,7 @@ from bench.core import Metric, Section, Sizes, fmt, median, percentile, progress
 from bench.workspace import Workspace
 from guard.audit import Outcome
 from guard.middleware import GuardMiddleware
-from guard.runtime import Admission, Call
+from guard.gate import Admission, Call
 from worker_server.config import load_settings
 from worker_server.server import open_app, build_mcp
 from worker_server.service import Caller
@@ -173,7 +173,7 @@ def _row(name: str, ab: _AB) -> str:
 
 
 async def _halves(guard: object, task_id: str, sizes: Sizes) -> tuple[float, float, list[float]]:
-    from guard.runtime import Guard
+    from guard.gate import Guard
 
     assert isinstance(guard, Guard)
     call = Call("get-task", {"task_id": task_id}, "bench", "bench")

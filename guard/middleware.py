@@ -27,7 +27,7 @@ from guard.approvals import Approval
 from guard.audit import Outcome
 from guard.budgets import reset_admitted, set_admitted
 from guard.outcomes import Refusal
-from guard.runtime import Admission, AskLater, Call, Guard, Unknown
+from guard.gate import Admission, AskLater, Call, Guard, Unknown
 
 logger = logging.getLogger(__name__)
 

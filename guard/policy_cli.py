@@ -117,7 +117,7 @@ def explain(
     if policy is None:
         return EXIT_FAILED
     if schemas is not None:
-        # The guard's own first steps (guard.runtime.Guard.admit): an unknown tool, then the
+        # The guard's own first steps (guard.gate.Guard.admit): an unknown tool, then the
         # arguments against the tool's schema, then the rules on the arguments with defaults.
         checker = ArgumentChecker(schemas)
         if tool not in checker:

@@ -31,7 +31,8 @@ from mcp.shared.message import ServerMessageMetadata
 from starlette.applications import Starlette
 
 from guard.storage import open_database
-from guard.runtime import Guard
+from guard.gate import Guard
+from guard.middleware import GuardMiddleware
 from guard.upstream import RestartPolicy, Upstream
 
 logger = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ class GuardProxy:
             if offered:
                 server.add_request_handler(method, params_type, handler)
         # The guard is the single way in: every tools/call passes it first.
-        server.middleware.append(self.guard.middleware)
+        server.middleware.append(GuardMiddleware(self.guard))
         return server
 
     def init_options(self, server: Server[Any]) -> Any:

@@ -757,7 +757,7 @@ async def _cancel(app: Any, args: argparse.Namespace) -> int:
     from guard.decision import decide, fresh_counters
     from guard.outcomes import Refusal
     from guard.redaction import redact_off_loop
-    from guard.runtime import Call, Unknown
+    from guard.gate import Call, Unknown
     from worker_server.server import build_mcp
 
     who = args.as_name or getpass.getuser()

@@ -65,7 +65,7 @@ from pydantic import BaseModel, Field, ValidationError
 from guard.audit import Outcome
 from guard.storage.clock import iso
 from guard.outcomes import Refusal
-from guard.runtime import Call, Guard, Unknown
+from guard.gate import Call, Guard, Unknown
 from worker_server.service import Caller, InvalidArgument, TaskService, Viewer
 from worker_server.store import TaskNotFound, TaskRow
 from worker_server.task import TaskStatus

@@ -25,7 +25,8 @@ from guard.storage.changes import ChangeFeed
 from guard.storage.clock import SystemClock
 from guard.storage import open_database
 from guard.storage.database import Database
-from guard.runtime import Call, Guard
+from guard.gate import Call, Guard
+from guard.middleware import GuardMiddleware
 from worker_server import __version__
 from worker_server.config import ConfigError, Settings
 from worker_server.humans import Humans
@@ -220,7 +221,7 @@ def build_mcp(app: App, *, token_auth: bool = False, issuer: str = "http://127.0
         # The guard is the single way in: every tools/call passes it first.
         # Task surfaces that rewrite whole results sit outside it, so a
         # task-augmented call passes the same rules and limits.
-        middleware=[TaskMiddleware(app.tasks), app.guard.middleware, PagePosition()],
+        middleware=[TaskMiddleware(app.tasks), GuardMiddleware(app.guard), PagePosition()],
         # MCP Tasks (2026-07-28 extension and the 2025-11-25 tasks/* methods).
         extensions=[app.tasks],
         tools=build_tools(app.service, app.callers, app.guard.sees_all, summary_for_agents(app.settings)),

@@ -44,7 +44,7 @@ from worker_server.sandbox import Sandbox, SandboxError
 from worker_server.service import TaskService
 from worker_server.store import Store
 from worker_server.log_pages import PagePosition
-from worker_server.tools import build_tools, register_resources, resource_call
+from worker_server.tools import ToolDeps, build_tools, register_resources, resource_call, tool_lifespan
 from worker_server.workers import summary_for_agents
 from worker_server.telemetry import wanted, without_sdk_spans
 
@@ -224,14 +224,16 @@ def build_mcp(app: App, *, token_auth: bool = False, issuer: str = "http://127.0
         middleware=[TaskMiddleware(app.tasks), GuardMiddleware(app.guard), PagePosition()],
         # MCP Tasks (2026-07-28 extension and the 2025-11-25 tasks/* methods).
         extensions=[app.tasks],
-        tools=build_tools(app.service, app.callers, app.guard.sees_all, summary_for_agents(app.settings)),
+        tools=build_tools(summary_for_agents(app.settings)),
+        # What the tools and resources work with, handed to each request by the SDK.
+        lifespan=tool_lifespan(ToolDeps(app.service, app.callers, app.guard.sees_all)),
         **kwargs,
     )
     if app.telemetry is None:
         # The SDK puts its span middleware on every server; with telemetry off it goes.
         # (The SDK documents dropping it from the list as the way to opt out.)
         mcp.middleware[:] = without_sdk_spans(mcp.middleware)
-    register_resources(mcp, app.service, app.callers, app.guard.sees_all)
+    register_resources(mcp)
     mcp.middleware.append(ProtocolEdges(mcp.list_prompts))
     app.guard.set_tools(mcp)
     return mcp

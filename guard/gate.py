@@ -78,7 +78,9 @@ class GuardTelemetry(Protocol):
 ChangesNothing = Callable[["Call"], Awaitable[bool]]
 
 
-class Caller(Protocol):
+class Principal(Protocol):
+    """Who makes a call: an identity, in a session (the host's caller satisfies it)."""
+
     identity: str
     session: str
 
@@ -88,7 +90,7 @@ class ApprovalAsker(Protocol):
 
     ``rounds`` False: ``ask`` sends the question and waits for the answer.
     ``rounds`` True (2026-07-28): ``ask`` returns the answer carried by this
-    request, or raises ``AskLater`` with the result that asks the question.
+    request, or raises ``InputRequired`` with the result that asks the question.
     """
 
     rounds: bool
@@ -98,7 +100,7 @@ class ApprovalAsker(Protocol):
         ...
 
 
-class AskLater(Exception):
+class InputRequired(Exception):
     """The client must be asked in a later round (2026-07-28 input_required):
     the caller returns ``result`` now and the same call comes back with the answer."""
 
@@ -107,7 +109,7 @@ class AskLater(Exception):
         self.result = result
 
 
-class Unknown(Exception):
+class UnknownTool(Exception):
     """The tool does not exist for this caller (absent, or hidden by policy)."""
 
     def __init__(self, tool: str) -> None:
@@ -136,7 +138,7 @@ class Finding:
 
     ``admit`` handles every finding in one place: enforced, the call is
     refused and audited as ``decision`` (with no ``refusal``, the tool reads
-    as absent: ``Unknown``); in shadow mode a finding with a ``shadow``
+    as absent: ``UnknownTool``); in shadow mode a finding with a ``shadow``
     decision is audited as that and the call goes on. A finding with no
     ``shadow`` decision (an absent tool, invalid arguments) is enforced in
     every mode.
@@ -197,7 +199,7 @@ class Guard:
         *,
         clock: Clock | None = None,
         enabled: bool = True,
-        callers: Callable[[Any], Caller] | None = None,
+        callers: Callable[[Any], Principal] | None = None,
         inbox_url: str | None = None,
         resource_calls: ResourceCalls | None = None,
         approval_events: ApprovalEvents | None = None,
@@ -239,7 +241,7 @@ class Guard:
         *,
         policy_path: str | Path | None = None,
         enabled: bool = True,
-        callers: Callable[[Any], Caller] | None = None,
+        callers: Callable[[Any], Principal] | None = None,
         clock: Clock | None = None,
         inbox_url: str | None = None,
         resource_calls: ResourceCalls | None = None,
@@ -300,8 +302,8 @@ class Guard:
     # -- one call ------------------------------------------------------------
 
     async def admit(self, call: Call, asker: ApprovalAsker | None = None) -> Admission | Refusal:
-        """Decide ``call``. Raises ``Unknown`` for a hidden or absent tool, and
-        ``AskLater`` when the client must be asked for approval first.
+        """Decide ``call``. Raises ``UnknownTool`` for a hidden or absent tool, and
+        ``InputRequired`` when the client must be asked for approval first.
 
         Each step evaluates one thing and returns what it holds against the
         call, or None; what a step found is handled here, once: enforced (the
@@ -342,7 +344,7 @@ class Guard:
         approval_id = found.approval_id or admitting.approval_id
         await self._record(call, found.decision, found.rule, found.reason, admitting.started, Outcome.REFUSED, approval_id)
         if found.refusal is None:
-            raise Unknown(call.tool)
+            raise UnknownTool(call.tool)
         return found.refusal
 
     # -- admit's steps, in order: each returns what it holds against the call, or None.
@@ -538,9 +540,9 @@ class Guard:
         )
         if asker is not None and asker.rounds:
             try:
-                # May raise AskLater: the question goes out as this call's result.
+                # May raise InputRequired: the question goes out as this call's result.
                 answer = await asker.ask(approval, call)
-            except AskLater:
+            except InputRequired:
                 raise
             except Exception:
                 # A client that fails to answer is no answer: wait for a human.

@@ -138,7 +138,7 @@ def explain(
             return EXIT_OK
         args = checker.with_defaults(tool, args)
     verdict = decide(policy, tool, args, identity, fresh_counters)
-    _print(out, f"decision: {verdict.outcome}")
+    _print(out, f"decision: {verdict.effect}")
     _print(out, f"rule: {verdict.rule_id or '(none: the tool is listed)'}")
     _print(out, f"reason: {verdict.reason}")
     if verdict.shadow:
@@ -242,8 +242,8 @@ def _read_case(node: Node, names: set[str]) -> Case:
 
 
 def _failure(case: Case, verdict: Verdict) -> str | None:
-    got = f"{verdict.outcome} by {verdict.rule_id or '(listed)'}: {verdict.reason}"
-    if verdict.outcome != case.expect:
+    got = f"{verdict.effect} by {verdict.rule_id or '(listed)'}: {verdict.reason}"
+    if verdict.effect != case.expect:
         return f"expected {case.expect}, got {got}"
     if case.rule is not None and verdict.rule_id != case.rule:
         return f"expected rule {case.rule}, got {got}"

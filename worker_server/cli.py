@@ -15,7 +15,6 @@ import argparse
 import getpass
 import logging
 import os
-import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -54,10 +53,12 @@ def _bounded_int(low: int, high: int) -> Callable[[str], int]:
 
 def _age(text: str) -> float:
     """``30d``, ``12h``, ``90m``: an age in seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text, re.IGNORECASE)
-    if not match or float(match.group(1)) <= 0:
+    from guard.times import parse_duration
+
+    seconds = parse_duration(text)
+    if seconds is None or seconds <= 0:
         raise argparse.ArgumentTypeError(f"expected an age such as 30d, 12h or 90m, got {text!r}")
-    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2).lower()]
+    return seconds
 
 
 def _tools_from(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -757,7 +758,7 @@ async def _cancel(app: Any, args: argparse.Namespace) -> int:
     from guard.decision import decide, fresh_counters
     from guard.outcomes import Refusal
     from guard.redaction import redact_off_loop
-    from guard.gate import Call, Unknown
+    from guard.gate import Call, UnknownTool
     from worker_server.server import build_mcp
 
     who = args.as_name or getpass.getuser()
@@ -778,7 +779,7 @@ async def _cancel(app: Any, args: argparse.Namespace) -> int:
         await guard.approvals.decide(approval.id, True, who, "approved by running `taskwarden tasks cancel`")
     try:
         admission = await guard.admit(call)
-    except Unknown:
+    except UnknownTool:
         raise CliError("cancel-task is hidden by the policy") from None
     if isinstance(admission, Refusal):
         raise CliError(admission.first_line())

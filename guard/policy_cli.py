@@ -61,21 +61,22 @@ def check(
 
     With ``tools`` (the server's tool names), also warn about every name the
     policy gives that is not one of them: a typo'd name guards nothing, and
-    the tool meant falls to the default.
+    the tool meant falls to the default. A warning fails the check (exit 1),
+    so a CI step that runs it stops there.
     """
     policy = _load(path, out)
     if policy is None:
         return EXIT_FAILED
     rules = policy.rule_count
-    _print(
-        out,
-        f"OK: {path} ({policy.dialect}, {rules} rule{'s' if rules != 1 else ''}, "
-        f"default {policy.default}, mode {policy.mode})",
-    )
-    if tools is not None:
-        for line in unknown_tools(policy, tools, server):
-            _print(out, f"warning: {line}")
-    return EXIT_OK
+    shape = f"{policy.dialect}, {rules} rule{'s' if rules != 1 else ''}, default {policy.default}, mode {policy.mode}"
+    warnings = unknown_tools(policy, tools, server) if tools is not None else []
+    if not warnings:
+        _print(out, f"OK: {path} ({shape})")
+        return EXIT_OK
+    _print(out, f"WARNING: {path} ({shape}): {len(warnings)} warning{'s' if len(warnings) != 1 else ''}")
+    for line in warnings:
+        _print(out, f"warning: {line}")
+    return EXIT_FAILED
 
 
 def unknown_tools(policy: Policy, tools: Collection[str], server: str = "the server") -> list[str]:

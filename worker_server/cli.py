@@ -268,7 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     policy = sub.add_parser("policy", help="check, explain and test policy files").add_subparsers(
         dest="policy_command", required=True, metavar="ACTION"
     )
-    p_check = policy.add_parser("check", help="validate a policy file")
+    p_check = policy.add_parser(
+        "check", help="validate a policy file; exit 1 on warnings (a name that is not a tool)",
+        description="Validate a policy file and warn about every rule or hide entry that names no tool of the "
+        "server (a typo guards nothing). Exit 0: valid, no warnings; 1: invalid, or valid with warnings "
+        "(so a CI step fails on a typo'd tool name); 2: bad usage.",
+    )  # fmt: skip
     p_check.add_argument("file", metavar="FILE", help="the policy file (YAML or JSON, any dialect)")
     _tools_from(p_check, "warn about names that are not tools of the MCP server CMD starts, "
                 "instead of taskwarden's own tools")
@@ -605,12 +610,13 @@ def _guard(args: argparse.Namespace) -> int:
     from worker_server.config import ConfigError
     from guard.upstream import RestartPolicy, UpstreamExited
     from worker_server.identity import CallerResolver, TokenIdentities
-    from worker_server.server import _is_loopback, _rebinding_guard
+    from worker_server.server import _is_loopback, _rebinding_guard, bind_listener
 
     target = _upstream_target(args)
     settings = _settings(args, policy=args.policy)
     token_verifier = None
     security = None
+    sock = None
     if args.http:
         host, _port = args.http
         if args.allow_anonymous and not _is_loopback(host):
@@ -623,6 +629,8 @@ def _guard(args: argparse.Namespace) -> int:
                 )
             token_verifier = TokenIdentities(settings.identities)
         security = _rebinding_guard(host)
+        # Bound before the upstream starts: a port that is taken is one line, exit 2.
+        sock = bind_listener(host, _port)
     elif args.allow_anonymous:
         raise ConfigError("--allow-anonymous only applies with --http")
     try:
@@ -636,6 +644,7 @@ def _guard(args: argparse.Namespace) -> int:
             http=args.http,
             token_verifier=token_verifier,
             transport_security=security,
+            sock=sock,
         ))
     except BaseException as exc:
         exited = _upstream_exit(exc, UpstreamExited)

@@ -21,7 +21,7 @@ from typing import Any
 
 import anyio
 
-from bench import agent_cli, approval, cold_start, flood, guard_overhead, limits, memory, proxy_overhead, spawn, wake
+from bench import agent_cli, approval, cold_start, cross_instance, flood, guard_overhead, limits, memory, proxy_overhead, spawn, wake
 from bench.core import Section, Sizes, progress
 from bench.machine import ROOT, describe
 from bench.report import render, write
@@ -36,6 +36,8 @@ MODULES: dict[str, ModuleType] = {
     "limits": limits,
     "wake": wake,
     "approval": approval,
+    # Two daemons on PostgreSQL ($TASKWARDEN_TEST_PG; skipped without it outside CI).
+    "cross_instance": cross_instance,
     "spawn": spawn,
     "agent_cli": agent_cli,
     "flood": flood,

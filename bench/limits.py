@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from bench.core import Metric, Section, Sizes, fmt, percentile, progress, rounded
-from guard.storage.clock import SystemClock
 from guard.decision import decide
 from guard.dialects import load_default_policy
-from guard.limits import LimitRequest, Limiter, Reservation, ScopeKeys
+from guard.limits import Limiter, LimitRequest, Reservation, ScopeKeys
 from guard.schema import open_guard_db
+from guard.storage.clock import SystemClock
 
 TITLE = "Rate-limit check under concurrency"
 METHOD = """\
@@ -28,7 +31,14 @@ batch in flight (concurrent reservations share one `BEGIN IMMEDIATE`
 transaction), the transaction itself (prune, read the running total, insert
 the hit) and the wake-up. Also shown: the amortised cost (wall time ÷
 reservations), a single caller, and 10 callers hammering a full limit
-(every call refused with its exact `retry_after_s`)."""
+(every call refused with its exact `retry_after_s`).
+
+With `TASKWARDEN_TEST_PG` naming a PostgreSQL server, the same runs again on
+a fresh database there (created for the run, dropped after), the way several
+daemons share one: each write transaction takes the database-wide write lock
+(a transaction-scoped advisory lock) instead of `BEGIN IMMEDIATE`."""
+
+PG_ENV = "TASKWARDEN_TEST_PG"
 
 
 async def run(sizes: Sizes, scratch: Path) -> Section:
@@ -36,7 +46,49 @@ async def run(sizes: Sizes, scratch: Path) -> Section:
     verdict = decide(load_default_policy(), "spawn-task", {"prompt": "x"}, "bench")
     requests = verdict.limits
     assert requests, "the built-in policy limits spawn-task"
-    db = await open_guard_db(scratch / "limits.db")
+    sqlite = await _measure(scratch / "limits.db", requests, sizes)
+    backends = [("SQLite", "", sqlite)]
+    pg_server = os.environ.get(PG_ENV)
+    if pg_server:
+        with _fresh_pg_database(pg_server) as url:
+            backends.append(("PostgreSQL", "_pg", await _measure(url, requests, sizes)))
+
+    section.details = [
+        "| backend | scenario | callers | reservations | admitted | p50 | p99 | amortised | reservations/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, suffix, (admitted, single, full) in backends:
+        p50 = percentile(admitted.latencies, 50) * 1e6
+        progress(f"limits: {name} p50 {p50:.0f} µs per reservation with {sizes.limit_clients} callers")
+        where = f" ({name})" if suffix else ""
+        section.metrics += [
+            Metric(
+                f"limit_check_us_p50{suffix}",
+                rounded(p50),
+                "µs",
+                f"one reservation, {sizes.limit_clients} concurrent callers, p50{where}",
+                300 if not suffix else 1000,
+                "lower",
+            ),
+            Metric(
+                f"limit_check_us_p99{suffix}",
+                rounded(percentile(admitted.latencies, 99) * 1e6), "µs", f"the same, p99{where}",
+            ),
+        ]  # fmt: skip
+        section.details += [
+            _row(name, "admitted (headline)", sizes.limit_clients, admitted),
+            _row(name, "single caller", 1, single),
+            _row(name, "limit full, refused", sizes.limit_clients, full),
+        ]
+    if not pg_server:
+        section.details.append(f"\nPostgreSQL not measured: set `{PG_ENV}` to a server URL whose role may CREATE DATABASE.")
+    return section
+
+
+async def _measure(
+    target: str | Path, requests: Sequence[LimitRequest], sizes: Sizes
+) -> tuple[_Outcome, _Outcome, _Outcome]:
+    db = await open_guard_db(target)
     try:
         limiter = Limiter(db, SystemClock())
         n = sizes.limit_per_client
@@ -47,28 +99,29 @@ async def run(sizes: Sizes, scratch: Path) -> Section:
         full = await _scenario(limiter, _renamed(requests, "full"), sizes.limit_clients, n // 2, rotate=False)
     finally:
         await db.close()
+    return admitted, single, full
 
-    p50 = percentile(admitted.latencies, 50) * 1e6
-    progress(f"limits: p50 {p50:.0f} µs per reservation with {sizes.limit_clients} callers")
-    section.metrics = [
-        Metric(
-            "limit_check_us_p50",
-            rounded(p50),
-            "µs",
-            f"one reservation, {sizes.limit_clients} concurrent callers, p50",
-            300,
-            "lower",
-        ),
-        Metric("limit_check_us_p99", rounded(percentile(admitted.latencies, 99) * 1e6), "µs", "the same, p99"),
-    ]
-    section.details = [
-        "| scenario | callers | reservations | admitted | p50 | p99 | amortised | reservations/s |",
-        "|---|---|---|---|---|---|---|---|",
-        _row("admitted (headline)", sizes.limit_clients, admitted),
-        _row("single caller", 1, single),
-        _row("limit full, refused", sizes.limit_clients, full),
-    ]
-    return section
+
+@contextlib.contextmanager
+def _fresh_pg_database(server_url: str) -> Iterator[str]:
+    """A new, empty database on the server ``server_url`` names, dropped afterwards."""
+    from urllib.parse import quote
+
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    name = f"tw_bench_{secrets.token_hex(6)}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        parts = conninfo_to_dict(server_url)
+        parts["dbname"] = name
+        # taskwarden tells a server database by its scheme: a URL with the conninfo as its query.
+        query = "&".join(f"{k}={quote(str(v), safe='')}" for k, v in parts.items() if k != "dbname")
+        yield f"postgresql:///{name}" + (f"?{query}" if query else "")
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class _Outcome:
@@ -107,9 +160,9 @@ def _renamed(requests: Sequence[LimitRequest], tag: str) -> list[LimitRequest]:
     ]
 
 
-def _row(name: str, clients: int, o: _Outcome) -> str:
+def _row(backend: str, name: str, clients: int, o: _Outcome) -> str:
     n = len(o.latencies)
     return (
-        f"| {name} | {clients} | {n} | {o.admitted} | {fmt(percentile(o.latencies, 50) * 1e6)} µs "
+        f"| {backend} | {name} | {clients} | {n} | {o.admitted} | {fmt(percentile(o.latencies, 50) * 1e6)} µs "
         f"| {fmt(percentile(o.latencies, 99) * 1e6)} µs | {fmt(o.wall / n * 1e6)} µs | {fmt(n / o.wall)} |"
     )

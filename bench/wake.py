@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from bench.core import Metric, Section, Sizes, fmt, median, percentile, progress, rounded
+from bench import postgres
 from bench.workspace import Workspace, structured
 
 TITLE = "Wake-up latency of wait-task"
@@ -30,9 +31,46 @@ SLEEP_S = 0.25
 
 
 async def run(sizes: Sizes, scratch: Path) -> Section:
-    section = Section("wake", TITLE, METHOD)
+    section = Section("wake", TITLE, METHOD + POSTGRES)
+    sqlite = await _samples(sizes, scratch / "sqlite", None)
+    p50, p99 = percentile(sqlite, 50), percentile(sqlite, 99)
+    progress(f"wake: p50 {p50:.2f} ms, p99 {p99:.2f} ms over {len(sqlite)} samples")
+    section.metrics = [
+        Metric("wake_ms_p50", rounded(p50), "ms", "worker exit → wait-task result at the client, p50", 10, "lower"),
+        Metric("wake_ms_p99", rounded(p99), "ms", "the same, p99", 50, "lower"),
+    ]
+    section.details = [_summary("SQLite", sqlite)]
+    if not postgres.available():
+        section.details.append(f"PostgreSQL: not measured (${postgres.ENV} is not set).")
+        return section
+    with postgres.fresh_database() as url:
+        pg = await _samples(sizes, scratch / "postgresql", url)
+    pg_p50 = percentile(pg, 50)
+    progress(f"wake on PostgreSQL: p50 {pg_p50:.2f} ms over {len(pg)} samples")
+    section.metrics.append(
+        Metric("wake_ms_p50_postgresql", rounded(pg_p50), "ms", "the same on PostgreSQL, p50", 100, "lower")
+    )
+    section.details.append(_summary("PostgreSQL", pg))
+    return section
+
+
+POSTGRES = """
+
+The same, with the daemon on a fresh PostgreSQL database (local server,
+Unix socket) when `$TASKWARDEN_TEST_PG` names one; the two runs are one after
+the other in one bench run."""
+
+
+def _summary(backend: str, samples: list[float]) -> str:
+    return (
+        f"{backend}, {len(samples)} samples: min {fmt(min(samples))} ms, median {fmt(median(samples))} ms, "
+        f"p99 {fmt(percentile(samples, 99))} ms, max {fmt(max(samples))} ms."
+    )
+
+
+async def _samples(sizes: Sizes, root: Path, server_db: str | None) -> list[float]:
     profile = {"command": [sys.executable, "-S", "-c", STAMP, "{prompt}"], "prompt": "arg", "events": "text"}
-    ws = Workspace(scratch, workers={"stamp": profile}, default_worker="stamp")
+    ws = Workspace(root, workers={"stamp": profile}, default_worker="stamp", server_db=server_db)
     samples: list[float] = []
     async with ws.client() as (client, _):
         for i in range(sizes.wake_samples + 1):
@@ -47,15 +85,4 @@ async def run(sizes: Sizes, scratch: Path) -> Section:
             if i == 0:
                 continue  # warm-up: first spawn, first log file, caches
             samples.append((arrived - float(result["output"]["final"])) * 1000)
-
-    p50, p99 = percentile(samples, 50), percentile(samples, 99)
-    progress(f"wake: p50 {p50:.2f} ms, p99 {p99:.2f} ms over {len(samples)} samples")
-    section.metrics = [
-        Metric("wake_ms_p50", rounded(p50), "ms", "worker exit → wait-task result at the client, p50", 10, "lower"),
-        Metric("wake_ms_p99", rounded(p99), "ms", "the same, p99", 50, "lower"),
-    ]
-    section.details = [
-        f"{len(samples)} samples: min {fmt(min(samples))} ms, median {fmt(median(samples))} ms, "
-        f"p99 {fmt(p99)} ms, max {fmt(max(samples))} ms."
-    ]
-    return section
+    return samples

@@ -39,6 +39,8 @@ class Workspace:
     policy: str | None = ALLOW_ALL  # policy file text; None = the built-in policy
     workers: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: {"shell": SHELL})
     default_worker: str = "shell"
+    # A postgresql:// URL to run on instead of the SQLite file (bench.postgres).
+    server_db: str | None = None
 
     def __post_init__(self) -> None:
         self.work = self.root / "work"
@@ -53,11 +55,18 @@ class Workspace:
     def db(self) -> Path:
         return self.root / "state" / "taskwarden.db"
 
+    @property
+    def db_arg(self) -> str:
+        """What the daemon is started with as ``--db``."""
+        return self.server_db or str(self.db.resolve())
+
     def write_config(self) -> None:
         lines = [
             f"default_worker = {json.dumps(self.default_worker)}",
             f"allowed_roots = [{json.dumps(str(self.root))}]",
-            f"db = {json.dumps(str(self.db))}",
+            f"db = {json.dumps(self.server_db or str(self.db))}",
+            # A server database's per-host state (daemon socket, logs) stays in the workspace.
+            f"state_dir = {json.dumps(str(self.root / 'state'))}",
             'identity = "bench"',
             # INFO would put a line per turn on our stderr.
             'log_level = "WARNING"',
@@ -109,7 +118,7 @@ class Workspace:
 
     def server_process(self) -> psutil.Process:
         """The daemon of this workspace's database: it does the work ``serve`` relays."""
-        db = str(self.db.resolve())
+        db = self.db_arg
         for proc in psutil.process_iter():
             try:
                 cmd = proc.cmdline()

@@ -25,14 +25,13 @@ import enum
 import json
 import logging
 import secrets
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from guard.storage.changes import ChangeFeed
 from guard.storage.clock import Clock, iso
-from guard.storage.database import Database
+from guard.storage.database import Database, Tx
 from guard.approvers import may_decide
 from guard.digests import Digester
 from guard.policy import ApprovalSettings
@@ -231,7 +230,7 @@ _COLUMNS = (
 )
 
 
-def _row(row: sqlite3.Row | tuple[Any, ...]) -> Approval:
+def _row(row: tuple[Any, ...]) -> Approval:
     (id_, digest, status, tool, args, identity, session, rule_id, reason, created_at,
      expires_at, decided_at, decided_by, note, used_at, approvers, quorum, escalate_after_s, escalate_to,
      so_far) = tuple(row)  # fmt: skip
@@ -259,9 +258,14 @@ def _row(row: sqlite3.Row | tuple[Any, ...]) -> Approval:
     )
 
 
-def _get(c: sqlite3.Connection, approval_id: str) -> Approval | None:
+def _get(c: Tx, approval_id: str) -> Approval | None:
     row = c.execute(f"SELECT {_COLUMNS} FROM guard_approvals WHERE id = ?", (approval_id,)).fetchone()
     return _row(row) if row else None
+
+
+def _order(c: Tx) -> str:
+    """The column that orders approvals created at the same instant (their insertion order)."""
+    return "rowid" if c.dialect == "sqlite" else "seq"
 
 
 def _new_id() -> str:
@@ -272,7 +276,7 @@ class ApprovalEvents(Protocol):
     """Told, inside the transaction that made it, that an approval opened (the
     host queues its notifications there: they commit or roll back with it)."""
 
-    def opened(self, c: sqlite3.Connection, approval: Approval) -> None: ...
+    def opened(self, c: Tx, approval: Approval) -> None: ...
 
 
 class Approvals:
@@ -321,7 +325,7 @@ class Approvals:
         row = await self._db.read(
             lambda c: c.execute(
                 f"SELECT {_COLUMNS} FROM guard_approvals WHERE digest = ? AND status = 'approved'"
-                " AND used_at IS NULL AND expires_at > ? ORDER BY created_at, rowid LIMIT 1",
+                f" AND used_at IS NULL AND expires_at > ? ORDER BY created_at, {_order(c)} LIMIT 1",
                 (digest, now),
             ).fetchone()
         )
@@ -332,7 +336,7 @@ class Approvals:
         row = await self._db.read(
             lambda c: c.execute(
                 f"SELECT {_COLUMNS} FROM guard_approvals WHERE digest = ?"
-                " ORDER BY created_at DESC, rowid DESC LIMIT 1",
+                f" ORDER BY created_at DESC, {_order(c)} DESC LIMIT 1",
                 (digest,),
             ).fetchone()
         )
@@ -346,7 +350,7 @@ class Approvals:
             sql = f"SELECT {_COLUMNS} FROM guard_approvals WHERE status = ?"
             params = (ApprovalStatus(status).value,)
         rows = await self._db.read(
-            lambda c: c.execute(sql + " ORDER BY created_at DESC, rowid DESC", params).fetchall()
+            lambda c: c.execute(sql + f" ORDER BY created_at DESC, {_order(c)} DESC", params).fetchall()
         )
         return [_row(r) for r in rows]
 
@@ -375,7 +379,7 @@ class Approvals:
         # Redacted again: the inbox shows these, and redaction is idempotent.
         args_json = json.dumps(await redact_off_loop(args_redacted), ensure_ascii=False, default=str)
 
-        def tx(c: sqlite3.Connection) -> tuple[Approval, bool]:
+        def tx(c: Tx) -> tuple[Approval, bool]:
             now = self._clock.now()
             c.execute(
                 "UPDATE guard_approvals SET status = 'expired'"
@@ -384,22 +388,24 @@ class Approvals:
             )
             row = c.execute(
                 f"SELECT {_COLUMNS} FROM guard_approvals WHERE digest = ? AND status = 'pending'"
-                " ORDER BY created_at, rowid LIMIT 1",
+                f" ORDER BY created_at, {_order(c)} LIMIT 1",
                 (digest,),
             ).fetchone()
             if row:
                 return _row(row), False
             while True:
                 approval_id = _new_id()
-                try:
-                    c.execute(
-                        f"INSERT INTO guard_approvals ({_INSERT_COLUMNS}) VALUES"
-                        " (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, ?, ?, ?, ?)",
-                        (approval_id, digest, tool, args_json, identity, session, rule_id,
-                         reason, now, now + expires_s, approvers_json, settings.quorum,
-                         settings.escalate_after_s, escalate_json),
-                    )  # fmt: skip
-                except sqlite3.IntegrityError:  # pragma: no cover - 50 random bits collided
+                # ON CONFLICT rather than catching the error: on PostgreSQL a
+                # failed statement would abort the whole transaction.
+                inserted = c.execute(
+                    f"INSERT INTO guard_approvals ({_INSERT_COLUMNS}) VALUES"
+                    " (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, ?, ?, ?, ?)"
+                    " ON CONFLICT (id) DO NOTHING RETURNING id",
+                    (approval_id, digest, tool, args_json, identity, session, rule_id,
+                     reason, now, now + expires_s, approvers_json, settings.quorum,
+                     settings.escalate_after_s, escalate_json),
+                ).fetchone()  # fmt: skip
+                if inserted is None:  # pragma: no cover - 50 random bits collided
                     continue
                 created = _get(c, approval_id)
                 assert created is not None
@@ -464,7 +470,7 @@ class Approvals:
         *,
         channel: str = "cli",
         role: str | None = None,
-        check: Callable[[sqlite3.Connection], None] | None = None,
+        check: Callable[[Tx], None] | None = None,
     ) -> Approval:
         """Record ``by``'s approval or denial of a pending approval.
 
@@ -486,7 +492,7 @@ class Approvals:
             raise ValueError("the decider's name must not be empty")
         by = by.strip()
 
-        def tx(c: sqlite3.Connection) -> tuple[Approval | None, ApprovalError | None]:
+        def tx(c: Tx) -> tuple[Approval | None, ApprovalError | None]:
             now = self._clock.now()
             current = _get(c, approval_id)
             if current is None:

@@ -9,23 +9,23 @@ reports a call the trail does not hold. (Commits are WAL with
 ``synchronous = NORMAL``: they survive a crash of the process, and only a
 power loss can drop the last ones.)
 
-SQLite triggers make the table append-only: UPDATE and DELETE abort.
+Triggers make the table append-only on both backends: UPDATE and DELETE
+(and, on PostgreSQL, TRUNCATE) are refused.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import json
 import logging
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
 from guard.storage.clock import iso
 from guard.storage.clock import Clock
-from guard.storage.database import Database
+from guard.storage.database import Database, Tx
+from guard.storage.group_commit import GroupCommit
 from guard.digests import Digester
 from guard.redaction import INLINE_TEXT_CHARS, redact, redact_text, text_size
 
@@ -174,13 +174,16 @@ class AuditLog:
         self._clock = clock
         # Keyed digests (guard.digests); the key file sits beside the database.
         self._digester = digester
-        self._max_batch = max_batch
-        self._linger_s = linger_s
-        self._queue: list[tuple[_Row, asyncio.Future[int]]] = []
-        self._writer: asyncio.Task[None] | None = None
-        self._urgent = asyncio.Event()
+        # Records nobody awaits yet linger up to linger_s for company; every
+        # record is written, even if its caller stopped waiting.
+        self._writer: GroupCommit[_Row, int] = GroupCommit(
+            self._commit, max_batch=max_batch, linger_s=linger_s, failed=_write_failed,
+            cancelled=lambda: AuditWriteFailed("the audit writer was cancelled"), name="guard-audit-writer",
+        )  # fmt: skip
         self._closed = False
-        # Large records being redacted on a worker thread (see record()).
+        # Records waiting for a server database's digest key (see record()).
+        self._awaiting_key: list[tuple[AuditRecord, asyncio.Future[int], bool]] = []
+        # Large records being redacted on a worker thread, and the key being read.
         self._preparing: set[asyncio.Task[None]] = set()
 
     def record(self, record: AuditRecord, *, urgent: bool = True) -> asyncio.Future[int]:
@@ -198,17 +201,49 @@ class AuditLog:
             raise AuditLogClosed("the audit log is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
+        if self._digester is None and self._db.path is None:
+            # A server database's key is a row, read by awaiting: records wait
+            # for it in order, then go on as usual.
+            parse_decision(record.decision)  # a bad decision still raises here
+            self._awaiting_key.append((record, future, urgent))
+            if len(self._awaiting_key) == 1:
+                loading = loop.create_task(self._load_key())
+                self._preparing.add(loading)
+                loading.add_done_callback(self._preparing.discard)
+            return future
+        self._route(record, future, urgent)
+        return future
+
+    def _route(self, record: AuditRecord, future: asyncio.Future[int], urgent: bool) -> None:
         if text_size(record.args, INLINE_TEXT_CHARS + 1) <= INLINE_TEXT_CHARS:
             self._enqueue(self._prepare(record), future, urgent)
-            return future
+            return
         # Redacting a large record (the secret detector's plugins are
         # Python) takes milliseconds: do it on a worker thread so the event
         # loop keeps serving other clients meanwhile.
         parse_decision(record.decision)  # a bad decision still raises here
-        preparing = loop.create_task(self._prepare_later(record, future, urgent))
+        preparing = asyncio.get_running_loop().create_task(self._prepare_later(record, future, urgent))
         self._preparing.add(preparing)
         preparing.add_done_callback(self._preparing.discard)
-        return future
+
+    async def _load_key(self) -> None:
+        try:
+            digester = await Digester.for_database(self._db)
+        except Exception as exc:
+            logger.exception("could not read the audit digest key")
+            waiting, self._awaiting_key = self._awaiting_key, []
+            for _, future, _ in waiting:
+                if not future.done():
+                    future.set_exception(AuditWriteFailed(f"audit record not prepared: {exc}"))
+            return
+        self._digester = digester
+        waiting, self._awaiting_key = self._awaiting_key, []
+        for record, future, urgent in waiting:
+            try:
+                self._route(record, future, urgent)
+            except Exception as exc:  # noqa: BLE001 - one bad record fails alone
+                if not future.done():
+                    future.set_exception(AuditWriteFailed(f"audit record not prepared: {exc}"))
 
     async def _prepare_later(self, record: AuditRecord, future: asyncio.Future[int], urgent: bool) -> None:
         try:
@@ -221,25 +256,21 @@ class AuditLog:
         self._enqueue(row, future, urgent)
 
     def _enqueue(self, row: _Row, future: asyncio.Future[int], urgent: bool) -> None:
-        self._queue.append((row, future))
-        if urgent:
-            self._urgent.set()
-        if self._writer is None:
-            self._writer = asyncio.get_running_loop().create_task(self._drain(), name="guard-audit-writer")
+        committed = self._writer.submit(row, urgent=urgent)
+        committed.add_done_callback(lambda done: _pass_on(done, future))
 
     async def flush(self) -> None:
         """Wait until everything recorded so far is committed (or has failed)."""
         while self._preparing:
             await asyncio.wait(set(self._preparing))
-        self._urgent.set()
-        while self._writer is not None:
-            await asyncio.shield(self._writer)
+        await self._writer.flush()
 
     async def aclose(self) -> None:
         """Flush and refuse further records. Call before closing the database."""
         self._closed = True
-        self._urgent.set()
-        await self.flush()
+        while self._preparing:
+            await asyncio.wait(set(self._preparing))
+        await self._writer.close()
 
     async def query(
         self,
@@ -302,45 +333,31 @@ class AuditLog:
         return (when, record.identity, record.session, tool, args, digest, decision,
                 record.rule, reason, record.approval_id, record.duration_ms, outcome)  # fmt: skip
 
-    async def _drain(self) -> None:
-        try:
-            # Records queued while a batch commits go into the next batch.
-            while self._queue:
-                if not self._urgent.is_set() and len(self._queue) < self._max_batch and not self._closed:
-                    # Nobody waits on these yet: let a few more join this commit.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._urgent.wait(), self._linger_s)
-                self._urgent.clear()
-                batch = self._queue[: self._max_batch]
-                del self._queue[: self._max_batch]
-                await self._commit(batch)
-        finally:
-            # No await between the empty check and this: a record() after it
-            # starts a new writer, one before it was drained.
-            self._writer = None
-
-    async def _commit(self, batch: list[tuple[_Row, asyncio.Future[int]]]) -> None:
-        rows = [row for row, _ in batch]
-
-        def tx(c: sqlite3.Connection) -> list[int]:
+    async def _commit(self, rows: list[_Row]) -> list[int]:
+        def tx(c: Tx) -> list[int]:
             return [c.execute(_INSERT_SQL, row).fetchone()[0] for row in rows]
 
         try:
-            ids = await self._db.write(tx)
-        except asyncio.CancelledError:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(AuditWriteFailed("the audit writer was cancelled"))
+            return await self._db.write(tx)
+        except Exception:
+            logger.exception("could not write %d audit records", len(rows))
             raise
-        except Exception as exc:
-            logger.exception("could not write %d audit records", len(batch))
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(AuditWriteFailed(f"audit record not written: {exc}"))
-            return
-        for (_, future), row_id in zip(batch, ids):
-            if not future.done():  # a caller may have stopped waiting; the row is written anyway
-                future.set_result(row_id)
+
+
+def _write_failed(exc: Exception) -> BaseException:
+    return AuditWriteFailed(f"audit record not written: {exc}")
+
+
+def _pass_on(done: asyncio.Future[int], future: asyncio.Future[int]) -> None:
+    """The writer's outcome to the future ``record`` returned (which its caller may have cancelled)."""
+    if future.done():
+        return
+    if done.cancelled():
+        future.cancel()
+    elif done.exception() is not None:
+        future.set_exception(done.exception())  # type: ignore[arg-type]
+    else:
+        future.set_result(done.result())
 
 
 def parse_decision(value: Decision | str) -> str:
@@ -351,7 +368,7 @@ def parse_decision(value: Decision | str) -> str:
         raise InvalidDecision(value) from None
 
 
-def _entry(row: sqlite3.Row | _Row) -> AuditEntry:
+def _entry(row: _Row) -> AuditEntry:
     (id_, time, identity, session, tool, args, digest, decision, rule, reason,
      approval_id, duration_ms, outcome) = tuple(row)  # fmt: skip
     return AuditEntry(

@@ -6,11 +6,12 @@ globally. The guard owns the ledger; whoever runs the turns (taskwarden's
 runner) reports usage with ``BudgetLedger.charge`` for the ``BudgetTarget``s
 recorded when the call was admitted, and stops a turn ``charge`` reports over.
 
-The ledger is an append-only log in the guard's SQLite store
+The ledger is an append-only log in the guard's database
 (``guard_budget_usage``), one row per charge per budget key, in integer
 units (tokens, nano-dollars, microseconds) so sums are exact. Charging and
-checking happen inside one ``BEGIN IMMEDIATE`` transaction: several
-processes charging one budget see each other's rows in order, so exactly one
+checking happen inside one write transaction (serialised across processes
+and hosts on either backend): several processes charging one budget see
+each other's rows in order, so exactly one
 charge is the one that crosses.
 
 ``tokens`` counts input (cached included) plus output tokens.
@@ -20,13 +21,12 @@ from __future__ import annotations
 
 import contextvars
 import json
-import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from guard.storage.clock import Clock
-from guard.storage.database import Database
+from guard.storage.database import Database, Tx
 from guard.policy import Budget, Scope
 
 _US = 1_000_000
@@ -147,7 +147,9 @@ def reset_admitted(token: contextvars.Token[tuple[BudgetTarget, ...]]) -> None:
 
 
 _SUM_SQL = (
-    "SELECT COALESCE(SUM(tokens), 0), COALESCE(SUM(cost_nusd), 0), COALESCE(SUM(worker_us), 0)"
+    # CAST: PostgreSQL sums BIGINT as NUMERIC (a Decimal in Python).
+    "SELECT CAST(COALESCE(SUM(tokens), 0) AS BIGINT), CAST(COALESCE(SUM(cost_nusd), 0) AS BIGINT),"
+    " CAST(COALESCE(SUM(worker_us), 0) AS BIGINT)"
     " FROM guard_budget_usage WHERE budget = ? AND scope = ? AND scope_value = ? AND at_us > ?"
 )
 
@@ -168,7 +170,7 @@ class BudgetLedger:
         if not targets:
             return []
 
-        def write(c: sqlite3.Connection) -> list[Spent]:
+        def write(c: Tx) -> list[Spent]:
             now = round(self._clock.now() * _US)
             over: list[Spent] = []
             seen: set[tuple[str, str, str]] = set()
@@ -208,7 +210,7 @@ class BudgetLedger:
         if not targets:
             return None
 
-        def read(c: sqlite3.Connection) -> Spent | None:
+        def read(c: Tx) -> Spent | None:
             now = round(self._clock.now() * _US)
             for target in targets:
                 used = self._used(c, target, now)
@@ -223,7 +225,7 @@ class BudgetLedger:
     async def uses(self, targets: Sequence[BudgetTarget]) -> list[BudgetUse]:
         """What each target has used in its window now."""
 
-        def read(c: sqlite3.Connection) -> list[BudgetUse]:
+        def read(c: Tx) -> list[BudgetUse]:
             now = round(self._clock.now() * _US)
             return [BudgetUse(t, self._used(c, t, now)) for t in targets]
 
@@ -232,7 +234,7 @@ class BudgetLedger:
     async def report(self) -> list[BudgetUse]:
         """Every budget key with usage in the ledger, with its use in its (last known) window."""
 
-        def read(c: sqlite3.Connection) -> list[BudgetUse]:
+        def read(c: Tx) -> list[BudgetUse]:
             now = round(self._clock.now() * _US)
             out = []
             for name, spec in c.execute("SELECT name, spec FROM guard_budgets ORDER BY name").fetchall():
@@ -250,7 +252,7 @@ class BudgetLedger:
     async def overruns(self, limit: int = 50) -> list[dict[str, Any]]:
         """The latest budget crossings: what was stopped, and (shadow) what would have been."""
 
-        def read(c: sqlite3.Connection) -> list[dict[str, Any]]:
+        def read(c: Tx) -> list[dict[str, Any]]:
             rows = c.execute(
                 "SELECT budget, scope_value, task, at_us, message, shadow FROM guard_budget_overruns"
                 " ORDER BY id DESC LIMIT ?",
@@ -266,7 +268,7 @@ class BudgetLedger:
     # -- inside transactions -------------------------------------------------
 
     @staticmethod
-    def _remember(c: sqlite3.Connection, target: BudgetTarget) -> None:
+    def _remember(c: Tx, target: BudgetTarget) -> None:
         spec = json.dumps({**target.to_json(), "scope_value": ""})
         c.execute(
             "INSERT INTO guard_budgets (name, spec) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET spec = excluded.spec",
@@ -274,14 +276,14 @@ class BudgetLedger:
         )
 
     @staticmethod
-    def _used(c: sqlite3.Connection, target: BudgetTarget, now: int) -> dict[str, float]:
+    def _used(c: Tx, target: BudgetTarget, now: int) -> dict[str, float]:
         cutoff = now - round(target.window_s * _US)
         tokens, nusd, us = c.execute(_SUM_SQL, (target.name, target.scope, target.scope_value, cutoff)).fetchone()
         return {"tokens": tokens, "cost_usd": nusd / _NANO, "worker_s": us / _US}
 
     @staticmethod
     def _retry_after(
-        c: sqlite3.Connection, target: BudgetTarget, metric: str, limit: float, used: float, now: int
+        c: Tx, target: BudgetTarget, metric: str, limit: float, used: float, now: int
     ) -> float:
         # Room frees as the oldest charges leave the window: walk them until
         # what is left is under the limit.

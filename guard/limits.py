@@ -1,4 +1,4 @@
-"""Sliding-window rate limits kept in SQLite.
+"""Sliding-window rate limits kept in the guard's database (SQLite or PostgreSQL).
 
 Each unit of room a call takes is one row in ``guard_limit_hits`` (a log, not
 a counter), so "at most ``max`` units in any ``window_s`` seconds" is checked
@@ -7,9 +7,10 @@ stored as integer microseconds, so the window arithmetic and the reported
 ``retry_after_s`` carry no float rounding.
 
 A reservation checks and takes room in every requested counter inside one
-``BEGIN IMMEDIATE`` transaction: all or nothing, serialised against other
-coroutines on the same connection (one transaction is one call on aiosqlite's
-thread) and against other processes sharing the file (SQLite's write lock).
+write transaction: all or nothing, serialised against every other writer of
+the database in this process and in any other (``BEGIN IMMEDIATE`` on a
+SQLite file; the write advisory lock on PostgreSQL, so several daemons on
+several hosts never admit twice at a window's edge).
 
 Checking costs O(1), not O(hits in the window): each counter key's rows
 older than its counter's longest window are pruned as it is checked, and
@@ -17,6 +18,18 @@ triggers keep ``guard_limit_totals`` equal to the sum of the rows left, which
 is then exactly the room used in that window. (A shorter window on a counter
 shared with a longer one sums its range instead.) Only a full limit walks
 hits, oldest first, and only until enough room would be free.
+
+Reservations that arrive while a batch commits share the next transaction
+(``guard.storage.group_commit``); each is checked in turn, counting the hits
+of those before it, and their hits are written together at the end, in one
+statement. On PostgreSQL, where every statement is a round trip, the prunes
+and the totals of every key the batch counts are one statement, the batch
+is one instant (the clock read once, under the write lock), and the
+transaction commits with ``synchronous_commit = off``: acknowledged once in
+the server's memory and visible to every daemon at once; only a crash of the
+database server can lose the last moments' hits (letting a few more calls
+through after it), as only a power loss can with SQLite's
+``synchronous = NORMAL``.
 
 Edge cases, decided:
 
@@ -37,14 +50,13 @@ Edge cases, decided:
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from guard.storage.clock import Clock
-from guard.storage.database import Database
+from guard.storage.database import Database, Tx
+from guard.storage.group_commit import GroupCommit
 from guard.policy import Scope
 
 logger = logging.getLogger(__name__)
@@ -53,17 +65,14 @@ _US = 1_000_000
 _SCOPES: tuple[str, ...] = ("session", "identity", "global")
 
 _SUM_SQL = (
-    "SELECT COALESCE(SUM(cost), 0) FROM guard_limit_hits"
+    # CAST: PostgreSQL sums BIGINT as NUMERIC (a Decimal in Python).
+    "SELECT CAST(COALESCE(SUM(cost), 0) AS BIGINT) FROM guard_limit_hits"
     " WHERE counter = ? AND scope = ? AND scope_value = ? AND at_us > ?"
 )
 _OLDEST_SQL = (
     "SELECT at_us, cost FROM guard_limit_hits"
     " WHERE counter = ? AND scope = ? AND scope_value = ? AND at_us > ?"
     " ORDER BY at_us"
-)
-_INSERT_SQL = (
-    "INSERT INTO guard_limit_hits (counter, scope, scope_value, at_us, cost)"
-    " VALUES (?, ?, ?, ?, ?) RETURNING id"
 )
 _TOTAL_SQL = (
     "SELECT total FROM guard_limit_totals WHERE counter = ? AND scope = ? AND scope_value = ?"
@@ -72,10 +81,33 @@ _PRUNE_SQL = (
     "DELETE FROM guard_limit_hits"
     " WHERE counter = ? AND scope = ? AND scope_value = ? AND at_us <= ?"
 )
+# PostgreSQL: prune every key a batch checks and read what each has left, in
+# one round trip. Every part of the statement sees the tables as they were
+# before it (the totals trigger runs at its end), so what is left is the
+# total before minus what was pruned.
+_PRUNE_AND_TOTALS_SQL = """
+WITH k (counter, scope, scope_value, cutoff) AS (VALUES {values}),
+pruned AS (
+    DELETE FROM guard_limit_hits h USING k
+    WHERE h.counter = k.counter AND h.scope = k.scope AND h.scope_value = k.scope_value AND h.at_us <= k.cutoff
+    RETURNING h.counter, h.scope, h.scope_value, h.cost
+),
+gone AS (SELECT counter, scope, scope_value, SUM(cost) AS cost FROM pruned GROUP BY counter, scope, scope_value)
+SELECT k.counter, k.scope, k.scope_value, CAST(COALESCE(t.total, 0) - COALESCE(g.cost, 0) AS BIGINT)
+FROM k
+LEFT JOIN guard_limit_totals t ON t.counter = k.counter AND t.scope = k.scope AND t.scope_value = k.scope_value
+LEFT JOIN gone g ON g.counter = k.counter AND g.scope = k.scope AND g.scope_value = k.scope_value
+"""
+_KEY_VALUES = "(CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS BIGINT))"
+_KEYS_PER_STATEMENT = 500
+_INSERT_ROWS = 200  # hits per INSERT statement (5 parameters each)
 _RETAINED_SQL = "SELECT retain_us FROM guard_limit_counters WHERE counter = ?"
 _RETAIN_SQL = (
     "INSERT INTO guard_limit_counters (counter, retain_us) VALUES (?, ?)"
-    " ON CONFLICT (counter) DO UPDATE SET retain_us = max(retain_us, excluded.retain_us)"
+    # Qualified, and CASE rather than max()/GREATEST(): the one spelling both backends accept.
+    " ON CONFLICT (counter) DO UPDATE SET retain_us = CASE"
+    " WHEN guard_limit_counters.retain_us > excluded.retain_us THEN guard_limit_counters.retain_us"
+    " ELSE excluded.retain_us END"
     " RETURNING retain_us"
 )
 
@@ -147,10 +179,14 @@ class Limiter:
         self._db = db
         self._clock = clock
         self._sweep_interval_us = round(sweep_interval_s * _US)
-        self._max_batch = max_batch
-        self._next_sweep_us = 0  # only touched inside transactions (one thread)
-        self._queue: list[tuple[list[_Planned], asyncio.Future[Reservation | Exhausted]]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._next_sweep_us = 0  # only touched inside transactions (one at a time)
+        # Reservations queued while a batch commits are taken in the next one;
+        # one whose caller gave up before its batch began takes no room, one
+        # whose caller gave up during the commit is given back.
+        self._writer: GroupCommit[list[_Planned], Reservation | Exhausted] = GroupCommit(
+            self._commit, max_batch=max_batch, drop_abandoned=True, abandoned=self._give_back,
+            name="guard-limiter",
+        )  # fmt: skip
 
     async def reserve(
         self, requests: Sequence[LimitRequest], keys: ScopeKeys
@@ -163,12 +199,7 @@ class Limiter:
         plan = [_plan(request, keys) for request in requests]
         if not plan:
             return Reservation(())
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Reservation | Exhausted] = loop.create_future()
-        self._queue.append((plan, future))
-        if self._writer is None:
-            self._writer = loop.create_task(self._drain(), name="guard-limiter")
-        return await future
+        return await self._writer.submit(plan)
 
     async def usage(
         self, counters: Sequence[tuple[str, float, str]], keys: ScopeKeys
@@ -182,7 +213,7 @@ class Limiter:
             return {}
         now = round(self._clock.now() * _US)
 
-        def read(c: sqlite3.Connection) -> dict[str, int]:
+        def read(c: Tx) -> dict[str, int]:
             return {
                 name: c.execute(_SUM_SQL, (*item.key, now - item.window_us)).fetchone()[0] for name, item in planned
             }
@@ -200,81 +231,113 @@ class Limiter:
 
     # -- batching (event loop) ---------------------------------------------
 
-    async def _drain(self) -> None:
-        try:
-            while self._queue:
-                batch = self._queue[: self._max_batch]
-                del self._queue[: self._max_batch]
-                await self._commit(batch)
-        finally:
-            # No await between the empty check and this: a reserve() after it
-            # starts a new writer, one before it was drained.
-            self._writer = None
-
-    async def _commit(
-        self, batch: list[tuple[list[_Planned], asyncio.Future[Reservation | Exhausted]]]
-    ) -> None:
-        batch = [(plan, future) for plan, future in batch if not future.done()]  # drop cancelled
-        if not batch:
-            return
-        plans = [plan for plan, _ in batch]
-        try:
-            results = await self._db.write(lambda c: self._reserve_all(c, plans))
-        except asyncio.CancelledError:
-            for _, future in batch:
-                future.cancel()
-            raise
-        except Exception as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        orphaned: list[int] = []
-        for (_, future), result in zip(batch, results):
-            if not future.done():
-                future.set_result(result)
-            elif isinstance(result, Reservation):  # its caller gave up while it was committed
-                orphaned.extend(result.ids)
+    async def _commit(self, plans: list[list[_Planned]]) -> list[Reservation | Exhausted]:
+        results = await self._db.write(lambda c: self._reserve_all(c, plans))
+        for result in results:
             if isinstance(result, Exhausted):
                 logger.debug("limit %s full; retry after %.6f s", result.rule_id, result.retry_after_s)
+        return results
+
+    async def _give_back(self, results: list[Reservation | Exhausted]) -> None:
+        orphaned = [row_id for result in results if isinstance(result, Reservation) for row_id in result.ids]
         if orphaned:
             await self.release(Reservation(tuple(orphaned)))
 
-    # -- inside the transaction (aiosqlite's thread) -----------------------
+    # -- inside the transaction (a worker thread) --------------------------
 
-    def _reserve_all(
-        self, c: sqlite3.Connection, plans: list[list[_Planned]]
-    ) -> list[Reservation | Exhausted]:
+    def _reserve_all(self, c: Tx, plans: list[list[_Planned]]) -> list[Reservation | Exhausted]:
         # Retention read once per counter per transaction: no other process
         # can change it while we hold the write lock.
         retained: dict[str, int] = {}
-        return [self._reserve_one(c, plan, retained) for plan in plans]
+        # Hits taken by earlier reservations of this batch, written together
+        # at its end (one statement, not one per reservation): (at_us, cost) per key.
+        batch = _Batch()
+        if c.dialect == "postgresql":
+            # The commit is acknowledged once it is in the server's memory, visible
+            # to every other daemon at once; only a crash of the database server
+            # can lose the last moments' hits (as a power loss can on SQLite).
+            c.execute("SET LOCAL synchronous_commit = off")
+            # Every statement is a round trip here: the batch is one instant
+            # (read under the write lock), and what each key has used is read
+            # for all of them at once.
+            now = self._now()
+            self._maybe_sweep(c, now)
+            known = self._prefetch(c, plans, now, retained)
+            results = [self._reserve_one(c, plan, retained, batch, now, known) for plan in plans]
+        else:
+            results = [self._reserve_one(c, plan, retained, batch, None, {}) for plan in plans]
+        ids = batch.write(c)
+        return [
+            Reservation(tuple(ids[n] for n in result)) if isinstance(result, range) else result
+            for result in results
+        ]
 
-    def _reserve_one(
-        self, c: sqlite3.Connection, plan: list[_Planned], retained: dict[str, int]
-    ) -> Reservation | Exhausted:
-        # Read the clock under the write lock, so hits from processes that
-        # queued for the lock are logged in the order they were counted.
-        now = round(self._clock.now() * _US)
+    def _now(self) -> int:
+        return round(self._clock.now() * _US)
+
+    def _maybe_sweep(self, c: Tx, now: int) -> None:
         if now >= self._next_sweep_us:
             self._sweep(c, now)
+
+    def _prefetch(
+        self, c: Tx, plans: list[list[_Planned]], now: int, retained: dict[str, int]
+    ) -> dict[_Key, int]:
+        """Prune each key the batch counts by its running total, and return what it has left."""
+        items = [item for plan in plans for item in plan if item.request.cost and item.request.max]
+        for item in items:
+            if retained.get(item.request.counter, 0) < item.window_us:
+                retained[item.request.counter] = self._retention(c, item.request.counter, item.window_us)
+        cutoffs: dict[_Key, int] = {}
+        for item in items:
+            retain_us = retained[item.request.counter]
+            if item.window_us >= retain_us:
+                cutoffs[item.key] = now - retain_us
+        known: dict[_Key, int] = {}
+        pending = list(cutoffs.items())
+        for start in range(0, len(pending), _KEYS_PER_STATEMENT):
+            chunk = pending[start : start + _KEYS_PER_STATEMENT]
+            sql = _PRUNE_AND_TOTALS_SQL.format(values=", ".join([_KEY_VALUES] * len(chunk)))
+            params = [value for key, cutoff in chunk for value in (*key, cutoff)]
+            for counter, scope, value, used in c.execute(sql, params).fetchall():
+                known[(counter, scope, value)] = int(used)
+        return known
+
+    def _reserve_one(
+        self,
+        c: Tx,
+        plan: list[_Planned],
+        retained: dict[str, int],
+        batch: _Batch,
+        now: int | None,
+        known: dict[_Key, int],
+    ) -> range | Exhausted:
+        if now is None:
+            # Read the clock under the write lock, so hits from processes that
+            # queued for the lock are logged in the order they were counted.
+            now = self._now()
+            self._maybe_sweep(c, now)
         taken: dict[_Key, int] = {}
         for item in plan:
-            full = self._check(c, item, now, taken.get(item.key, 0), retained)
+            full = self._check(c, item, now, taken.get(item.key, 0), retained, batch, known)
             if full is not None:
                 return full
             if item.request.cost:
                 taken[item.key] = taken.get(item.key, 0) + item.request.cost
-
-        ids: list[int] = []
+        start = len(batch.rows)
         for item in plan:
             if item.request.cost:
-                cursor = c.execute(_INSERT_SQL, (*item.key, now, item.request.cost))
-                ids.append(cursor.fetchone()[0])
-        return Reservation(tuple(ids))
+                batch.add(item.key, now, item.request.cost)
+        return range(start, len(batch.rows))
 
     def _check(
-        self, c: sqlite3.Connection, item: _Planned, now: int, taken: int, retained: dict[str, int]
+        self,
+        c: Tx,
+        item: _Planned,
+        now: int,
+        taken: int,
+        retained: dict[str, int],
+        batch: _Batch,
+        known: dict[_Key, int],
     ) -> Exhausted | None:
         request = item.request
         if request.max == 0 or taken + request.cost > request.max:
@@ -285,28 +348,35 @@ class Limiter:
         retain_us = retained.get(request.counter, 0)
         if retain_us < item.window_us:
             retain_us = retained[request.counter] = self._retention(c, request.counter, item.window_us)
-        c.execute(_PRUNE_SQL, (*item.key, now - retain_us))
         cutoff = now - item.window_us
         if item.window_us >= retain_us:
-            # Every row left is inside this window: the running total is the answer.
-            row = c.execute(_TOTAL_SQL, item.key).fetchone()
-            used = row[0] if row else 0
+            # Every row left after pruning is inside this window: the running total is the answer.
+            if item.key in known:  # pruned and read at the start of the batch
+                used = known[item.key]
+            else:
+                c.execute(_PRUNE_SQL, (*item.key, now - retain_us))
+                row = c.execute(_TOTAL_SQL, item.key).fetchone()
+                used = row[0] if row else 0
         else:
+            c.execute(_PRUNE_SQL, (*item.key, now - retain_us))
             (used,) = c.execute(_SUM_SQL, (*item.key, cutoff)).fetchone()
+        pending = [hit for hit in batch.hits.get(item.key, ()) if hit[0] > cutoff]
+        used += sum(cost for _, cost in pending)
         excess = used + taken + request.cost - request.max
         if excess <= 0:
             return None
         # Walk the oldest hits until enough units have left the window; hits
         # sharing a timestamp leave together, so the walk simply continues.
+        hits = [(int(at_us), int(cost)) for at_us, cost in c.execute(_OLDEST_SQL, (*item.key, cutoff)).fetchall()]
         freed = 0
-        for at_us, cost in c.execute(_OLDEST_SQL, (*item.key, cutoff)):
+        for at_us, cost in sorted(hits + pending, key=lambda hit: hit[0]):
             freed += cost
             if freed >= excess:
                 return Exhausted(request.rule_id, request.reason, (at_us + item.window_us - now) / _US)
         raise AssertionError("limit log changed inside its own transaction")  # pragma: no cover
 
     @staticmethod
-    def _retention(c: sqlite3.Connection, counter: str, window_us: int) -> int:
+    def _retention(c: Tx, counter: str, window_us: int) -> int:
         # Read per transaction, not cached: another process may have stored a longer window.
         row = c.execute(_RETAINED_SQL, (counter,)).fetchone()
         if row is not None and row[0] >= window_us:
@@ -314,7 +384,7 @@ class Limiter:
         (stored,) = c.execute(_RETAIN_SQL, (counter, window_us)).fetchone()
         return int(stored)
 
-    def _sweep(self, c: sqlite3.Connection, now: int) -> None:
+    def _sweep(self, c: Tx, now: int) -> None:
         deleted = 0
         for counter, retain_us in c.execute(
             "SELECT counter, retain_us FROM guard_limit_counters"
@@ -327,6 +397,36 @@ class Limiter:
         self._next_sweep_us = now + self._sweep_interval_us
         if deleted:
             logger.debug("swept %d expired rate-limit hits", deleted)
+
+
+class _Batch:
+    """The hits one transaction's reservations take, counted as they are taken, written at its end."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, int, int]] = []
+        self.hits: dict[_Key, list[tuple[int, int]]] = {}
+
+    def add(self, key: _Key, at_us: int, cost: int) -> None:
+        self.rows.append((*key, at_us, cost))
+        self.hits.setdefault(key, []).append((at_us, cost))
+
+    def write(self, c: Tx) -> list[int]:
+        """Insert every row; their ids in the order the rows were added."""
+        ids: list[int] = []
+        for start in range(0, len(self.rows), _INSERT_ROWS):
+            chunk = self.rows[start : start + _INSERT_ROWS]
+            values = ", ".join(["(?, ?, ?, ?, ?)"] * len(chunk))
+            params = [value for row in chunk for value in row]
+            # Ids come from one sequence, assigned in VALUES order while we hold
+            # the write lock: sorted, they line up with the rows.
+            ids += sorted(
+                row[0] for row in c.execute(
+                    f"INSERT INTO guard_limit_hits (counter, scope, scope_value, at_us, cost) VALUES {values}"
+                    " RETURNING id",
+                    params,
+                ).fetchall()
+            )  # fmt: skip
+        return ids
 
 
 def _plan(request: LimitRequest, keys: ScopeKeys) -> _Planned:

@@ -32,6 +32,7 @@ from guard.dialects import PolicyError, load_policy, parse_document
 from guard.dialects.source import Node
 from guard.policy import Policy, Scope
 from guard.validation import ArgumentChecker
+from guard.storage.database import is_server_url
 
 EXPECTATIONS = ("allow", "deny", "require_approval", "hidden")
 CASE_KEYS = ("name", "tool", "args", "identity", "expect", "rule", "counters")
@@ -168,7 +169,7 @@ def explain(
         _print(out, "budgets charged by the turns it starts:")
         for rule_id, budget in verdict.budgets:
             _print(out, f"  {budget.name or rule_id} ({rule_id}): {describe_budget(budget)}")
-        if db_path is not None and Path(db_path).exists():
+        if db_path is not None and (is_server_url(db_path) or Path(db_path).exists()):
             import anyio
 
             from guard.budgets import targets_for

@@ -341,10 +341,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command not in SERVERS:
         logging.getLogger().setLevel(logging.WARNING)
-    import sqlite3
-
+        # The pool logs each failed connection attempt; a one-shot command says why in one line instead.
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     from guard.dialects.source import PolicyError
+    from guard.storage import StorageError
     from worker_server.config import ConfigError
+    from worker_server.db_errors import DB_ERRORS
 
     try:
         return _dispatch(args)
@@ -352,19 +354,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BaseException as exc:
         # Errors raised inside a task group arrive wrapped in exception groups.
-        known = _upstream_exit(exc, (ConfigError, PolicyError, CliError, sqlite3.Error, OSError))
+        known = _upstream_exit(exc, (ConfigError, PolicyError, CliError, StorageError, *DB_ERRORS, OSError))
         if known is None:
             if _upstream_exit(exc, KeyboardInterrupt) is not None:
                 return 130
             raise
-        if isinstance(known, sqlite3.Error):
-            # A file that is not a database, a locked or read-only file.
+        if isinstance(known, DB_ERRORS):
+            # A file that is not a database, a locked or read-only file; a server that refused.
             print(f"taskwarden: database {_db_shown(args)}: {known}", file=sys.stderr)
             return 1
         print(f"taskwarden: {known}", file=sys.stderr)
         if isinstance(known, CliError):
             return known.code
-        return 1 if isinstance(known, OSError) else 2
+        # A database that cannot be reached or used is not a usage error.
+        return 1 if isinstance(known, (OSError, StorageError)) else 2
 
 
 class CliError(Exception):
@@ -377,7 +380,7 @@ class CliError(Exception):
 
 def _db_shown(args: argparse.Namespace) -> str:
     try:
-        return str(_settings(args).db_path)
+        return _settings(args).db_display
     except Exception:  # noqa: BLE001 - only for a message
         return str(getattr(args, "db", None) or "(default)")
 
@@ -685,11 +688,18 @@ def _daemon(args: argparse.Namespace) -> int:
 
             log_to(Path(args.log_file).expanduser())
         return anyio.run(run_daemon, settings)
-    directory = forwarder.daemon_dir(_settings(args).db_path)
+    settings = _settings(args)
+    directory = forwarder.daemon_dir(settings.db_path)
     if args.daemon_command == "status":
         answer = forwarder.request(directory, "status")
         if answer is None:
-            print(json.dumps({"running": False}) if args.json else "No daemon is running for this database.")
+            # No daemon here; on a server database the others may still be seen.
+            others = _run(lambda: _registered_daemons(settings)) if settings.db_is_server else []
+            if args.json:
+                print(json.dumps({"running": False, **({"daemons": others} if settings.db_is_server else {})}))
+            else:
+                print("No daemon is running for this database" + (" on this host." if settings.db_is_server else "."))
+                _print_daemons(others)
             return 1
         if args.json:
             print(json.dumps({"running": True, **{k: v for k, v in answer.items() if k != "ok"}}))
@@ -699,6 +709,7 @@ def _daemon(args: argparse.Namespace) -> int:
             print(f"  database: {answer['database']}")
             if answer.get("draining"):
                 print("  stopping: waiting for running turns")
+            _print_daemons([d for d in answer.get("daemons") or () if not d.get("this")])
         return 0
     answer = forwarder.request(directory, "stop", now=args.now)
     if answer is None:
@@ -706,6 +717,32 @@ def _daemon(args: argparse.Namespace) -> int:
         return 0
     print(f"daemon pid {answer['pid']}: " + ("stopping now" if args.now else "stopping once its turns finish"))
     return 0
+
+
+async def _registered_daemons(settings: Settings) -> list[dict[str, Any]]:
+    from guard.storage import open_database
+    from guard.storage.lease import DaemonRegistry
+
+    db = await open_database(settings.db_target)
+    try:
+        registry = DaemonRegistry(db)
+        await registry.migrate()
+        now, records = await registry.all()
+        return [r.describe(now) for r in records]
+    finally:
+        await db.close()
+
+
+def _print_daemons(daemons: Sequence[dict[str, Any]]) -> None:
+    """The other daemons on the database: host, pid, last renewal, lease."""
+    if not daemons:
+        return
+    print(f"  other daemons on this database: {len(daemons)}")
+    for d in daemons:
+        lease = f"lease {d['lease_left_s']:.1f} s left" if d["live"] else f"LAPSED {-d['lease_left_s']:.1f} s ago"
+        where = f"  {d['url']}" if d.get("url") else ""
+        print(f"    {d['host']} pid {d['pid']} (taskwarden {d['version']}): renewed {d['renewed_s_ago']:.1f} s ago,"
+              f" {lease}{where}")
 
 
 async def _tasks(args: argparse.Namespace, settings: Settings) -> int:

@@ -95,6 +95,10 @@ class Settings(BaseSettings):
     # How often a server looks for turns left "working" by another server on
     # the same database that died (it always does at start).
     reconcile_s: float = Field(default=30.0, ge=0.1, le=3600)
+    # A daemon's lease in the daemon registry (renewed every third of it). On a
+    # server database a daemon whose lease lapses is taken for lost: the others
+    # fail its running turns ("interrupted: host lost") and run its queued ones.
+    lease_s: float = Field(default=15.0, ge=0.3, le=3600)
     # A daemon with no sessions and no turns running or queued exits after this long.
     idle_exit_s: float = Field(default=600.0, ge=0.1, le=30 * 86_400)
     inbox_url: str = "http://127.0.0.1:8765/inbox"
@@ -161,6 +165,15 @@ class Settings(BaseSettings):
         if self.db_is_server:
             return server_db_anchor(str(self.db), self.state_dir or user_state_dir())
         return Path(self.db_target)
+
+    @property
+    def db_display(self) -> str:
+        """The database for logs and messages: a server database's URL never shows its password."""
+        if self.db_is_server:
+            from guard.storage.postgres import redacted
+
+            return redacted(self.db_target)
+        return str(self.db_path)
 
     @property
     def logs_path(self) -> Path:

@@ -165,8 +165,9 @@ class Daemon:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket)  # left by a daemon that was killed; the lock says it is gone
         listener = await anyio.create_unix_listener(self.socket, mode=0o600)
+        # db.display: a server database's URL without its password.
         logger.info("taskwarden %s daemon (pid %d) on %s, db %s", __version__, os.getpid(), self.socket,
-                    self.app.settings.db_path)  # fmt: skip
+                    self.app.db.display)  # fmt: skip
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._accept, listener, tg)
@@ -261,10 +262,13 @@ class Daemon:
             "sessions": self.sessions,
             "running_turns": running,
             "queued_turns": queued,
-            "database": str(self.app.settings.db_path),
+            "database": self.app.db.display,
             "socket": str(self.socket),
             "draining": self.draining,
             "inbox_url": self.inbox_url,
+            "host": self.app.lease.host if self.app.lease is not None else None,
+            # Every daemon registered on this database (this one included, "this": true).
+            "daemons": await daemons_seen(self.app),
         }
 
     # -- connections --------------------------------------------------------
@@ -337,6 +341,19 @@ class Daemon:
             self.sessions -= 1
 
 
+async def daemons_seen(app: App) -> list[dict[str, Any]]:
+    """The registry as this daemon sees it (for status); empty when it cannot be read."""
+    if app.registry is None:
+        return []
+    try:
+        now, records = await app.registry.all()
+    except Exception as exc:  # noqa: BLE001 - status must answer even when the database is away
+        logger.warning("could not read the daemon registry: %s", exc)
+        return []
+    this = app.lease.record.id if app.lease is not None and app.lease.record is not None else None
+    return [r.describe(now, this=this) for r in records]
+
+
 def session_warnings(settings: Settings, cwd: Any) -> list[str]:
     """What a new client should be told at once (its forwarder prints it on stderr)."""
     if isinstance(cwd, str) and cwd and not settings.inside_roots(Path(cwd)):
@@ -352,16 +369,19 @@ async def run_daemon(
 ) -> int:
     """Run the daemon of ``settings.db_path`` until stopped or idle; 3 if another one runs.
     ``http_url``: the inbox ``extra`` serves over HTTP, if any."""
+    if settings.db_is_server:
+        # This host's state for a server database (socket, logs, scratch) lives here.
+        settings.db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     directory = daemon_dir(settings.db_path)
     private_dir(directory)
     lock_fd = take_lock(directory)
     if lock_fd is None:
-        logger.info("a taskwarden %s daemon already serves %s", __version__, settings.db_path)
+        logger.info("a taskwarden %s daemon already serves %s on this host", __version__, settings.db_display)
         return 3
     try:
         become_subreaper()
         watch_children_with_pidfds()
-        async with open_app(settings) as app:
+        async with open_app(settings, url=http_url) as app:
             daemon = Daemon(app, build_mcp(app), directory, lock_fd, inbox_url=http_url)
             lock_fd = None  # the daemon gives it up
             await daemon.serve(None if extra is None else lambda: extra(app))

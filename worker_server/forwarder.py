@@ -190,13 +190,38 @@ def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(p) if p.isdigit() else 0 for p in version.split("."))
 
 
+def has_password(url: str) -> bool:
+    """Whether a server database URL carries a password (which must not show in ``ps``)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        return bool(parts.password) or "password" in parse_qs(parts.query)
+    except ValueError:
+        return True  # unparseable: assume the worst
+
+
 def start_daemon(
-    directory: Path, db: Path, config: Path | None, policy: str | None, log_dir: Path
+    directory: Path, db: Path | str, config: Path | None, policy: str | None, log_dir: Path
 ) -> subprocess.Popen[bytes]:
-    """Start ``taskwarden daemon run`` detached: its own session, stdio on /dev/null, log in the log dir."""
+    """Start ``taskwarden daemon run`` detached: its own session, stdio on /dev/null, log in the log dir.
+
+    ``db``: the SQLite file, or a server database's URL (whose per-host state
+    the daemon finds under ``state_dir`` as this process does). A URL with a
+    password goes to the daemon in its environment, not its command line,
+    which every user of the host may read.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     log_file = log_dir / "daemon.log"
-    argv = [sys.executable, "-m", "worker_server", "daemon", "run", "--db", str(db.resolve())]
+    env = None
+    argv = [sys.executable, "-m", "worker_server", "daemon", "run"]
+    if isinstance(db, str) and is_server_url(db):
+        if has_password(db):
+            env = {**os.environ, "TASKWARDEN_DB": db}
+        else:
+            argv += ["--db", db]
+    else:
+        argv += ["--db", str(Path(db).resolve())]
     argv += ["--log-file", str(log_file.resolve())]
     if config is not None:
         argv += ["--config", str(config.resolve())]
@@ -206,14 +231,20 @@ def start_daemon(
     with open(log_file, "ab") as log:
         return subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
-            close_fds=True,
+            close_fds=True, env=env,
         )  # fmt: skip
 
 
 def daemon_socket(
-    db: Path, config: Path | None, policy: str | None, log_dir: Path, timeout: float = _START_TIMEOUT_S
+    db: Path, config: Path | None, policy: str | None, log_dir: Path, timeout: float = _START_TIMEOUT_S,
+    target: str | None = None,
 ) -> socket.socket:
-    """A connection to the daemon of ``db`` (of this version), starting it if none answers."""
+    """A connection to the daemon of ``db`` (of this version), starting it if none answers.
+
+    ``db`` is the SQLite file or, for a server database, this host's anchor
+    (``server_db_anchor``): the socket lives beside it. ``target`` is what the
+    daemon opens (the URL; default ``db`` itself).
+    """
     directory = daemon_dir(db)
     path = socket_path(directory)
     sock = connect(path)
@@ -228,7 +259,7 @@ def daemon_socket(
         seen = log_file.stat().st_size
     except OSError:
         seen = 0
-    daemon = start_daemon(directory, db, config, policy, log_dir)
+    daemon = start_daemon(directory, target if target is not None else db, config, policy, log_dir)
     deadline = time.monotonic() + timeout
     delay = 0.005
     while time.monotonic() < deadline:
@@ -310,12 +341,13 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, _quit)
     config = _config_file(_option(argv, "--config"))
     values = _file_values(config)
+    target = db_target(_option(argv, "--db"), values)
     db = db_path(_option(argv, "--db"), values)
     log_dir_value = _setting("log_dir", values)
     log_dir = Path(log_dir_value).expanduser() if log_dir_value else db.parent / "logs"
     identity = _setting("identity", values) or getpass.getuser()
     try:
-        sock = daemon_socket(db, config, _option(argv, "--policy"), log_dir)
+        sock = daemon_socket(db, config, _option(argv, "--policy"), log_dir, target=target)
         with sock:
             answer, early = hello(sock, {"op": "mcp", "cwd": os.getcwd(), "identity": identity, "pid": os.getpid()})
             if not answer.get("ok"):

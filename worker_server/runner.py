@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -21,15 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
-import psutil
 from anyio.abc import Process, TaskGroup
 
 from guard.budgets import BudgetLedger, BudgetTarget
 from guard.storage.changes import ChangeFeed
+from guard.storage.database import is_server_url
 from worker_server import git_work
 from worker_server import usage as usage_
 from worker_server.budget_meter import TurnMeter
+from worker_server.db_errors import DB_ERRORS
 from worker_server.event_formats import EventReader, WorkerEvent, reader_for
+from worker_server.hosts import INTERRUPTED, Liveness, ProcessLiveness, current_owner, owner_alive  # noqa: F401 (re-exported)
 from worker_server.process_group import HELPER_ENV, MARKER_ENV, terminate
 from worker_server.profiles import WorkerProfile
 from worker_server.sandbox import Sandbox, SandboxError, state_paths
@@ -46,24 +47,11 @@ ACTIVITY_FLUSH_S = 1.0
 # that inherited stdout can hold it open).
 DRAIN_S = 2.0
 
-INTERRUPTED = "interrupted: server restarted"
+#: What a worker never inherits from the daemon's environment (a profile's env may still set it).
+WORKER_ENV_HIDDEN = ("TASKWARDEN_DB", "PGPASSWORD")
 # While the database cannot be written (a full disk), how often to try again.
 RETRY_S = 1.0
 RETRY_MAX_S = 10.0
-
-
-def current_owner() -> tuple[int, float]:
-    """This process's identity in the store: pid plus start time (pids get reused)."""
-    return os.getpid(), psutil.Process().create_time()
-
-
-def owner_alive(pid: int | None, started: float | None) -> bool:
-    if pid is None or started is None:
-        return False
-    try:
-        return abs(psutil.Process(pid).create_time() - started) < 0.01
-    except psutil.Error:
-        return False
 
 
 @dataclass
@@ -108,8 +96,11 @@ class Runner:
         budgets: BudgetLedger | None = None,
         sandbox: Sandbox | None = None,
         scratch_dir: Path | None = None,
+        liveness: Liveness | None = None,
     ) -> None:
         self.store = store
+        # Whether another turn's owner is alive: its process (SQLite), its lease (a server database).
+        self.liveness: Liveness = liveness or ProcessLiveness()
         self.sandbox = sandbox or Sandbox(backend="none")
         self.scratch_dir = scratch_dir or logs_dir.parent / "scratch"
         self.reconcile_s = reconcile_s
@@ -125,19 +116,32 @@ class Runner:
     # -- lifecycle ---------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """Settle what a previous server left behind before serving.
+        """Settle what a server that is gone left behind (at start, then every ``reconcile_s``).
 
-        A turn still ``working`` whose server is gone is killed (its whole
-        process tree) and fails as interrupted; its session keeps the worker's
-        session id so the next message resumes it. Queued turns of a dead
-        server become ours to run.
+        A turn still ``working`` whose server is gone fails as interrupted
+        (``liveness.lost_message``); a daemon on its host also kills its whole
+        process tree. Its session keeps the worker's session id so the next
+        message resumes it. Queued turns of a dead server become anyone's to run.
         """
+        verdicts: dict[tuple[int | None, float | None], bool] = {}
+
+        async def alive(owner: tuple[int | None, float | None]) -> bool:
+            if owner == self.owner:
+                return True
+            if owner not in verdicts:
+                verdicts[owner] = await self.liveness.alive(owner)
+            return verdicts[owner]
+
+        lost = self.liveness.lost_message
         for task in await self.store.working_agent_tasks():
-            if (task.owner_pid, task.owner_started) == self.owner or owner_alive(task.owner_pid, task.owner_started):
+            owner = (task.owner_pid, task.owner_started)
+            if await alive(owner):
                 continue
-            logger.warning("task %s was running under a server that is gone; marking it failed", task.id)
-            await stop_orphan(self.store, task, TaskStatus.FAILED, INTERRUPTED)
-        dead = [o for o in await self.store.queued_owners() if o != self.owner and not owner_alive(*o)]
+            here = await self.liveness.on_this_host(owner)
+            logger.warning("task %s was running under a server that is gone (pid %s%s); marking it failed (%s)",
+                           task.id, task.owner_pid, "" if here else ", another host", lost)  # fmt: skip
+            await stop_orphan(self.store, task, TaskStatus.FAILED, lost, kill=here)
+        dead = [o for o in await self.store.queued_owners() if not await alive(o)]
         if dead:
             adopted = await self.store.adopt_queued(dead)
             logger.info("took over %d queued task(s) from a stopped server", adopted)
@@ -172,6 +176,10 @@ class Runner:
                 with anyio.CancelScope(shield=True):
                     await self._stop_all("interrupted: server stopped")
                 self._tg = None
+
+    async def give_up(self, reason: str) -> None:
+        """Stop every running turn (they end failed with ``reason``): this daemon's lease lapsed."""
+        await self._stop_all(reason)
 
     async def _stop_all(self, reason: str) -> None:
         turns = list(self._running.values())
@@ -267,6 +275,12 @@ class Runner:
         argv = profile.argv(cwd=cwd, prompt=task.prompt, session=task.worker_session, options=task.options)
         env = {**os.environ, **profile.env, MARKER_ENV: task.id}
         env.pop(HELPER_ENV, None)  # a worker is never the server's helper
+        for name in WORKER_ENV_HIDDEN:
+            # A server database's URL (and its password) would let a worker
+            # reach the database the sandbox hides, and decide approvals.
+            if name != "TASKWARDEN_DB" or is_server_url(env.get(name)):
+                env.pop(name, None)
+        env.update({k: v for k, v in profile.env.items() if k in WORKER_ENV_HIDDEN})  # asked for by name
         log = LogFile(self.logs_dir / f"{task.id}.log")
         # The work tree before the turn, to tell what the turn changed.
         before = await git_work.snapshot(cwd) if Path(cwd).is_dir() else None
@@ -594,13 +608,15 @@ def _failure_cause(exc: BaseException) -> str:
     cause = _os_error(exc)
     if cause is not None and cause.strerror:
         return f"failed: {cause.strerror}" + (f": {cause.filename}" if cause.filename else "")
-    db_error = _found(exc, sqlite3.Error)
+    db_error = _found(exc, DB_ERRORS)
     if db_error is not None:
         return f"failed: the database could not be written: {db_error}"
     return "internal error: see the server log"
 
 
-def _found(exc: BaseException, kind: type[BaseException], depth: int = 0) -> BaseException | None:
+def _found(
+    exc: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...], depth: int = 0
+) -> BaseException | None:
     """The first ``kind`` in ``exc``, its task-group members, or its causes (a few levels deep)."""
     if isinstance(exc, kind):
         return exc
@@ -665,10 +681,16 @@ def _failure_message(code: int | None, failure: list[str]) -> str:
     return f"{base}: {failure[-1]}" if failure else base
 
 
-async def stop_orphan(store: Store, task: TaskRow, status: TaskStatus, message: str) -> None:
-    """End a turn whose server is gone: kill what it left running, then record it."""
-    await terminate(task.id, task.pid, not_before=task.started_at)
-    if task.log_path:
-        append_note(Path(task.log_path), message)
-    await store.finish(task.id, status, message=message, only_from=[TaskStatus.WORKING])
+async def stop_orphan(store: Store, task: TaskRow, status: TaskStatus, message: str, *, kill: bool = True) -> bool:
+    """End a turn whose server is gone: kill what it left running, then record it.
+
+    ``kill``: the turn ran on this host. Its processes and log belong to
+    another host otherwise, where they are left alone (that host's next
+    daemon finds them). False when another process recorded the end first.
+    """
+    if kill:
+        await terminate(task.id, task.pid, not_before=task.started_at)
+        if task.log_path:
+            append_note(Path(task.log_path), message)
+    return await store.finish(task.id, status, message=message, only_from=[TaskStatus.WORKING])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -25,10 +26,12 @@ from guard.storage.changes import ChangeFeed
 from guard.storage.clock import SystemClock
 from guard.storage import open_database
 from guard.storage.database import Database
+from guard.storage.lease import DaemonRegistry
 from guard.gate import Call, Guard
 from guard.middleware import GuardMiddleware
 from worker_server import __version__
 from worker_server.config import ConfigError, Settings
+from worker_server.hosts import HostLease, LeaseLiveness, ProcessLiveness
 from worker_server.humans import Humans
 from worker_server.identity import CallerResolver, TokenIdentities
 from worker_server.intake import Intake
@@ -75,18 +78,23 @@ class App:
     intake: Intake
     # OpenTelemetry, when on (worker_server.telemetry); None: off, at no cost.
     telemetry: Any = None
+    # The daemons using this database, and this process's lease among them (if it runs workers).
+    registry: DaemonRegistry | None = None
+    lease: HostLease | None = None
 
 
 @asynccontextmanager
 async def open_app(
     settings: Settings, *, run_workers: bool = True, background: bool = True, guard_enabled: bool = True,
-    telemetry: Any = None,
+    telemetry: Any = None, url: str | None = None,
 ) -> AsyncIterator[App]:
     """Open the database and start the runner; stop every turn on the way out.
 
     ``run_workers`` runs agent turns (only the MCP server does); ``background``
     keeps human deadlines and reloads the policy (servers and the inbox do,
-    one-shot CLI commands do not).
+    one-shot CLI commands do not). A process that runs workers registers in
+    the daemon registry (``url``: its inbox over HTTP, shown to the others)
+    and holds a lease there while it runs (worker_server.hosts).
     """
     if telemetry is None and background and wanted(settings):
         telemetry = _start_telemetry(settings)
@@ -108,16 +116,28 @@ async def open_app(
         profiles = settings.profiles()
         # The guard's budget ledger: the runner charges turns' usage to it.
         ledger = BudgetLedger(db, SystemClock())
+        registry = DaemonRegistry(db)
+        await registry.migrate()
+        # One host: an owner lives while its process does. Many hosts: while its lease runs,
+        # which is then also how often the others look for one that is gone.
+        liveness = LeaseLiveness(registry) if db.dialect == "postgresql" else ProcessLiveness()
+        reconcile_s = min(settings.reconcile_s, settings.lease_s) if db.dialect == "postgresql" else settings.reconcile_s
         runner = (
             Runner(
-                store, feed, profiles, settings.logs_path, settings.reconcile_s,
-                sandbox=sandbox, scratch_dir=settings.scratch_path, budgets=ledger,
+                store, feed, profiles, settings.logs_path, reconcile_s,
+                sandbox=sandbox, scratch_dir=settings.scratch_path, budgets=ledger, liveness=liveness,
             )
             if run_workers
             else None
         )  # fmt: skip
+        lease = (
+            HostLease(registry, runner.owner, lease_s=settings.lease_s, version=__version__, url=url,
+                      on_lapse=runner.give_up)
+            if runner is not None
+            else None
+        )  # fmt: skip
         intake = Intake()
-        service = TaskService(store, runner, feed, settings, profiles, intake)
+        service = TaskService(store, runner, feed, settings, profiles, intake, liveness=liveness)
         humans = Humans(store, feed, settings)
         humans.view = service.view
         service.humans = humans
@@ -140,22 +160,29 @@ async def open_app(
             outbox, guard.approvals, notices, await LinkSigner.for_database(db), settings, feed, SystemClock()
         )
         tasks = TasksExtension(service, guard, callers.caller)
-        async with anyio.create_task_group() as tg:
-            if runner is not None:
-                await runner.reconcile()
-                await tg.start(runner.serve)
-                if background:  # the daemon (or a server on its own) delivers notifications
-                    await tg.start(deliverer.serve)
-            if background:
-                await tg.start(humans.keep_deadlines)
-                await tg.start(guard.serve)
-                await tg.start(tasks.watchers.serve)
-                if telemetry is not None:
-                    await tg.start(telemetry.serve, store)
-            try:
-                yield App(settings, db, feed, store, runner, service, guard, callers, tasks, deliverer, intake, telemetry)
-            finally:
-                tg.cancel_scope.cancel()
+        async with contextlib.AsyncExitStack() as held:
+            if lease is not None:
+                # Registered before the first claim; removed after the last turn has stopped.
+                await held.enter_async_context(lease.held())
+            async with anyio.create_task_group() as tg:
+                if runner is not None:
+                    await runner.reconcile()
+                    await tg.start(runner.serve)
+                    if background:  # the daemon (or a server on its own) delivers notifications
+                        await tg.start(deliverer.serve)
+                if background:
+                    await tg.start(humans.keep_deadlines)
+                    await tg.start(guard.serve)
+                    await tg.start(tasks.watchers.serve)
+                    if telemetry is not None:
+                        await tg.start(telemetry.serve, store)
+                try:
+                    yield App(
+                        settings, db, feed, store, runner, service, guard, callers, tasks, deliverer, intake,
+                        telemetry, registry, lease,
+                    )  # fmt: skip
+                finally:
+                    tg.cancel_scope.cancel()
     finally:
         if guard is not None:
             # Every audit record queued so far is written before the database

@@ -26,7 +26,8 @@ from worker_server.intake import Intake
 from worker_server import git_work
 from worker_server import usage as usage_
 from worker_server.profiles import DEFAULT_SANDBOX, EFFORTS, SANDBOXES, WorkerProfile
-from worker_server.runner import Runner, owner_alive, stop_orphan
+from worker_server.hosts import Liveness, ProcessLiveness
+from worker_server.runner import Runner, stop_orphan
 from worker_server.workers import find_program
 from worker_server.store import MessageRow, Store, TaskNotFound, TaskRow, new_id
 from worker_server.task import (
@@ -111,8 +112,11 @@ class TaskService:
         settings: Settings,
         profiles: dict[str, WorkerProfile],
         intake: Intake | None = None,
+        liveness: Liveness | None = None,
     ) -> None:
         self.store = store
+        # Whether the server running a turn is alive (see worker_server.hosts).
+        self.liveness: Liveness = liveness or ProcessLiveness()
         # Closed while the daemon drains: new agent turns are refused.
         self.intake = intake or Intake()
         self.runner = runner
@@ -367,7 +371,8 @@ class TaskService:
                 return "already_terminal"
         if self.runner is not None and await self.runner.cancel(row.id, reason):
             return "cancelled" if (await self.store.get(row.id)).status == TaskStatus.CANCELLED else "already_terminal"
-        if owner_alive(row.owner_pid, row.owner_started):
+        owner = (row.owner_pid, row.owner_started)
+        if await self.liveness.alive(owner):
             # Another server process runs it: ask, then wait for it to stop.
             await self.store.request_cancel(row.id, reason)
             with anyio.move_on_after(REMOTE_CANCEL_WAIT_S):
@@ -376,8 +381,9 @@ class TaskService:
                 return "cancelled" if status == TaskStatus.CANCELLED else "already_terminal"
             raise InvalidArgument("task_id", f"{row.id}: the server running it did not stop it in time")
         # Its server is gone and nobody reconciled it yet.
-        await stop_orphan(self.store, row, TaskStatus.CANCELLED, message)
-        return "cancelled"
+        if await stop_orphan(self.store, row, TaskStatus.CANCELLED, message, kill=await self.liveness.on_this_host(owner)):
+            return "cancelled"
+        return "already_terminal"
 
     # -- list-tasks / get-task ---------------------------------------------
 

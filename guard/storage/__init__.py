@@ -7,9 +7,13 @@ share. See ``guard.storage.database`` for the contract both keep.
 
 from guard.storage.changes import ChangeFeed
 from guard.storage.clock import Clock, FakeClock, SystemClock, iso
-from guard.storage.database import Database, Dialect, Migrations, Step, StorageError, Tx, is_server_url, open_database
+from guard.storage.database import (
+    Database, Dialect, Migrations, Step, StorageError, Tx, integrity_errors, is_integrity_error, is_server_url,
+    is_unique_violation, open_database,
+)  # fmt: skip
 
 __all__ = [
     "ChangeFeed", "Clock", "Database", "Dialect", "FakeClock", "Migrations", "Step", "StorageError",
-    "SystemClock", "Tx", "is_server_url", "iso", "open_database",
+    "SystemClock", "Tx", "integrity_errors", "is_integrity_error", "is_server_url", "is_unique_violation", "iso",
+    "open_database",
 ]  # fmt: skip

@@ -16,6 +16,7 @@ steps per dialect; a released step is never edited.
 from __future__ import annotations
 
 import abc
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,23 +114,32 @@ class Database(abc.ABC):
         if not wanted:
             raise StorageError(f"the {component} schema has no {self.dialect} version")
 
+        def set_version(tx: Tx, version: int) -> None:
+            tx.execute(
+                "INSERT INTO schema_versions (component, version) VALUES (?, ?)"
+                " ON CONFLICT (component) DO UPDATE SET version = excluded.version",
+                (component, version),
+            )
+
         def run(tx: Tx) -> int:
             current = self._schema_version(tx, component)
-            if current > len(wanted):
-                raise StorageError(
-                    f"{self.display}: the {component} schema is at version {current}, newer than this "
-                    f"taskwarden understands ({len(wanted)}); upgrade taskwarden"
-                )
-            for version in range(current, len(wanted)):
-                self._apply(tx, wanted[version])
-                tx.execute(
-                    "INSERT INTO schema_versions (component, version) VALUES (?, ?)"
-                    " ON CONFLICT (component) DO UPDATE SET version = excluded.version",
-                    (component, version + 1),
-                )
-            return len(wanted)
+            return self._upgrade(tx, f"the {component} schema", wanted, current, set_version)
 
         return await self.write(run)
+
+    def _upgrade(
+        self, tx: Tx, what: str, wanted: Sequence[Step], current: int, set_version: Callable[[Tx, int], None]
+    ) -> int:
+        """Apply the steps after ``current`` in this transaction; refuse a newer schema than we know."""
+        if current > len(wanted):
+            raise StorageError(
+                f"{self.display}: {what} is at version {current}, newer than this "
+                f"taskwarden understands ({len(wanted)}); upgrade taskwarden"
+            )
+        for version in range(current, len(wanted)):
+            self._apply(tx, wanted[version])
+            set_version(tx, version + 1)
+        return len(wanted)
 
     async def migrate_user_version(self, steps: Migrations) -> int:
         """The host application's own schema (the task store).
@@ -146,6 +156,49 @@ class Database(abc.ABC):
 
     @abc.abstractmethod
     def _apply(self, tx: Tx, step: Step) -> None: ...
+
+
+def integrity_errors() -> tuple[type[Exception], ...]:
+    """The exception classes a constraint violation raises on either backend, for ``except``.
+
+    psycopg is imported only if it is installed (SQLite alone needs nothing).
+    """
+    return _integrity_errors()
+
+
+@functools.cache
+def _integrity_errors() -> tuple[type[Exception], ...]:
+    import sqlite3
+
+    found: list[type[Exception]] = [sqlite3.IntegrityError]
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - psycopg is a dependency
+        pass
+    else:
+        found.append(psycopg.IntegrityError)
+    return tuple(found)
+
+
+def is_integrity_error(exc: BaseException) -> bool:
+    """True for a constraint violation (unique, check, foreign key, a trigger's refusal) on either backend."""
+    return isinstance(exc, integrity_errors())
+
+
+def is_unique_violation(exc: BaseException) -> bool:
+    """True when ``exc`` is a UNIQUE / PRIMARY KEY violation on either backend."""
+    import sqlite3
+
+    if isinstance(exc, sqlite3.IntegrityError):
+        name = getattr(exc, "sqlite_errorname", "")
+        if name:
+            return name in ("SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY")
+        return "UNIQUE constraint failed" in str(exc)
+    try:
+        from psycopg.errors import UniqueViolation
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, UniqueViolation)
 
 
 def is_server_url(target: str | Path | None) -> bool:

@@ -165,7 +165,9 @@ class PostgresDatabase(Database):
         def connect() -> psycopg_pool.ConnectionPool:
             pool = psycopg_pool.ConnectionPool(
                 url, min_size=1, max_size=POOL_MAX, open=False, name="taskwarden",
-                kwargs={"autocommit": True, "row_factory": _row_factory, "connect_timeout": max(1, int(connect_timeout_s))},
+                kwargs={
+                    "autocommit": True, "row_factory": _row_factory, "connect_timeout": max(1, int(connect_timeout_s)),
+                },
             )  # fmt: skip
             try:
                 pool.open(wait=True, timeout=connect_timeout_s)
@@ -185,10 +187,9 @@ class PostgresDatabase(Database):
     async def _run(self, begin: str, fn: Callable[[Tx], T], *, lock: bool) -> T:
         def tx() -> T:
             with self._pool.connection() as conn:
-                conn.execute(begin)  # type: ignore[arg-type]
+                # BEGIN and the write lock in one round trip (one simple query).
+                conn.execute(f"{begin}; SELECT pg_advisory_xact_lock({WRITE_LOCK})" if lock else begin)  # type: ignore[arg-type]
                 try:
-                    if lock:
-                        conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
                     result = fn(_Tx(conn))  # type: ignore[arg-type]
                 except BaseException:
                     with contextlib.suppress(Exception):
@@ -225,7 +226,9 @@ class PostgresDatabase(Database):
 
         def run(tx: Tx) -> bytes:
             tx.execute("CREATE TABLE IF NOT EXISTS storage_keys (name TEXT PRIMARY KEY, key BYTEA NOT NULL)")
-            tx.execute("INSERT INTO storage_keys (name, key) VALUES (?, ?) ON CONFLICT (name) DO NOTHING", (name, candidate))
+            tx.execute(
+                "INSERT INTO storage_keys (name, key) VALUES (?, ?) ON CONFLICT (name) DO NOTHING", (name, candidate)
+            )
             return bytes(tx.execute("SELECT key FROM storage_keys WHERE name = ?", (name,)).fetchone()[0])
 
         key = await self.write(run)

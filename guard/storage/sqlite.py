@@ -112,19 +112,13 @@ class SQLiteDatabase(Database):
     async def migrate_user_version(self, steps: Migrations) -> int:
         wanted = steps.sqlite
 
-        def run(c: Tx) -> int:
-            current = c.execute("PRAGMA user_version").fetchone()[0]
-            if current > len(wanted):
-                raise StorageError(
-                    f"{self.path}: the schema is at version {current}, newer than this "
-                    f"taskwarden understands ({len(wanted)}); upgrade taskwarden"
-                )
-            for version in range(current, len(wanted)):
-                self._apply(c, wanted[version])
-                c.execute(f"PRAGMA user_version = {int(version) + 1}")
-            return len(wanted)
+        def set_version(tx: Tx, version: int) -> None:
+            tx.execute(f"PRAGMA user_version = {int(version)}")
 
-        return await self.write(run)
+        def current(tx: Tx) -> int:
+            return tx.execute("PRAGMA user_version").fetchone()[0]
+
+        return await self.write(lambda tx: self._upgrade(tx, "the schema", wanted, current(tx), set_version))
 
     def _apply(self, tx: Tx, step: Step) -> None:
         if callable(step):

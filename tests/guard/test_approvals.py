@@ -26,8 +26,9 @@ ARGS = {"task_id": "t_123", "reason": "stuck"}
 
 
 @pytest.fixture
-async def db(tmp_path: Path):
-    database = await open_guard_db(tmp_path / "guard.db")
+async def db(db_target: str):
+    """The guard's tables in a fresh database: a SQLite file, then PostgreSQL."""
+    database = await open_guard_db(db_target)
     yield database
     await database.close()
 
@@ -100,11 +101,11 @@ async def test_approve_then_the_call_uses_it_once(db, clock) -> None:
     assert (await approvals.get(pending.id)).used_at == clock.now()
 
 
-async def test_racing_consumers_one_wins(db, clock) -> None:
+async def test_racing_consumers_one_wins(db, db_target: str, clock) -> None:
     approvals = Approvals(db, clock)
     approval = await open_for(approvals)
     await approvals.decide(approval.id, True, "bob")
-    other_db = await open_guard_db(db.path)  # a second connection, as another process would have
+    other_db = await open_guard_db(db_target)  # a second connection, as another process would have
     try:
         others = Approvals(other_db, clock)
         results = await asyncio.gather(

@@ -19,8 +19,9 @@ ARGS = {"task_id": "tsk_abc"}
 
 
 @pytest.fixture
-async def db(tmp_path: Path):
-    database = await open_guard_db(tmp_path / "guard.db")
+async def db(db_target: str):
+    """The guard's tables in a fresh database: a SQLite file, then PostgreSQL."""
+    database = await open_guard_db(db_target)
     yield database
     await database.close()
 

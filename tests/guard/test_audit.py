@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -11,15 +10,16 @@ import pytest
 from guard.audit import AuditLog, AuditLogClosed, AuditRecord, Decision, InvalidDecision, Outcome
 from guard.storage.clock import FakeClock
 from guard.digests import Digester, canonical_json, key_path
-from guard.storage import open_database
+from guard.storage import integrity_errors, open_database
 from guard.schema import open_guard_db
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-async def db(tmp_path: Path):
-    database = await open_guard_db(tmp_path / "guard.db")
+async def db(db_target: str):
+    """The guard's tables in a fresh database: a SQLite file, then PostgreSQL."""
+    database = await open_guard_db(db_target)
     yield database
     await database.close()
 
@@ -95,12 +95,37 @@ async def test_digests_are_keyed_by_a_0600_file_beside_the_database(tmp_path: Pa
 async def test_rows_cannot_be_updated_or_deleted(db) -> None:
     log = AuditLog(db, FakeClock())
     await log.record(call())
-    with pytest.raises(sqlite3.IntegrityError, match="append-only: rows cannot be updated"):
+    with pytest.raises(integrity_errors(), match="append-only: rows cannot be updated"):
         await db.write(lambda c: c.execute("UPDATE guard_audit SET decision = 'deny'"))
-    with pytest.raises(sqlite3.IntegrityError, match="append-only: rows cannot be deleted"):
+    with pytest.raises(integrity_errors(), match="append-only: rows cannot be deleted"):
         await db.write(lambda c: c.execute("DELETE FROM guard_audit"))
+    if db.dialect == "postgresql":  # SQLite has no TRUNCATE (its DELETE without WHERE is refused above)
+        with pytest.raises(integrity_errors(), match="append-only: rows cannot be truncated"):
+            await db.write(lambda c: c.execute("TRUNCATE guard_audit"))
     (entry,) = await log.query()
     assert entry.decision == "allow"
+
+
+async def test_a_server_databases_digest_key_is_shared_through_the_database(pg_url: str) -> None:
+    # The PostgreSQL counterpart of the key file: every daemon connecting reads one key.
+    import psycopg
+
+    db = await open_guard_db(pg_url)
+    again = await open_guard_db(pg_url)
+    try:
+        args = {"b": "é", "a": 1}
+        first = await Digester.for_database(db)
+        assert (await Digester.for_database(again)).args(args) == first.args(args)
+        log = AuditLog(again, FakeClock())  # no digester given: the key is read from the database
+        row_id = await log.record(call(args=args))
+        (entry,) = await log.query()
+        assert entry.id == row_id and entry.args_digest == first.args(args)
+    finally:
+        await db.close()
+        await again.close()
+    with psycopg.connect(pg_url) as conn:
+        (key,) = conn.execute("SELECT key FROM storage_keys WHERE name = 'digest'").fetchone()
+    assert len(key) == 32
 
 
 async def test_an_unknown_decision_is_refused_at_once(db) -> None:

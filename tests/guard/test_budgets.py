@@ -37,10 +37,12 @@ BUDGET_POLICY = """\
 
 
 @asynccontextmanager
-async def guarded(tmp_path: Path, policy: str, clock: FakeClock) -> AsyncIterator[tuple[MCPServer[Any], Guard]]:
+async def guarded(
+    tmp_path: Path, db_target: str, policy: str, clock: FakeClock
+) -> AsyncIterator[tuple[MCPServer[Any], Guard]]:
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text(textwrap.dedent(policy))
-    db = await open_database(tmp_path / "guard.db")
+    db = await open_database(db_target)
     feed = db.change_feed()
     feed.start()
     guard = await Guard.open(db, feed, policy_path=policy_file, clock=clock)
@@ -60,9 +62,11 @@ async def guarded(tmp_path: Path, policy: str, clock: FakeClock) -> AsyncIterato
         await db.close()
 
 
-async def test_a_budget_admits_until_spent_then_refuses_with_the_time_room_frees(tmp_path: Path) -> None:
+async def test_a_budget_admits_until_spent_then_refuses_with_the_time_room_frees(
+    tmp_path: Path, db_target: str
+) -> None:
     clock = FakeClock(1_700_000_000.0)
-    async with guarded(tmp_path, BUDGET_POLICY, clock) as (server, guard), Client(server) as client:
+    async with guarded(tmp_path, db_target, BUDGET_POLICY, clock) as (server, guard), Client(server) as client:
         first = await client.call_tool("start", {})
         assert first.is_error is False
         # The handler is told which budget keys the turns it starts charge.
@@ -99,9 +103,9 @@ async def test_a_budget_admits_until_spent_then_refuses_with_the_time_room_frees
         assert decisions.count("budget_exhausted") == 2
 
 
-async def test_shadow_mode_admits_a_spent_budget_and_records_it(tmp_path: Path) -> None:
+async def test_shadow_mode_admits_a_spent_budget_and_records_it(tmp_path: Path, db_target: str) -> None:
     clock = FakeClock(1_700_000_000.0)
-    async with guarded(tmp_path, "mode: shadow\n" + textwrap.dedent(BUDGET_POLICY), clock) as (server, guard), \
+    async with guarded(tmp_path, db_target, "mode: shadow\n" + textwrap.dedent(BUDGET_POLICY), clock) as (server, guard), \
             Client(server) as client:  # fmt: skip
         identity = (await client.call_tool("start", {})).content[0].text.split("/")[2]
         target = BudgetTarget("daily", "start#1", "identity", identity, DAY, tokens=1000, shadow=True)
@@ -114,8 +118,8 @@ async def test_shadow_mode_admits_a_spent_budget_and_records_it(tmp_path: Path) 
         assert crossing["shadow"] is True and crossing["task"] == "tsk_x"
 
 
-async def test_cost_and_worker_time_sum_exactly(tmp_path: Path) -> None:
-    db = await open_guard_db(tmp_path / "g.db")
+async def test_cost_and_worker_time_sum_exactly(db_target: str) -> None:
+    db = await open_guard_db(db_target)
     try:
         ledger = BudgetLedger(db, FakeClock(1000.0))
         target = BudgetTarget("b", "r#1", "global", "", 60, cost_usd=0.3, worker_s=2)
@@ -148,12 +152,12 @@ anyio.run(main)
 """
 
 
-async def test_two_processes_charging_one_budget_stay_exact(tmp_path: Path) -> None:
-    path = tmp_path / "shared.db"
+async def test_two_processes_charging_one_budget_stay_exact(db_target: str) -> None:
+    path = db_target  # one SQLite file, or one PostgreSQL database both processes connect to
     await (await open_guard_db(path)).close()  # the tables, made once before both start
     root = Path(__file__).resolve().parents[2]
     procs = [
-        subprocess.Popen([sys.executable, "-c", CHARGER, str(path)], cwd=root, stdout=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", CHARGER, path], cwd=root, stdout=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
@@ -196,10 +200,10 @@ def test_the_budget_key_is_read_with_file_and_line_errors(tmp_path: Path) -> Non
         assert fragment in str(caught.value)
 
 
-async def test_policy_explain_shows_the_budget_and_its_use(tmp_path: Path) -> None:
+async def test_policy_explain_shows_the_budget_and_its_use(tmp_path: Path, db_target: str) -> None:
     policy = tmp_path / "p.yaml"
     policy.write_text(textwrap.dedent(BUDGET_POLICY))
-    db_path = tmp_path / "g.db"
+    db_path = db_target
     db = await open_guard_db(db_path)
     await BudgetLedger(db, SystemClock()).charge(
         [BudgetTarget("daily", "start#1", "identity", "alice", DAY, tokens=1000)], {"tokens": 250}

@@ -5,17 +5,22 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import tempfile
 import textwrap
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guard.storage.clock import FakeClock
-from guard.limits import Exhausted, InvalidLimit, LimitRequest, Limiter, Reservation, ScopeKeys
+from guard.limits import (
+    Exhausted,
+    InvalidLimit,
+    Limiter,
+    LimitRequest,
+    Reservation,
+    ScopeKeys,
+)
 from guard.schema import open_guard_db
+from guard.storage.clock import FakeClock
 
 pytestmark = pytest.mark.anyio
 
@@ -30,8 +35,9 @@ def per_session(max_: int = 30, window_s: float = 60, cost: int = 1, counter: st
 
 
 @pytest.fixture
-async def db(tmp_path: Path):
-    database = await open_guard_db(tmp_path / "guard.db")
+async def db(db_target: str):
+    """The guard's tables in a fresh database: a SQLite file, then PostgreSQL."""
+    database = await open_guard_db(db_target)
     yield database
     await database.close()
 
@@ -208,9 +214,9 @@ async def test_bad_requests_are_refused_with_the_field_named(db) -> None:
         await limiter.reserve([LimitRequest("r", "c", 1, 60, "tenant")], ALICE)  # type: ignore[arg-type]
 
 
-async def test_counts_survive_reopening_the_database(tmp_path: Path) -> None:
+async def test_counts_survive_reopening_the_database(db_target: str) -> None:
     clock = FakeClock()
-    path = tmp_path / "guard.db"
+    path = db_target
     db = await open_guard_db(path)
     for _ in range(3):
         await Limiter(db, clock).reserve([per_session(max_=3)], ALICE)
@@ -255,7 +261,7 @@ async def test_expired_hits_are_swept_but_the_longest_window_is_kept(db) -> None
     assert count == 1
 
 
-# -- several processes sharing one file --------------------------------------
+# -- several processes sharing one database ----------------------------------
 
 _WORKER = textwrap.dedent(
     """
@@ -279,16 +285,18 @@ _WORKER = textwrap.dedent(
 )
 
 
-async def test_processes_sharing_the_file_admit_exactly_max_in_total(tmp_path: Path) -> None:
-    path = tmp_path / "guard.db"
-    db = await open_guard_db(path)
+@pytest.mark.parametrize("processes", [2, 4])
+async def test_processes_sharing_the_database_admit_exactly_max_in_total(db_target: str, processes: int) -> None:
+    # SQLite: processes sharing one file. PostgreSQL: daemons sharing one
+    # database (the write lock is the advisory lock): 50 each, 30 admitted in all.
+    db = await open_guard_db(db_target)
     await db.close()
 
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [sys.executable, "-c", _WORKER, db_target], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        for _ in range(4)
+        for _ in range(processes)
     ]
     admitted = 0
     for proc in procs:
@@ -377,12 +385,18 @@ _operation = st.one_of(
 )
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(_operation, min_size=20, max_size=100))
-def test_matches_the_reference_model(operations: list) -> None:
-    async def run(path: Path) -> None:
-        db = await open_guard_db(path)
+@settings(
+    max_examples=100, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)  # fmt: skip
+@given(operations=st.lists(_operation, min_size=20, max_size=100))
+def test_matches_the_reference_model(db_target: str, operations: list) -> None:
+    # One database for every example (a fresh PostgreSQL database each would
+    # dominate the run): each example starts from empty tables.
+    async def run(target: str) -> None:
+        db = await open_guard_db(target)
         try:
+            await db.write(_empty_limit_tables)
             clock = FakeClock(1000.0)
             limiter = Limiter(db, clock, sweep_interval_s=_SWEEP_S)
             model = ReferenceLimiter(_SWEEP_S)
@@ -409,5 +423,53 @@ def test_matches_the_reference_model(operations: list) -> None:
         finally:
             await db.close()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        asyncio.run(run(Path(tmp) / "guard.db"))
+    asyncio.run(run(db_target))
+
+
+def _empty_limit_tables(c) -> None:
+    c.execute("DELETE FROM guard_limit_hits")
+    c.execute("DELETE FROM guard_limit_totals")
+    c.execute("DELETE FROM guard_limit_counters")
+
+
+async def test_reservations_committed_together_see_each_others_hits(db) -> None:
+    # Concurrent reservations share one transaction; each counts the hits of
+    # those before it, and a full limit's retry time walks them too.
+    clock = FakeClock(0.0)
+    limiter = Limiter(db, clock)
+    one = per_session(max_=10, window_s=60)
+    await limiter.reserve([one], ALICE)  # t=0: 1 unit
+    clock.set(5)
+    results = await asyncio.gather(
+        *(limiter.reserve([one], ALICE) for _ in range(9)),  # t=5: 9 more, full
+        limiter.reserve([per_session(max_=10, window_s=60, cost=3)], ALICE),
+        limiter.reserve([one], ALICE),
+    )
+    assert all(isinstance(r, Reservation) for r in results[:9])
+    # 3 units must leave: the one at t=0 and two of those at t=5 (at 65).
+    assert results[9] == Exhausted("spawn-task#1", "10 calls per 60 s per session", 60.0)
+    assert results[10] == Exhausted("spawn-task#1", "10 calls per 60 s per session", 55.0)
+    ids = [i for r in results[:9] for i in r.ids]
+    assert len(set(ids)) == 9
+    await limiter.release(results[0])
+    assert isinstance(await limiter.reserve([one], ALICE), Reservation)
+
+
+async def test_a_batch_over_many_keys_counts_each_key_on_its_own(db) -> None:
+    clock = FakeClock(0.0)
+    limiter = Limiter(db, clock)
+    two = per_session(max_=2, window_s=10)
+    sessions = [ScopeKeys(f"s{n}", "alice") for n in range(5)]
+    await limiter.reserve([two], sessions[0])  # t=0: s0 has one already
+    clock.set(4)
+    results = await asyncio.gather(*(limiter.reserve([two], keys) for keys in sessions for _ in range(3)))
+    admitted = {keys.session: 0 for keys in sessions}
+    for keys, result in zip([k for k in sessions for _ in range(3)], results, strict=True):
+        admitted[keys.session] += isinstance(result, Reservation)
+    assert admitted == {"s0": 1, "s1": 2, "s2": 2, "s3": 2, "s4": 2}
+    # s0's oldest hit leaves at 10, the others' at 14.
+    assert {r.retry_after_s for r in results[:3] if isinstance(r, Exhausted)} == {6.0}
+    assert {r.retry_after_s for r in results[3:] if isinstance(r, Exhausted)} == {10.0}
+    clock.set(10)  # s0's first hit has left; the batch prunes it
+    assert isinstance(await limiter.reserve([two], sessions[0]), Reservation)
+    assert isinstance(await limiter.reserve([two], sessions[1]), Exhausted)

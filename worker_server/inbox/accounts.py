@@ -15,7 +15,6 @@ import hashlib
 import logging
 import re
 import secrets
-import sqlite3
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -23,7 +22,7 @@ import anyio
 
 from guard.approvers import ROLES
 from guard.storage.clock import Clock, iso
-from guard.storage.database import Database, Migrations, Step
+from guard.storage.database import Database, Migrations, Step, Tx
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +67,39 @@ _SQLITE: list[Step] = [
     ALTER TABLE inbox_humans ADD COLUMN webhook_secret TEXT;
     """,
 ]
-STEPS = Migrations(sqlite=_SQLITE)
+_POSTGRESQL: list[Step] = [
+    # 1: SQLite's steps 1 and 2. Names compare without case as SQLite's
+    # NOCASE does, through a case-insensitive (accent-sensitive) ICU collation,
+    # so the queries stay the same on both backends.
+    """
+    CREATE COLLATION IF NOT EXISTS taskwarden_nocase
+        (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+    CREATE TABLE inbox_humans (
+        name TEXT PRIMARY KEY COLLATE taskwarden_nocase,
+        created_at DOUBLE PRECISION NOT NULL,
+        role TEXT NOT NULL DEFAULT 'worker' CHECK (role IN ('worker', 'approver', 'admin')),
+        email TEXT,
+        webhook TEXT,
+        webhook_secret TEXT
+    );
+    CREATE TABLE inbox_signin_tokens (
+        token_sha256 TEXT PRIMARY KEY,
+        human TEXT NOT NULL COLLATE taskwarden_nocase REFERENCES inbox_humans(name) ON DELETE CASCADE,
+        created_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        used_at DOUBLE PRECISION
+    );
+    CREATE INDEX inbox_signin_tokens_human ON inbox_signin_tokens(human);
+    CREATE TABLE inbox_sessions (
+        id_sha256 TEXT PRIMARY KEY,
+        human TEXT NOT NULL COLLATE taskwarden_nocase REFERENCES inbox_humans(name) ON DELETE CASCADE,
+        created_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX inbox_sessions_human ON inbox_sessions(human);
+    """,
+]
+STEPS = Migrations(sqlite=_SQLITE, postgresql=_POSTGRESQL)
 
 #: The role ``humans add`` gives a new person unless told otherwise.
 DEFAULT_ROLE = "worker"
@@ -129,13 +160,13 @@ class Person:
     webhook_secret: str | None
 
 
-def people(c: sqlite3.Connection) -> builtins.list[Person]:
+def people(c: Tx) -> builtins.list[Person]:
     """Everyone, inside a caller's transaction (notifications are queued in it)."""
     rows = c.execute("SELECT name, role, email, webhook, webhook_secret FROM inbox_humans ORDER BY name").fetchall()
     return [Person(*tuple(r)) for r in rows]
 
 
-def role_in(c: sqlite3.Connection, name: str) -> str | None:
+def role_in(c: Tx, name: str) -> str | None:
     """The role of the person called ``name`` (any case), or None if there is none."""
     row = c.execute("SELECT role FROM inbox_humans WHERE name = ?", (name.strip(),)).fetchone()
     return str(row[0]) if row else None
@@ -211,7 +242,7 @@ class Accounts:
         token = secrets.token_urlsafe(32)
         now = self._clock.now()
 
-        def tx(c: sqlite3.Connection) -> None:
+        def tx(c: Tx) -> None:
             if c.execute("SELECT 1 FROM inbox_humans WHERE name = ?", (name,)).fetchone() is None:
                 c.execute(
                     "INSERT INTO inbox_humans (name, created_at, role) VALUES (?, ?, ?)",
@@ -242,7 +273,7 @@ class Accounts:
         await self._schema()
         now = self._clock.now()
 
-        def read(c: sqlite3.Connection) -> builtins.list[Human]:
+        def read(c: Tx) -> builtins.list[Human]:
             rows = c.execute(
                 "SELECT h.name, h.created_at, EXISTS (SELECT 1 FROM inbox_sessions s"
                 " WHERE s.human = h.name AND s.expires_at > ?), h.role, h.email, h.webhook"
@@ -267,7 +298,7 @@ class Accounts:
         """Remove a person with their links and sessions; False if there is no such person."""
         await self._schema()
 
-        def tx(c: sqlite3.Connection) -> bool:
+        def tx(c: Tx) -> bool:
             c.execute("DELETE FROM inbox_sessions WHERE human = ?", (name,))
             c.execute("DELETE FROM inbox_signin_tokens WHERE human = ?", (name,))
             return c.execute("DELETE FROM inbox_humans WHERE name = ?", (name,)).rowcount > 0
@@ -303,7 +334,7 @@ class Accounts:
         session_id = secrets.token_urlsafe(32)
         now = self._clock.now()
 
-        def tx(c: sqlite3.Connection) -> str | None:
+        def tx(c: Tx) -> str | None:
             row = c.execute(
                 "UPDATE inbox_signin_tokens SET used_at = ?"
                 " WHERE token_sha256 = ? AND used_at IS NULL AND expires_at > ? RETURNING human",

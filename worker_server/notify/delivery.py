@@ -11,7 +11,6 @@ repeat. A row marked ``sent`` is never sent again.
 from __future__ import annotations
 
 import logging
-import sqlite3
 
 import anyio
 import anyio.abc
@@ -19,7 +18,9 @@ import anyio.abc
 from guard.approvals import Approval, Approvals, ApprovalStatus
 from guard.storage.changes import ChangeFeed
 from guard.storage.clock import Clock
+from guard.storage.database import Tx
 from worker_server.config import Settings
+from worker_server.db_errors import DB_ERRORS
 from worker_server.notify.channels import DeliveryError, build_email, send_email, send_webhook
 from worker_server.notify.events import Notices
 from worker_server.notify.links import LinkSigner
@@ -65,7 +66,7 @@ class Deliverer:
                 if batch:
                     continue
                 due = await self.outbox.next_due()
-            except (sqlite3.Error, OSError):
+            except (*DB_ERRORS, OSError):
                 logger.exception("notification delivery failed; trying again shortly")
                 next_timed, due = None, self.clock.now() + 5
             now = self.clock.now()
@@ -131,7 +132,7 @@ class Deliverer:
         if n.payload.get("recipient") is None:
             return self.settings.notify.webhook_secret
 
-        def read(c: sqlite3.Connection) -> str | None:
+        def read(c: Tx) -> str | None:
             row = c.execute("SELECT webhook_secret FROM inbox_humans WHERE name = ?", (n.recipient,)).fetchone()
             return row[0] if row else None
 

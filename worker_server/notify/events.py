@@ -18,16 +18,17 @@ none is not notified (the inbox still shows it).
 from __future__ import annotations
 
 import json
-import sqlite3
 from typing import Any
 
 from guard.approvals import Approval
 from guard.approvers import has_role, is_role, may_decide
 from guard.storage.clock import Clock, iso
+from guard.storage.database import Tx
 from worker_server.config import Settings
 from worker_server.inbox.accounts import Person, people
 from worker_server.notify.outbox import enqueue
 from worker_server.store import TaskEvent
+from worker_server.task import TaskStatus
 
 TEAM = "(team)"
 MAX_BRIEF = 2000
@@ -44,7 +45,7 @@ class Notices:
     # -- where ---------------------------------------------------------------
 
     def _queue(
-        self, c: sqlite3.Connection, key: str, kind: str, to: list[Person], payload: dict[str, Any]
+        self, c: Tx, key: str, kind: str, to: list[Person], payload: dict[str, Any]
     ) -> int:
         now = self.clock.now()
         count = 0
@@ -62,7 +63,7 @@ class Notices:
 
     # -- tasks -----------------------------------------------------------------
 
-    def task_events(self, c: sqlite3.Connection, events: list[TaskEvent]) -> None:
+    def task_events(self, c: Tx, events: list[TaskEvent]) -> None:
         for event in events:
             row = c.execute(
                 "SELECT kind, title, prompt, claimed_by, status_message, turn FROM tasks WHERE id = ?",
@@ -84,7 +85,7 @@ class Notices:
                 continue
             claimer = [p for p in people(c) if p.name.casefold() == claimed_by.casefold()]
             status, came_from, was = data.get("status"), data.get("from"), data.get("was")
-            if status == "working" and came_from == "input_required" and was in ("question", "review"):
+            if status == TaskStatus.WORKING and came_from == TaskStatus.INPUT_REQUIRED and was in ("question", "review"):
                 kind = "question_answered" if was == "question" else "changes_requested"
                 what = "The agent answered your question" if was == "question" else "The agent asked for changes"
                 last = c.execute(
@@ -96,8 +97,8 @@ class Notices:
                     **base, "title": f"{what}: {title}", "text": f"{what} on a task you claimed.",
                     "brief": (last[1] if last else "")[:MAX_BRIEF],
                 })  # fmt: skip
-            elif status in ("cancelled", "failed"):
-                ended = "was cancelled" if status == "cancelled" else f"ended ({status_message or status})"
+            elif status in (TaskStatus.CANCELLED, TaskStatus.FAILED):
+                ended = "was cancelled" if status == TaskStatus.CANCELLED else f"ended ({status_message or status})"
                 self._queue(c, f"claimed_task_ended:{event.task_id}", "claimed_task_ended", claimer, {
                     **base, "title": f"A task you claimed {ended}: {title}",
                     "text": f"The task {ended}; there is nothing more to do on it.", "brief": status_message or "",
@@ -112,7 +113,7 @@ class Notices:
             "brief": f"{a.tool} {args[:MAX_BRIEF]}", "expires_at": iso(a.expires_at), "decide": True,
         }  # fmt: skip
 
-    def opened(self, c: sqlite3.Connection, approval: Approval) -> None:
+    def opened(self, c: Tx, approval: Approval) -> None:
         """``guard.approvals.ApprovalEvents``: a call was held for approval."""
         deciders = [p for p in people(c) if may_decide(approval.approvers, (), p.name, p.role)]
         self._queue(c, f"approval_pending:{approval.id}", "approval_pending", deciders, self._approval_payload(
@@ -143,7 +144,7 @@ class Notices:
                     upcoming.append(at)
         return due, (min(upcoming) if upcoming else None)
 
-    def queue_timed(self, c: sqlite3.Connection, due: list[tuple[str, Approval]]) -> None:
+    def queue_timed(self, c: Tx, due: list[tuple[str, Approval]]) -> None:
         """Queue notices from ``due_timed`` in the caller's transaction (each once: see ``enqueue``)."""
         everyone = people(c)
         for key, a in due:

@@ -9,8 +9,7 @@ sends that one row again when its lease runs out (at least once); a row
 marked ``sent`` is never sent again. ``(event_key, recipient, channel)`` is
 unique, so an event noticed twice (a timed scan in two daemons) queues once.
 
-All SQL here is plain standard SQL (no SQLite-only syntax), kept in these
-few functions so a second storage backend ports them in one place.
+All SQL here is plain standard SQL that runs on SQLite and PostgreSQL alike.
 """
 
 from __future__ import annotations
@@ -18,13 +17,12 @@ from __future__ import annotations
 import builtins
 import json
 import secrets
-import sqlite3
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from guard.storage.clock import Clock, iso
-from guard.storage.database import Database, Migrations, Step
+from guard.storage.database import Database, Migrations, Step, Tx
 
 _SQLITE: list[Step] = [
     # 1: the outbox and the spent one-click decision links
@@ -54,7 +52,35 @@ _SQLITE: list[Step] = [
     );
     """,
 ]
-STEPS = Migrations(sqlite=_SQLITE)
+_POSTGRESQL: list[Step] = [
+    # 1: SQLite's step 1
+    """
+    CREATE TABLE notify_outbox (
+        id           TEXT PRIMARY KEY,
+        event_key    TEXT NOT NULL,
+        kind         TEXT NOT NULL,
+        recipient    TEXT NOT NULL,
+        channel      TEXT NOT NULL CHECK (channel IN ('webhook', 'email')),
+        target       TEXT NOT NULL,
+        payload      TEXT NOT NULL,
+        status       TEXT NOT NULL CHECK (status IN ('pending', 'sent', 'failed')),
+        attempts     BIGINT NOT NULL,
+        next_at      DOUBLE PRECISION NOT NULL,
+        leased_until DOUBLE PRECISION,
+        last_error   TEXT,
+        created_at   DOUBLE PRECISION NOT NULL,
+        sent_at      DOUBLE PRECISION,
+        UNIQUE (event_key, recipient, channel)
+    );
+    CREATE INDEX notify_outbox_due ON notify_outbox (status, next_at);
+    CREATE TABLE notify_spent_links (
+        nonce       TEXT PRIMARY KEY,
+        approval_id TEXT NOT NULL,
+        spent_at    DOUBLE PRECISION NOT NULL
+    );
+    """,
+]
+STEPS = Migrations(sqlite=_SQLITE, postgresql=_POSTGRESQL)
 
 #: A leased row is someone's for this long; a daemon that died lets it go then.
 LEASE_S = 120.0
@@ -101,13 +127,13 @@ _COLUMNS = (
 )
 
 
-def _row(r: sqlite3.Row | tuple[Any, ...]) -> Notification:
+def _row(r: Any) -> Notification:
     v = tuple(r)
     return Notification(v[0], v[1], v[2], v[3], v[4], v[5], json.loads(v[6]), Status(v[7]), *v[8:])
 
 
 def enqueue(
-    c: sqlite3.Connection,
+    c: Tx,
     now: float,
     *,
     event_key: str,
@@ -126,14 +152,14 @@ def enqueue(
         return False
     c.execute(
         f"INSERT INTO notify_outbox ({_COLUMNS}, leased_until) VALUES"
-        " (?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, NULL, ?, NULL, NULL)",
+        " (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, NULL, ?, NULL, NULL)",
         ("ntf_" + secrets.token_hex(8), event_key, kind, recipient, channel, target,
-         json.dumps(payload, ensure_ascii=False), now, now),
+         json.dumps(payload, ensure_ascii=False), Status.PENDING.value, now, now),
     )  # fmt: skip
     return True
 
 
-def spend_link(c: sqlite3.Connection, nonce: str, approval_id: str, now: float) -> bool:
+def spend_link(c: Tx, nonce: str, approval_id: str, now: float) -> bool:
     """Mark a decision link used, inside the decision's transaction; False if it was already."""
     if c.execute("SELECT 1 FROM notify_spent_links WHERE nonce = ?", (nonce,)).fetchone() is not None:
         return False
@@ -143,7 +169,7 @@ def spend_link(c: sqlite3.Connection, nonce: str, approval_id: str, now: float) 
     return True
 
 
-def link_spent(c: sqlite3.Connection, nonce: str) -> bool:
+def link_spent(c: Tx, nonce: str) -> bool:
     return c.execute("SELECT 1 FROM notify_spent_links WHERE nonce = ?", (nonce,)).fetchone() is not None
 
 
@@ -161,19 +187,19 @@ class Outbox:
         """Due pending rows, leased to the caller for ``LEASE_S``."""
         now = self.clock.now()
 
-        def tx(c: sqlite3.Connection) -> builtins.list[Notification]:
+        def tx(c: Tx) -> builtins.list[Notification]:
             rows = c.execute(
-                f"SELECT {_COLUMNS} FROM notify_outbox WHERE status = 'pending' AND next_at <= ?"
-                " AND (leased_until IS NULL OR leased_until <= ?) ORDER BY next_at, created_at LIMIT ?",
-                (now, now, limit),
+                f"SELECT {_COLUMNS} FROM notify_outbox WHERE status = ? AND next_at <= ?"
+                " AND (leased_until IS NULL OR leased_until <= ?) ORDER BY next_at, created_at, id LIMIT ?",
+                (Status.PENDING.value, now, now, limit),
             ).fetchall()
             taken = []
             for r in rows:
                 n = _row(r)
                 changed = c.execute(
-                    "UPDATE notify_outbox SET leased_until = ? WHERE id = ? AND status = 'pending'"
+                    "UPDATE notify_outbox SET leased_until = ? WHERE id = ? AND status = ?"
                     " AND (leased_until IS NULL OR leased_until <= ?)",
-                    (now + LEASE_S, n.id, now),
+                    (now + LEASE_S, n.id, Status.PENDING.value, now),
                 ).rowcount
                 if changed:
                     taken.append(n)
@@ -185,30 +211,31 @@ class Outbox:
         now = self.clock.now()
         await self.db.write(
             lambda c: c.execute(
-                "UPDATE notify_outbox SET status = 'sent', sent_at = ?, attempts = attempts + 1,"
+                "UPDATE notify_outbox SET status = ?, sent_at = ?, attempts = attempts + 1,"
                 " leased_until = NULL, last_error = NULL WHERE id = ?",
-                (now, notification_id),
+                (Status.SENT.value, now, notification_id),
             )
         )
 
     async def mark_failed_attempt(self, notification_id: str, error: str, retry_at: float | None) -> None:
         """One attempt failed: retry at ``retry_at``, or (None) give up: ``failed``."""
-        status = "pending" if retry_at is not None else "failed"
+        status = Status.PENDING if retry_at is not None else Status.FAILED
         await self.db.write(
             lambda c: c.execute(
                 "UPDATE notify_outbox SET status = ?, attempts = attempts + 1, next_at = ?,"
                 " leased_until = NULL, last_error = ? WHERE id = ?",
-                (status, retry_at if retry_at is not None else self.clock.now(), error[:500], notification_id),
+                (status.value, retry_at if retry_at is not None else self.clock.now(), error[:500], notification_id),
             )
         )
 
     async def next_due(self) -> float | None:
         """When the earliest pending row is due (or its lease ends)."""
 
-        def read(c: sqlite3.Connection) -> float | None:
+        def read(c: Tx) -> float | None:
             row = c.execute(
                 "SELECT min(CASE WHEN leased_until IS NOT NULL AND leased_until > next_at"
-                " THEN leased_until ELSE next_at END) FROM notify_outbox WHERE status = 'pending'"
+                " THEN leased_until ELSE next_at END) FROM notify_outbox WHERE status = ?",
+                (Status.PENDING.value,),
             ).fetchone()
             return row[0] if row else None
 
@@ -216,10 +243,11 @@ class Outbox:
 
     async def list(self, *, failed_only: bool = False, limit: int = 200) -> builtins.list[Notification]:
         """Notifications, newest first."""
-        where = "WHERE status = 'failed'" if failed_only else ""
+        where = "WHERE status = ?" if failed_only else ""
+        args: tuple[Any, ...] = (Status.FAILED.value,) if failed_only else ()
         rows = await self.db.read(
             lambda c: c.execute(
-                f"SELECT {_COLUMNS} FROM notify_outbox {where} ORDER BY created_at DESC, id LIMIT ?", (limit,)
+                f"SELECT {_COLUMNS} FROM notify_outbox {where} ORDER BY created_at DESC, id LIMIT ?", (*args, limit)
             ).fetchall()
         )
         return [_row(r) for r in rows]

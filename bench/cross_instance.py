@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -12,15 +11,14 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.to_thread
 import httpx
 from mcp import Client
 
+from bench import postgres
 from bench.core import Metric, Section, Sizes, fmt, percentile, progress, rounded
 from bench.wake import SLEEP_S, STAMP
 from bench.workspace import SHELL, Workspace, structured
@@ -47,27 +45,12 @@ written inside the deciding transaction) to the held call's result at B's
 client. Samples run one at a time, after one warm-up each. Skipped when
 `$TASKWARDEN_TEST_PG` is unset (an error under `CI=true`)."""
 
-ENV = "TASKWARDEN_TEST_PG"
-
-
-@dataclass
-class PgWorkspace(Workspace):
-    """A bench workspace on a shared server database, with this "host's" state under ``root/state``."""
-
-    db_url: str = ""
-
-    def write_config(self) -> None:
-        super().write_config()
-        text = self.config.read_text()
-        state = f"state_dir = {json.dumps(str(self.root / 'state'))}"
-        text = re.sub(r"^db = .*$", f"db = {json.dumps(self.db_url)}\n{state}", text, count=1, flags=re.M)
-        self.config.write_text(text)
+ENV = postgres.ENV
 
 
 async def run(sizes: Sizes, scratch: Path) -> Section:
     section = Section("cross_instance", TITLE, METHOD)
-    admin = os.environ.get(ENV)
-    if not admin:
+    if not postgres.available():
         if os.environ.get("CI") == "true":
             raise RuntimeError(f"${ENV} is not set; under CI=true PostgreSQL is required")
         progress(f"cross_instance: skipped (${ENV} names no PostgreSQL server)")
@@ -78,11 +61,11 @@ async def run(sizes: Sizes, scratch: Path) -> Section:
         section.details = [f"Skipped: `${ENV}` names no PostgreSQL server."]
         return section
     samples = max(3, sizes.wake_samples // 2)
-    async with fresh_database(admin) as url:
+    with postgres.fresh_database() as url:
         stamp = {"command": [sys.executable, "-S", "-c", STAMP, "{prompt}"], "prompt": "arg", "events": "text"}
         workers = {"shell": SHELL, "stamp": stamp}
         a, b = (
-            PgWorkspace(scratch / name, db_url=url, policy=None, workers=workers, default_worker="shell")
+            Workspace(scratch / name, policy=None, workers=workers, default_worker="shell", server_db=url)
             for name in ("a", "b")
         )
         async with AsyncExitStack() as stack:
@@ -105,8 +88,10 @@ async def run(sizes: Sizes, scratch: Path) -> Section:
         "| measured | samples | p50 | max |",
         "|---|---|---|---|",
         f"| wake: worker exit on A → result on B | {len(wake)} | {fmt(wake_p50)} ms | {fmt(max(wake))} ms |",
-        f"| approval: commit in A → held call on B | {len(approval)} | {fmt(approval_p50)} ms "
-        f"| {fmt(max(approval))} ms |",
+        (
+            f"| approval: commit in A → held call on B | {len(approval)} | {fmt(approval_p50)} ms "
+            f"| {fmt(max(approval))} ms |"
+        ),
     ]
     return section
 
@@ -137,22 +122,21 @@ async def _approval(on_b: Client, a: Workspace, b: Workspace, base_a: str, url: 
                 spawn = {"prompt": "sleep 60", "worker": "shell", "cwd": str(b.work)}
                 task = structured(await on_b.call_tool("spawn-task", spawn), "spawn-task")
                 reason = f"bench {i}"
-                arrived = 0.0
+                arrived: list[float] = []
 
-                async def held_call() -> None:
-                    nonlocal arrived
-                    result = await on_b.call_tool("cancel-task", {"task_id": task["task_id"], "reason": reason})
-                    arrived = time.time()
+                async def held_call(args: dict[str, str], arrived: list[float] = arrived) -> None:
+                    result = await on_b.call_tool("cancel-task", args)
+                    arrived.append(time.time())
                     structured(result, "cancel-task")
 
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(held_call)
+                    tg.start_soon(held_call, {"task_id": task["task_id"], "reason": reason})
                     pending = await _pending(approvals, reason)
                     await approve(pending.id)
                 decided = await approvals.get(pending.id)
                 assert decided is not None and decided.decided_at is not None
                 if i:
-                    out.append((arrived - decided.decided_at) * 1000)
+                    out.append((arrived[0] - decided.decided_at) * 1000)
     finally:
         await db.close()
     return out
@@ -227,27 +211,3 @@ async def http_daemon(ws: Workspace) -> AsyncIterator[str]:
                 proc.kill()
                 proc.wait()
         log.close()
-
-
-@asynccontextmanager
-async def fresh_database(admin: str) -> AsyncIterator[str]:
-    """A new database on the server ``admin`` names, dropped afterwards."""
-    import secrets
-
-    import psycopg
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-    name = f"tw_bench_{secrets.token_hex(6)}"
-
-    def admin_do(sql: str) -> None:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(sql)
-
-    await anyio.to_thread.run_sync(admin_do, f'CREATE DATABASE "{name}"')
-    try:
-        parts = conninfo_to_dict(admin)
-        parts["dbname"] = name
-        # taskwarden tells a server database by its URL scheme.
-        yield "postgresql:///?" + make_conninfo(**parts).replace(" ", "&")
-    finally:
-        await anyio.to_thread.run_sync(admin_do, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -11,7 +11,13 @@ import pytest
 
 from guard.storage import FakeClock, open_database
 from guard.storage.lease import DaemonRegistry
-from worker_server.hosts import HOST_LOST, HostLease, LeaseLiveness, ProcessLiveness, current_owner
+from worker_server.hosts import (
+    HOST_LOST,
+    HostLease,
+    LeaseLiveness,
+    ProcessLiveness,
+    current_owner,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -113,4 +119,53 @@ async def test_host_lease_renews_finds_its_own_lapse_and_leaves(db_target: str) 
         _, rows = await registry.all()
         assert rows == []  # a clean exit leaves no row
     finally:
+        await db.close()
+
+
+async def test_a_new_daemon_kills_what_a_lost_daemon_of_its_host_left_running(db_target: str, tmp_path) -> None:
+    """Another host failed the turns 'host lost' but could not kill them; the next daemon here does."""
+    from worker_server.hosts import reap_lost_turns
+    from worker_server.process_group import MARKER_ENV
+    from worker_server.store import Store
+    from worker_server.task import TaskStatus
+
+    db = await open_database(db_target)
+    feed = db.change_feed()
+    feed.start()
+    workers: list[subprocess.Popen[bytes]] = []
+    try:
+        store = await Store.open(db, feed)
+        registry = DaemonRegistry(db)
+        await registry.migrate()
+        turns = {}
+        for host in ("here", "elsewhere"):
+            gone = subprocess.Popen([sys.executable, "-c", "pass"])
+            gone.wait()
+            owner = (gone.pid, 7.25)
+            await registry.register(host=host, pid=owner[0], started=owner[1], version="1", url=None, lease_s=1)
+            row, _ = await store.create_session(
+                kind="agent", worker="fake", title=host, prompt="p", cwd=str(tmp_path), labels=[], created_by="t",
+                idempotency_key=None, timeout_s=None, deadline=None, owner=owner,
+            )  # fmt: skip
+            claimed = await store.claim_next("fake", 5, owner)
+            assert claimed is not None and claimed.id == row.id
+            worker = subprocess.Popen(
+                [sys.executable, "-c", "import time; time.sleep(120)"],
+                env={**os.environ, MARKER_ENV: row.id}, start_new_session=True,
+            )  # fmt: skip
+            workers.append(worker)
+            await store.set_process(row.id, worker.pid, str(tmp_path / f"{row.id}.log"))
+            assert await store.finish(row.id, TaskStatus.FAILED, message=HOST_LOST)
+            turns[host] = (row.id, worker)
+        reaped = await reap_lost_turns(db, registry, "here")
+        assert reaped == [turns["here"][0]]
+        assert turns["here"][1].wait(timeout=10) is not None
+        assert turns["elsewhere"][1].poll() is None, "a turn of another host's daemon was killed"
+        assert await reap_lost_turns(db, registry, "here") == []
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+        feed.close()
         await db.close()

@@ -30,9 +30,11 @@ from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 import anyio
+import anyio.to_thread
 import psutil
 
-from guard.storage.lease import DaemonRecord, DaemonRegistry
+from guard.storage.database import Database
+from guard.storage.lease import FORGET_AFTER_S, DaemonRecord, DaemonRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +122,60 @@ class LeaseLiveness:
         return record.host == self.host
 
 
+async def reap_lost_turns(db: Database, registry: DaemonRegistry, host: str, *, since: float | None = None) -> list[str]:
+    """Kill what turns of this host's lost daemons still run; returns their task ids.
+
+    A daemon that dies (``kill -9``, a crash) leaves its workers running.
+    Another host fails its turns ``host lost`` but cannot kill them, a pid
+    meaning nothing there; the next daemon on this host does, at start. Only
+    turns whose owner ran on this host and whose process is gone are looked
+    at, and only processes carrying the turn's marker are signalled.
+    """
+    from worker_server.process_group import MARKER_ENV, terminate
+    from worker_server.task import TaskStatus
+
+    since = time.time() - FORGET_AFTER_S if since is None else since
+
+    def read(tx: Any) -> list[Any]:
+        return tx.execute(
+            "SELECT id, pid, started_at, owner_pid, owner_started FROM tasks"
+            " WHERE status = ? AND status_message = ? AND kind = 'agent' AND ended_at >= ?",
+            (TaskStatus.FAILED.value, HOST_LOST, since),
+        ).fetchall()
+
+    lost = {row["id"]: row for row in await db.read(read)}
+    if not lost:
+        return []
+    running = await anyio.to_thread.run_sync(_marked_tasks, MARKER_ENV, set(lost))
+    reaped = []
+    for task_id in sorted(running):
+        row = lost[task_id]
+        owner = (row["owner_pid"], row["owner_started"])
+        if owner[0] is None or owner[1] is None or owner_alive(*owner):
+            continue  # a live daemon of this host stops its own turns
+        _, record = await registry.find((owner[0], owner[1]))
+        if record is None or record.host != host:
+            continue
+        logger.warning("task %s was lost with its daemon (pid %s) on this host; killing what it left running",
+                       task_id, owner[0])  # fmt: skip
+        await terminate(task_id, row["pid"], not_before=row["started_at"])
+        reaped.append(task_id)
+    return reaped
+
+
+def _marked_tasks(marker: str, wanted: set[str]) -> set[str]:
+    """Which of ``wanted`` have a live process carrying their marker (one pass over the processes)."""
+    found = set()
+    for proc in psutil.process_iter():
+        try:
+            value = proc.environ().get(marker)
+            if value in wanted and proc.status() != psutil.STATUS_ZOMBIE:
+                found.add(value)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
 class HostLease:
     """This daemon's row in the registry, kept alive while the daemon runs."""
 
@@ -179,6 +235,10 @@ class HostLease:
         while True:
             await anyio.sleep(max(0.0, renewed_at + interval - time.monotonic()))
             assert self.record is not None
+            # The lease runs from when the database took the renewal, which is
+            # before its answer arrives: timed from the asking, a slow answer
+            # brings the next renewal forward rather than late.
+            asked = time.monotonic()
             try:
                 ok = await self.registry.renew(self.record.id, self.lease_s)
             except Exception as exc:  # noqa: BLE001 - the database is away: try again, the lease may lapse
@@ -186,7 +246,7 @@ class HostLease:
                 await anyio.sleep(min(interval, 1.0))
                 continue
             if ok:
-                renewed_at = time.monotonic()
+                renewed_at = asked
                 continue
             self.lapses += 1
             logger.warning(

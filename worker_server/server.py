@@ -31,7 +31,7 @@ from guard.gate import Call, Guard
 from guard.middleware import GuardMiddleware
 from worker_server import __version__
 from worker_server.config import ConfigError, Settings
-from worker_server.hosts import HostLease, LeaseLiveness, ProcessLiveness
+from worker_server.hosts import HostLease, LeaseLiveness, ProcessLiveness, reap_lost_turns
 from worker_server.humans import Humans
 from worker_server.identity import CallerResolver, TokenIdentities
 from worker_server.intake import Intake
@@ -167,6 +167,9 @@ async def open_app(
             async with anyio.create_task_group() as tg:
                 if runner is not None:
                     await runner.reconcile()
+                    if isinstance(liveness, LeaseLiveness):
+                        # What a daemon of this host that died left running, once its turns were failed elsewhere.
+                        await reap_lost_turns(db, registry, liveness.host)
                     await tg.start(runner.serve)
                     if background:  # the daemon (or a server on its own) delivers notifications
                         await tg.start(deliverer.serve)

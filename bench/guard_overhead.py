@@ -15,7 +15,8 @@ from guard.audit import Outcome
 from guard.middleware import GuardMiddleware
 from guard.gate import Admission, Call
 from worker_server.config import load_settings
-from worker_server.server import open_app, build_mcp
+from worker_server.app import open_app
+from worker_server.server import build_mcp
 from worker_server.service import Caller
 from worker_server.task import TaskStatus
 

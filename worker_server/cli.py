@@ -479,9 +479,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "guard":
         return _guard(args)
     if args.command == "inbox":
-        from worker_server.inbox.app import serve_inbox
-
-        from worker_server.server import bind_listener
+        from worker_server.server import bind_listener, serve_inbox
 
         settings = _settings(args)
         host, port = args.http
@@ -746,7 +744,7 @@ def _print_daemons(daemons: Sequence[dict[str, Any]]) -> None:
 
 
 async def _tasks(args: argparse.Namespace, settings: Settings) -> int:
-    from worker_server.server import open_app
+    from worker_server.app import open_app
     from worker_server.service import InvalidArgument
 
     async with open_app(settings, run_workers=False, background=False) as app:
@@ -893,7 +891,7 @@ async def _prune(app: Any, older_than_s: float, *, dry_run: bool) -> int:
 
 async def _humans(args: argparse.Namespace, settings: Settings) -> int:
     from worker_server.inbox.accounts import Accounts, InvalidChannel, InvalidName
-    from worker_server.server import open_app
+    from worker_server.app import open_app
 
     async with open_app(settings, run_workers=False, background=False) as app:
         accounts = Accounts(app.db, app.store.clock)
@@ -953,7 +951,7 @@ async def _notify(args: argparse.Namespace, settings: Settings) -> int:
     from guard.storage.clock import iso
     from worker_server.notify.channels import DeliveryError
     from worker_server.notify.outbox import Notification, Status
-    from worker_server.server import open_app
+    from worker_server.app import open_app
 
     async with open_app(settings, run_workers=False, background=False) as app:
         deliverer = app.deliverer

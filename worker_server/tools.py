@@ -360,7 +360,7 @@ async def review_task(
     deps = tool_deps(ctx)
     humans = deps.humans()
     await deps.service.check_visible(task_id, deps.viewer(ctx))
-    return await humans.review(deps.caller(ctx), task_id, decision, feedback)
+    return await deps.service.view(await humans.review(deps.caller(ctx), task_id, decision, feedback))
 
 
 # -- registered in one place ----------------------------------------------------

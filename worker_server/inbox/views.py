@@ -31,7 +31,7 @@ from worker_server.store import MessageRow, TaskRow
 from worker_server.task import TaskStatus
 
 if TYPE_CHECKING:
-    from worker_server.server import App
+    from worker_server.inbox.deps import InboxDeps as App
 
 S = TaskStatus
 HUMAN = "human"

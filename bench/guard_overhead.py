@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from mcp import Client
 
@@ -12,9 +13,10 @@ from bench.core import Metric, Section, Sizes, fmt, median, percentile, progress
 from bench.workspace import Workspace
 from guard.audit import Outcome
 from guard.middleware import GuardMiddleware
-from guard.runtime import Admission, Call
+from guard.gate import Admission, Call
 from worker_server.config import load_settings
-from worker_server.server import open_app, build_mcp
+from worker_server.app import open_app
+from worker_server.server import build_mcp
 from worker_server.service import Caller
 from worker_server.task import TaskStatus
 
@@ -38,6 +40,17 @@ The headline uses the client's default for an in-process server (the
 per-request path of protocol 2026-07-28, no JSON-RPC framing); the same
 measurement then runs through a handshake-era JSON-RPC session
 (`Client(server, mode="legacy")`), which is how stdio clients connect today.
+
+What telemetry costs when it is off, with the guard on, through the default
+client: batches alternate (ABBA, as above) between the server as taskwarden
+builds it with OpenTelemetry off (the SDK's `OpenTelemetryMiddleware` taken
+out of the chain, no guard telemetry) and the same server with OpenTelemetry
+off but its hooks left in (the SDK's middleware back at the head of the
+chain, the guard reporting each decision to `worker_server.telemetry`), on
+the OpenTelemetry API's no-op providers (no SDK configured, nothing
+exported). `telemetry_off_ratio` is the median over pairs of (calls/s with
+the hooks in) / (calls/s with them removed): what leaving them in would
+cost; taskwarden's own "off" is the removed side.
 
 With the guard on, every call is decided (policy, argument schema, counter
 conditions) and audited. `get-task` is read-only (its annotations say so),
@@ -80,13 +93,19 @@ async def run(sizes: Sizes, scratch: Path) -> Section:
             legacy = await _ab(client, args, switch, sizes)
         switch(True)
 
+        # Telemetry off: its hooks left in (no-op providers) vs removed (as taskwarden runs).
+        hooks_in = _telemetry_hooks(chain, app.guard)
+        async with Client(server) as client:
+            telemetry = await _ab(client, args, hooks_in, sizes)
+        hooks_in(False)
+
         # Where the added time goes: the guard's two halves, called directly.
         admit_us, settle_us, guard_ms = await _halves(app.guard, view.task_id, sizes)
 
     progress(
         f"guard: ratio {modern.ratio:.3f}, its own time {percentile(guard_ms, 50):.3f} ms p50, "
         f"{percentile(guard_ms, 99):.3f} ms p99; "
-        f"legacy session {legacy.ratio:.3f}"
+        f"legacy session {legacy.ratio:.3f}; telemetry off, hooks in ÷ removed {telemetry.ratio:.3f}"
     )
     section.metrics = [
         Metric("guard_overhead_ratio", rounded(modern.ratio), "×", "get-task calls/s, guard on ÷ off", 0.85, "higher"),
@@ -98,6 +117,13 @@ async def run(sizes: Sizes, scratch: Path) -> Section:
             rounded(legacy.ratio),
             "×",
             "the same through a JSON-RPC session (`mode=\"legacy\"`, as stdio clients connect)",
+        ),
+        Metric(
+            "telemetry_off_ratio",
+            rounded(telemetry.ratio),
+            "×",
+            "OpenTelemetry off: get-task calls/s with the SDK span middleware and guard hooks left in (no-op "
+            "providers) ÷ removed, as taskwarden runs",
         ),
     ]
     n = sizes.guard_rounds * sizes.guard_batch
@@ -113,6 +139,18 @@ async def run(sizes: Sizes, scratch: Path) -> Section:
         f"The guard's halves called directly (median of {sizes.guard_batch * 4} calls each): "
         f"`Guard.admit` (decision, schema check) {fmt(admit_us)} µs; "
         f"`Guard.settle` (audit row redacted, digested, committed) {fmt(settle_us)} µs.",
+        "",
+        "OpenTelemetry off, guard on, default client mode: its hooks left in (no-op providers) vs removed "
+        "(taskwarden's off), side by side.",
+        "",
+        "| telemetry off | calls/s | p50 | p99 |",
+        "|---|---|---|---|",
+        _side("hooks left in: SDK span middleware, guard decision spans (no-op)", telemetry, True),
+        _side("removed (as taskwarden runs)", telemetry, False),
+        "",
+        f"Ratio (hooks in ÷ removed): median of {len(telemetry.pair_ratios)} paired ratios "
+        f"{fmt(telemetry.ratio)} (range {fmt(min(telemetry.pair_ratios))}–{fmt(max(telemetry.pair_ratios))}); "
+        f"ratio of median rates {fmt(median(telemetry.rates[True]) / median(telemetry.rates[False]))}.",
     ]
     return section
 
@@ -172,8 +210,37 @@ def _row(name: str, ab: _AB) -> str:
     )
 
 
+def _telemetry_hooks(chain: list[Any], guard: Any) -> Callable[[bool], None]:
+    """A switch: True puts OpenTelemetry's hooks back as the SDK and ``Telemetry`` would
+    (on the API's default, no-op providers: nothing is recorded); False takes them out."""
+    from mcp.server.mcpserver import MCPServer
+
+    from worker_server.telemetry import Telemetry
+
+    # The SDK's own span middleware, as every server starts with it.
+    sdk_spans = next(m for m in MCPServer("probe").middleware if type(m).__name__ == "OpenTelemetryMiddleware")
+    ours = Telemetry()
+
+    def switch(on: bool) -> None:
+        if on and sdk_spans not in chain:
+            chain.insert(0, sdk_spans)  # where MCPServer puts it: outermost
+            guard.telemetry = ours
+        elif not on and sdk_spans in chain:
+            chain.remove(sdk_spans)
+            guard.telemetry = None
+
+    return switch
+
+
+def _side(name: str, ab: _AB, on: bool) -> str:
+    def ms(p: float) -> str:
+        return fmt(percentile(ab.lat[on], p) * 1000)
+
+    return f"| {name} | {fmt(median(ab.rates[on]))} | {ms(50)} ms | {ms(99)} ms |"
+
+
 async def _halves(guard: object, task_id: str, sizes: Sizes) -> tuple[float, float, list[float]]:
-    from guard.runtime import Guard
+    from guard.gate import Guard
 
     assert isinstance(guard, Guard)
     call = Call("get-task", {"task_id": task_id}, "bench", "bench")

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import getpass
 import json
-import re
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
@@ -25,6 +23,7 @@ from guard.audit import AuditEntry, AuditLog, InvalidDecision, parse_decision
 from guard.storage.clock import Clock, SystemClock, iso
 from guard.storage.database import Database
 from guard.schema import open_guard_db
+from guard.times import InvalidSince, parse_since
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -33,33 +32,6 @@ EXIT_USAGE = 2
 # `taskwarden audit` shows at most this many of the newest matching rows.
 RECENT_ROWS = 200
 _PAGE = 1000
-
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$", re.IGNORECASE)
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-class InvalidSince(ValueError):
-    def __init__(self, text: str) -> None:
-        super().__init__(
-            f"--since: expected an ISO 8601 time (2024-05-01T12:00:00Z) or a duration "
-            f"such as 30s, 10m, 2h, 1d; got {text!r}"
-        )
-
-
-def parse_since(text: str, now: float) -> float:
-    """``text`` as seconds since the epoch: ISO 8601 (UTC unless it names an offset)
-    or ``now`` minus a duration."""
-    match = _DURATION_RE.match(text)
-    if match:
-        return now - float(match.group(1)) * _UNIT_S[match.group(2).lower()]
-    try:
-        when = datetime.fromisoformat(text.strip().replace("z", "Z").replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidSince(text) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return when.timestamp()
-
 
 # -- approvals ----------------------------------------------------------------
 
@@ -210,7 +182,10 @@ async def audit(
     try:
         since_ts = parse_since(since, clock.now()) if since else None
         decision = parse_decision(decision) if decision else None
-    except (InvalidSince, InvalidDecision) as exc:
+    except InvalidSince as exc:
+        out.write(f"error: --since: {exc}\n")
+        return EXIT_USAGE
+    except InvalidDecision as exc:
         out.write(f"error: {exc}\n")
         return EXIT_USAGE
 

@@ -41,7 +41,9 @@ from guard.policy import Action, ApprovalSettings, Budget, Policy, RateLimit, Ru
 # The ``max`` given to the limiter for a counter that only counts.
 COUNT_ONLY_MAX = 2**53
 
-Outcome = Literal["allow", "deny", "require_approval", "hidden"]
+#: What the policy does with a call: its action, or ``hidden`` for a hidden tool.
+#: (Not ``guard.audit.Outcome``, which is how a call ended.)
+Effect = Literal["allow", "deny", "require_approval", "hidden"]
 
 
 class CounterLookup(Protocol):
@@ -78,7 +80,7 @@ class Verdict:
     trace: tuple[str, ...] = ()  # how the verdict was reached, for `policy explain`
 
     @property
-    def outcome(self) -> Outcome:
+    def effect(self) -> Effect:
         """``hidden`` for a hidden tool, else the action."""
         return "hidden" if self.hidden else self.action
 

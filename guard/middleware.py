@@ -27,7 +27,7 @@ from guard.approvals import Approval
 from guard.audit import Outcome
 from guard.budgets import reset_admitted, set_admitted
 from guard.outcomes import Refusal
-from guard.runtime import Admission, AskLater, Call, Guard, Unknown
+from guard.gate import Admission, InputRequired, Call, Guard, UnknownTool
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class ClientAsker:
         context: Context[Any, Any] = Context(request_context=self.ctx, input_params=params)
         resolved = await resolve_arguments(wanted, plans, {}, context)
         if isinstance(resolved, InputRequiredResult):
-            raise AskLater(resolved)
+            raise InputRequired(resolved)
         outcome = resolved["answer"]
         # Anything but an explicit "accept, approve: true" is a no.
         return isinstance(outcome, AcceptedElicitation) and bool(outcome.data.approve)
@@ -98,9 +98,9 @@ class GuardMiddleware:
         asker = ClientAsker(ctx) if ClientAsker.supported(ctx) else None
         try:
             decided = await self.guard.admit(call, asker)
-        except Unknown:
+        except UnknownTool:
             raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {_shown_name(name)}") from None
-        except AskLater as later:
+        except InputRequired as later:
             return later.result
         if isinstance(decided, Refusal):
             return refusal_result(decided)
@@ -116,7 +116,7 @@ class GuardMiddleware:
         call = self._call(ctx, tool, args, via="resources/read", target=uri)
         try:
             decided = await self.guard.admit(call, None)  # a read is never held for a client's answer
-        except Unknown:
+        except UnknownTool:
             raise MCPError(code=INVALID_PARAMS, message=f"Resource not found: {uri}", data={"uri": uri}) from None
         if isinstance(decided, Refusal):
             raise MCPError(code=INVALID_PARAMS, message=decided.text(), data={**decided.structured(), "uri": uri})

@@ -62,21 +62,22 @@ def check(
 
     With ``tools`` (the server's tool names), also warn about every name the
     policy gives that is not one of them: a typo'd name guards nothing, and
-    the tool meant falls to the default.
+    the tool meant falls to the default. A warning fails the check (exit 1),
+    so a CI step that runs it stops there.
     """
     policy = _load(path, out)
     if policy is None:
         return EXIT_FAILED
     rules = policy.rule_count
-    _print(
-        out,
-        f"OK: {path} ({policy.dialect}, {rules} rule{'s' if rules != 1 else ''}, "
-        f"default {policy.default}, mode {policy.mode})",
-    )
-    if tools is not None:
-        for line in unknown_tools(policy, tools, server):
-            _print(out, f"warning: {line}")
-    return EXIT_OK
+    shape = f"{policy.dialect}, {rules} rule{'s' if rules != 1 else ''}, default {policy.default}, mode {policy.mode}"
+    warnings = unknown_tools(policy, tools, server) if tools is not None else []
+    if not warnings:
+        _print(out, f"OK: {path} ({shape})")
+        return EXIT_OK
+    _print(out, f"WARNING: {path} ({shape}): {len(warnings)} warning{'s' if len(warnings) != 1 else ''}")
+    for line in warnings:
+        _print(out, f"warning: {line}")
+    return EXIT_FAILED
 
 
 def unknown_tools(policy: Policy, tools: Collection[str], server: str = "the server") -> list[str]:
@@ -118,7 +119,7 @@ def explain(
     if policy is None:
         return EXIT_FAILED
     if schemas is not None:
-        # The guard's own first steps (guard.runtime.Guard.admit): an unknown tool, then the
+        # The guard's own first steps (guard.gate.Guard.admit): an unknown tool, then the
         # arguments against the tool's schema, then the rules on the arguments with defaults.
         checker = ArgumentChecker(schemas)
         if tool not in checker:
@@ -139,7 +140,7 @@ def explain(
             return EXIT_OK
         args = checker.with_defaults(tool, args)
     verdict = decide(policy, tool, args, identity, fresh_counters)
-    _print(out, f"decision: {verdict.outcome}")
+    _print(out, f"decision: {verdict.effect}")
     _print(out, f"rule: {verdict.rule_id or '(none: the tool is listed)'}")
     _print(out, f"reason: {verdict.reason}")
     if verdict.shadow:
@@ -243,8 +244,8 @@ def _read_case(node: Node, names: set[str]) -> Case:
 
 
 def _failure(case: Case, verdict: Verdict) -> str | None:
-    got = f"{verdict.outcome} by {verdict.rule_id or '(listed)'}: {verdict.reason}"
-    if verdict.outcome != case.expect:
+    got = f"{verdict.effect} by {verdict.rule_id or '(listed)'}: {verdict.reason}"
+    if verdict.effect != case.expect:
         return f"expected {case.expect}, got {got}"
     if case.rule is not None and verdict.rule_id != case.rule:
         return f"expected rule {case.rule}, got {got}"

@@ -13,6 +13,7 @@ from the upstream's own ``tools/list``. Prompts and resources the policy's
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +32,8 @@ from mcp.shared.message import ServerMessageMetadata
 from starlette.applications import Starlette
 
 from guard.storage import open_database
-from guard.runtime import Guard
+from guard.gate import Guard
+from guard.middleware import GuardMiddleware
 from guard.upstream import RestartPolicy, Upstream
 
 logger = logging.getLogger(__name__)
@@ -213,7 +215,7 @@ class GuardProxy:
             if offered:
                 server.add_request_handler(method, params_type, handler)
         # The guard is the single way in: every tools/call passes it first.
-        server.middleware.append(self.guard.middleware)
+        server.middleware.append(GuardMiddleware(self.guard))
         return server
 
     def init_options(self, server: Server[Any]) -> Any:
@@ -260,9 +262,10 @@ async def run_guard(
     http: tuple[str, int] | None = None,
     token_verifier: TokenVerifier | None = None,
     transport_security: TransportSecuritySettings | None = None,
+    sock: socket.socket | None = None,
 ) -> None:
     """Serve ``upstream_target`` behind the guard until our client leaves (stdio)
-    or a signal stops the HTTP listener. Raises ``UpstreamExited`` when the
+    or a signal stops the HTTP listener (on ``sock`` when given: bound already). Raises ``UpstreamExited`` when the
     upstream cannot be started, or goes away and ``restart`` says not to restart it."""
     db = await open_database(db_path)
     feed = db.change_feed()
@@ -294,7 +297,7 @@ async def run_guard(
                 )
                 config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on")
                 logger.info("guarding %s at http://%s:%d/mcp", upstream_target.describe(), host, port)
-                await uvicorn.Server(config).serve()
+                await uvicorn.Server(config).serve(sockets=[sock] if sock is not None else None)
             tg.cancel_scope.cancel()
     finally:
         feed.close()

@@ -135,10 +135,16 @@ def test_serve_http_on_a_busy_port_says_so_in_one_line(ws: Workspace) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        for command in ("serve", "inbox"):
-            extra = ["--allow-anonymous"] if command == "serve" else []
+        extras = {
+            "serve": ["--allow-anonymous"],
+            "inbox": [],
+            # Refused before the guarded server starts.
+            "guard": ["--allow-anonymous", "--", sys.executable, "-c", "pass"],
+        }
+        for command, extra in extras.items():
             proc = ws.cli(command, "--http", f"127.0.0.1:{port}", *extra, check=False, timeout=30)
             line = one_line_error(proc)
+            assert proc.returncode == 2, command
             assert line == (
                 f"taskwarden: port {port} on 127.0.0.1 is taken: another program listens there; "
                 "pick another with --http HOST:PORT"
@@ -368,11 +374,15 @@ def test_policy_explain_runs_the_servers_own_checks(tmp_path: Path) -> None:
     assert out.splitlines()[0] == "decision: allow"
 
 
-def test_policy_check_warns_about_names_that_are_not_tools(tmp_path: Path) -> None:
+def test_policy_check_warns_about_names_that_are_not_tools_and_fails(tmp_path: Path) -> None:
     policy = tmp_path / "p.yaml"
     policy.write_text("tools:\n  cancel-tsk:\n    rules:\n      - action: deny\nhide: [spawn-task, lst-tasks]\n")
     out = taskwarden("policy", "check", str(policy))
-    assert out.returncode == 0
+    # A typo'd tool name fails a CI check: exit 1, not 0.
+    assert out.returncode == 1
+    assert out.stdout.splitlines()[0] == (
+        f"WARNING: {policy} (taskwarden, 1 rule, default allow, mode enforce): 2 warnings"
+    )
     assert out.stdout.splitlines()[1:] == [
         "warning: the policy has rules for 'cancel-tsk', which is not a tool of taskwarden "
         "(did you mean 'cancel-task'? it falls to default allow instead)",
@@ -381,7 +391,11 @@ def test_policy_check_warns_about_names_that_are_not_tools(tmp_path: Path) -> No
     ]
     time_server = str(Path(sys.executable).with_name("mcp-server-time"))
     other = taskwarden("policy", "check", str(policy), "--tools-from", "--", time_server)
-    assert other.returncode == 0, other.stderr
+    assert other.returncode == 1, other.stderr
     warned = other.stdout.splitlines()[1:]
     assert f"warning: the policy hides 'spawn-task', which is not a tool of {time_server}" in warned
     assert len(warned) == 3
+    # Without warnings the check passes.
+    policy.write_text("tools:\n  cancel-task:\n    rules:\n      - action: deny\n")
+    clean = taskwarden("policy", "check", str(policy))
+    assert clean.returncode == 0 and clean.stdout.startswith("OK: ")

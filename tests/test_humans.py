@@ -373,7 +373,7 @@ async def test_the_terminal_alternative_wakes_the_agent_across_processes(ws: Wor
 
 async def test_wait_task_wakes_on_a_transition_written_by_another_process(ws: Workspace) -> None:
     from worker_server.config import load_settings
-    from worker_server.server import open_app
+    from worker_server.app import open_app
 
     async with stdio_client(ws) as client:
         task = await spawn_human(client, "Measure the wake-up")

@@ -12,7 +12,8 @@ from mcp import Client
 from tests.support import Workspace
 from worker_server.config import load_settings
 from worker_server.inbox import views
-from worker_server.server import build_mcp, open_app
+from worker_server.app import open_app
+from worker_server.server import build_mcp
 
 pytestmark = pytest.mark.anyio
 

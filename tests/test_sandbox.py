@@ -31,7 +31,7 @@ from tests.support import (
 )
 from worker_server.config import ConfigError, Settings
 from worker_server.sandbox import Sandbox, SandboxError, state_paths
-from worker_server.server import worker_sandbox
+from worker_server.app import worker_sandbox
 
 pytestmark = pytest.mark.anyio
 
@@ -204,7 +204,7 @@ async def test_codex_own_sandbox_works_inside_taskwardens(tmp_path: Path) -> Non
 
 def test_sandbox_none_must_be_chosen_and_is_a_warning_at_every_start(caplog: pytest.LogCaptureFixture) -> None:
     assert Settings().sandbox_backend == "bwrap"
-    with caplog.at_level(logging.WARNING, logger="worker_server.server"):
+    with caplog.at_level(logging.WARNING, logger="worker_server.app"):
         sandbox = worker_sandbox(Settings(sandbox_backend="none"))
     assert not sandbox.enabled
     assert any('sandbox_backend = "none"' in r.getMessage() for r in caplog.records)

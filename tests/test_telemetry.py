@@ -22,7 +22,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from tests.support import Workspace, wait_until
 from worker_server.config import load_settings
-from worker_server.server import build_mcp, open_app
+from worker_server.app import open_app
+from worker_server.server import build_mcp
 from worker_server.telemetry import Telemetry
 
 pytestmark = pytest.mark.anyio

@@ -15,7 +15,6 @@ import argparse
 import getpass
 import logging
 import os
-import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -54,10 +53,12 @@ def _bounded_int(low: int, high: int) -> Callable[[str], int]:
 
 def _age(text: str) -> float:
     """``30d``, ``12h``, ``90m``: an age in seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text, re.IGNORECASE)
-    if not match or float(match.group(1)) <= 0:
+    from guard.times import parse_duration
+
+    seconds = parse_duration(text)
+    if seconds is None or seconds <= 0:
         raise argparse.ArgumentTypeError(f"expected an age such as 30d, 12h or 90m, got {text!r}")
-    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2).lower()]
+    return seconds
 
 
 def _tools_from(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -267,7 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     policy = sub.add_parser("policy", help="check, explain and test policy files").add_subparsers(
         dest="policy_command", required=True, metavar="ACTION"
     )
-    p_check = policy.add_parser("check", help="validate a policy file")
+    p_check = policy.add_parser(
+        "check", help="validate a policy file; exit 1 on warnings (a name that is not a tool)",
+        description="Validate a policy file and warn about every rule or hide entry that names no tool of the "
+        "server (a typo guards nothing). Exit 0: valid, no warnings; 1: invalid, or valid with warnings "
+        "(so a CI step fails on a typo'd tool name); 2: bad usage.",
+    )  # fmt: skip
     p_check.add_argument("file", metavar="FILE", help="the policy file (YAML or JSON, any dialect)")
     _tools_from(p_check, "warn about names that are not tools of the MCP server CMD starts, "
                 "instead of taskwarden's own tools")
@@ -473,9 +479,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "guard":
         return _guard(args)
     if args.command == "inbox":
-        from worker_server.inbox.app import serve_inbox
-
-        from worker_server.server import bind_listener
+        from worker_server.server import bind_listener, serve_inbox
 
         settings = _settings(args)
         host, port = args.http
@@ -607,12 +611,13 @@ def _guard(args: argparse.Namespace) -> int:
     from worker_server.config import ConfigError
     from guard.upstream import RestartPolicy, UpstreamExited
     from worker_server.identity import CallerResolver, TokenIdentities
-    from worker_server.server import _is_loopback, _rebinding_guard
+    from worker_server.server import _is_loopback, _rebinding_guard, bind_listener
 
     target = _upstream_target(args)
     settings = _settings(args, policy=args.policy)
     token_verifier = None
     security = None
+    sock = None
     if args.http:
         host, _port = args.http
         if args.allow_anonymous and not _is_loopback(host):
@@ -625,6 +630,8 @@ def _guard(args: argparse.Namespace) -> int:
                 )
             token_verifier = TokenIdentities(settings.identities)
         security = _rebinding_guard(host)
+        # Bound before the upstream starts: a port that is taken is one line, exit 2.
+        sock = bind_listener(host, _port)
     elif args.allow_anonymous:
         raise ConfigError("--allow-anonymous only applies with --http")
     try:
@@ -638,6 +645,7 @@ def _guard(args: argparse.Namespace) -> int:
             http=args.http,
             token_verifier=token_verifier,
             transport_security=security,
+            sock=sock,
         ))
     except BaseException as exc:
         exited = _upstream_exit(exc, UpstreamExited)
@@ -736,7 +744,7 @@ def _print_daemons(daemons: Sequence[dict[str, Any]]) -> None:
 
 
 async def _tasks(args: argparse.Namespace, settings: Settings) -> int:
-    from worker_server.server import open_app
+    from worker_server.app import open_app
     from worker_server.service import InvalidArgument
 
     async with open_app(settings, run_workers=False, background=False) as app:
@@ -794,7 +802,7 @@ async def _cancel(app: Any, args: argparse.Namespace) -> int:
     from guard.decision import decide, fresh_counters
     from guard.outcomes import Refusal
     from guard.redaction import redact_off_loop
-    from guard.runtime import Call, Unknown
+    from guard.gate import Call, UnknownTool
     from worker_server.server import build_mcp
 
     who = args.as_name or getpass.getuser()
@@ -815,7 +823,7 @@ async def _cancel(app: Any, args: argparse.Namespace) -> int:
         await guard.approvals.decide(approval.id, True, who, "approved by running `taskwarden tasks cancel`")
     try:
         admission = await guard.admit(call)
-    except Unknown:
+    except UnknownTool:
         raise CliError("cancel-task is hidden by the policy") from None
     if isinstance(admission, Refusal):
         raise CliError(admission.first_line())
@@ -883,7 +891,7 @@ async def _prune(app: Any, older_than_s: float, *, dry_run: bool) -> int:
 
 async def _humans(args: argparse.Namespace, settings: Settings) -> int:
     from worker_server.inbox.accounts import Accounts, InvalidChannel, InvalidName
-    from worker_server.server import open_app
+    from worker_server.app import open_app
 
     async with open_app(settings, run_workers=False, background=False) as app:
         accounts = Accounts(app.db, app.store.clock)
@@ -943,7 +951,7 @@ async def _notify(args: argparse.Namespace, settings: Settings) -> int:
     from guard.storage.clock import iso
     from worker_server.notify.channels import DeliveryError
     from worker_server.notify.outbox import Notification, Status
-    from worker_server.server import open_app
+    from worker_server.app import open_app
 
     async with open_app(settings, run_workers=False, background=False) as app:
         deliverer = app.deliverer

@@ -38,7 +38,8 @@ from worker_server.config import Settings
 from worker_server.forwarder import daemon_dir, socket_path
 from worker_server.identity import CONNECTION, Connection
 from worker_server.process_group import become_subreaper, reap_adopted
-from worker_server.server import App, build_mcp, open_app, watch_children_with_pidfds
+from worker_server.app import App, open_app
+from worker_server.server import build_mcp, watch_children_with_pidfds
 from worker_server.store import new_id
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from guard.storage.changes import ChangeFeed
 from worker_server.config import Settings
 from worker_server.service import Caller, InvalidArgument
 from worker_server.store import MessageRow, Store, TaskNotFound, TaskRow, TransitionRefused
-from worker_server.task import Message, MessageList, TaskStatus, TaskView
+from worker_server.task import Message, MessageList, TaskStatus
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +33,6 @@ class Humans:
         self.store = store
         self.feed = feed
         self.settings = settings
-        # Set by TaskService so results render the same way everywhere.
-        self.view: Any = None
 
     async def _step(self, task_id: str, **kwargs: Any) -> tuple[TaskRow, MessageRow | None]:
         try:
@@ -69,10 +67,10 @@ class Humans:
         assert posted is not None
         return message_view(posted)
 
-    async def agent_message(self, caller: Caller, task: TaskRow, message: str) -> TaskView:
+    async def agent_message(self, caller: Caller, task: TaskRow, message: str) -> TaskRow:
         """message-task on a human task: the same as send-task-message, returning the task."""
         await self.send(caller, task.id, message)
-        return await self.view(await self.store.get(task.id))
+        return await self.store.get(task.id)
 
     async def list(self, task_id: str, since: str | None) -> MessageList:
         from worker_server.service import message_view
@@ -86,7 +84,7 @@ class Humans:
 
     async def review(
         self, caller: Caller, task_id: str, decision: Literal["accept", "request_changes"], feedback: str | None
-    ) -> TaskView:
+    ) -> TaskRow:
         task = await self._task(task_id)
         pending = task.pending or {}
         if task.status != S.INPUT_REQUIRED or pending.get("kind") != "review":
@@ -119,7 +117,7 @@ class Humans:
                     "body": f"Changes requested:\n\n{feedback}",
                 },
             )
-        return await self.view(row)
+        return row
 
     async def note_cancelled(self, task: TaskRow, reason: str) -> None:
         await self.store.post_message(

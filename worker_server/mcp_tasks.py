@@ -65,7 +65,7 @@ from pydantic import BaseModel, Field, ValidationError
 from guard.audit import Outcome
 from guard.storage.clock import iso
 from guard.outcomes import Refusal
-from guard.runtime import Call, Guard, Unknown
+from guard.gate import Call, Guard, UnknownTool
 from worker_server.service import Caller, InvalidArgument, TaskService, Viewer
 from worker_server.store import TaskNotFound, TaskRow
 from worker_server.task import TaskStatus
@@ -370,7 +370,7 @@ class TasksExtension(Extension):
         """Run ``run`` as the guard decides ``call``; a refusal is the ``GUARD_REFUSED`` error."""
         try:
             decided = await self.guard.admit(call)
-        except Unknown:
+        except UnknownTool:
             raise MCPError(code=METHOD_NOT_FOUND, message=f"Method not found: {call.tool} is not available") from None
         if isinstance(decided, Refusal):
             message = decided.first_line()

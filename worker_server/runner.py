@@ -386,82 +386,67 @@ class Runner:
         out: OutputPump[list[WorkerEvent]],
         err: OutputPump[list[str]],
     ) -> None:
-        task = turn.task
-        failure: list[str] = []
-        notices: list[str] = []
-        flushed_at = 0.0
+        """Watch the turn's process until it ends, then record how it ended."""
         clock_start = time.monotonic()
-        meter: TurnMeter | None = None
-        if task.budgets or task.caps:
-            meter = TurnMeter(
-                self.budgets, task.id, [BudgetTarget.from_json(t) for t in task.budgets or []], task.caps,
-                lambda: turn.usage, turn.stop_failed, log.note,
-            )
+        meter = self._meter(turn, log)
+        heard = TurnOutput(turn, reader, log, self.store, self._write_soon, meter)
+        outcome = await self._until_end(turn, proc, heard, log, started, out, err, meter)
+        # Whoever the end of the turn wakes may read the whole log at once.
+        log.flush()
+        tail = turn.tail.text(50)
+        worker_s = time.monotonic() - clock_start
+        ran = {"usage": usage_.add([usage_.empty() | {"worker_s": worker_s}, turn.usage])}
+        if meter is not None:
+            await meter.settle(turn.usage, worker_s)  # charged before the end is visible
+        cwd = turn.task.run_dir or os.getcwd()
+        after = await git_work.snapshot(cwd) if before else None
+        ran["changes"] = await git_work.changes(cwd, before, after) if before and after else None
+        status, fields = _turn_end(outcome, turn, heard, proc.returncode)
+        await self.store.finish(turn.task.id, status, tail=tail, **fields, **ran)
+        # The turn is over (and recorded, so waiters are already awake):
+        # nothing it started may outlive it, escapees from its group included.
+        if outcome == "exited":
+            await self._terminate(turn.task.id, proc.pid, started)
 
-        def activity(line: str) -> None:
-            nonlocal flushed_at
-            turn.activity = line
-            turn.tail.add(line)
-            now = time.monotonic()
-            if now - flushed_at >= ACTIVITY_FLUSH_S and self._tg is not None:
-                flushed_at = now
-                log.flush()  # the log resource shows the turn so far
-                self._tg.start_soon(_quietly, self.store.set_activity, task.id, line, turn.tail.text(50))
+    def _write_soon(self, write: Callable[..., Awaitable[object]], *args: object) -> bool:
+        """Run a store write in the background while the runner serves (False: it does not)."""
+        if self._tg is None:
+            return False
+        self._tg.start_soon(_quietly, write, *args)
+        return True
 
-        def on_stdout(events: list[WorkerEvent]) -> None:
-            for event in events:
-                if event.kind == "session":
-                    if self._tg is not None:
-                        self._tg.start_soon(_quietly, self.store.set_worker_session, task.session_id, event.text)
-                elif event.kind == "failure":
-                    failure.append(event.text)
-                    activity(f"error: {event.text}")
-                elif event.kind == "notice":
-                    notices.append(event.text)
-                    activity(f"error: {event.text}")
-                elif event.kind == "usage":
-                    turn.usage = event.usage
-                    if meter is not None:
-                        meter.poke()
-                    if self._tg is not None and event.usage is not None:
-                        # Readable (and countable) while the turn still runs.
-                        self._tg.start_soon(_quietly, self.store.set_usage, task.id, event.usage)
-                elif event.kind == "activity":
-                    activity(event.text)
+    def _meter(self, turn: RunningTurn, log: LogFile) -> TurnMeter | None:
+        """What charges the turn's usage to its budgets and stops it at its caps; None: neither applies."""
+        task = turn.task
+        if not (task.budgets or task.caps):
+            return None
+        return TurnMeter(
+            self.budgets, task.id, [BudgetTarget.from_json(t) for t in task.budgets or []], task.caps,
+            lambda: turn.usage, turn.stop_failed, log.note,
+        )  # fmt: skip
 
-        def on_stderr(lines: list[str]) -> None:
-            for line in lines:
-                turn.tail.add(line)
-
-        async def feed_prompt() -> None:
-            assert proc.stdin is not None
-            try:
-                await proc.stdin.send(task.prompt.encode())
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass  # the worker exited or closed stdin without reading it all
-            finally:
-                await proc.stdin.aclose()
-
-        def parse_stdout(lines: list[str]) -> list[WorkerEvent]:
-            return [event for line in lines for event in reader.feed(line)]
-
-        def parse_stderr(lines: list[str]) -> list[str]:
-            return [line for line in lines if line.strip()][-TAIL_LINES:]
-
-        async def pump(run: Callable[[], Awaitable[None]], done: anyio.Event) -> None:
-            try:
-                await run()
-            finally:
-                done.set()
-
+    async def _until_end(
+        self,
+        turn: RunningTurn,
+        proc: Process,
+        heard: TurnOutput,
+        log: LogFile,
+        started: float,
+        out: OutputPump[list[WorkerEvent]],
+        err: OutputPump[list[str]],
+        meter: TurnMeter | None,
+    ) -> str:
+        """Feed the prompt and pump the output until the process exits, is
+        cancelled or times out (then it is stopped); the output drained.
+        Returns ``exited``, ``cancelled`` or ``timed_out``."""
+        task = turn.task
         timeout = (task.deadline - self.store.clock.now()) if task.deadline else None
-        outcome: str
         out_done, err_done = anyio.Event(), anyio.Event()
         async with anyio.create_task_group() as pumps:
             if proc.stdin is not None:
-                pumps.start_soon(feed_prompt)
-            pumps.start_soon(pump, lambda: out.run(parse_stdout, _merge_events, on_stdout), out_done)
-            pumps.start_soon(pump, lambda: err.run(parse_stderr, _merge_lines, on_stderr), err_done)
+                pumps.start_soon(_feed_prompt, proc, task.prompt)
+            pumps.start_soon(_pump, lambda: out.run(heard.parse_stdout, _merge_events, heard.on_stdout), out_done)
+            pumps.start_soon(_pump, lambda: err.run(_parse_stderr, _merge_lines, heard.on_stderr), err_done)
             if meter is not None:
                 pumps.start_soon(meter.run)
 
@@ -480,53 +465,107 @@ class Runner:
             out.stop()
             err.stop()
             pumps.cancel_scope.cancel()
+        return outcome
 
-        # Whoever the end of the turn wakes may read the whole log at once.
-        log.flush()
-        code = proc.returncode
-        tail = turn.tail.text(50)
-        worker_s = time.monotonic() - clock_start
-        ran = {"usage": usage_.add([usage_.empty() | {"worker_s": worker_s}, turn.usage])}
-        if meter is not None:
-            await meter.settle(turn.usage, worker_s)  # charged before the end is visible
-        after = await git_work.snapshot(task.run_dir or os.getcwd()) if before else None
-        ran["changes"] = await git_work.changes(task.run_dir or os.getcwd(), before, after) if before and after else None
-        if outcome == "cancelled" and turn.failure is not None:
-            # Stopped by a budget: failed, with what it produced until then.
-            await self.store.finish(
-                task.id, TaskStatus.FAILED, message=turn.failure, final=reader.final(), exit_code=code, tail=tail,
-                **ran,
-            )  # fmt: skip
-        elif outcome == "cancelled" and turn.interrupted:
-            # The server is stopping: the turn did not finish, nobody cancelled it.
-            await self.store.finish(
-                task.id, TaskStatus.FAILED, message=turn.cancel_reason, exit_code=code, tail=tail, **ran
-            )
-        elif outcome == "cancelled":
-            await self.store.finish(
-                task.id, TaskStatus.CANCELLED, message=_cancel_message(turn.cancel_reason), exit_code=code,
-                tail=tail, **ran,
-            )  # fmt: skip
-        elif outcome == "timed_out":
-            await self.store.finish(task.id, TaskStatus.FAILED, message="timed_out", exit_code=code, tail=tail, **ran)
-        elif code == 0 and not failure:
-            await self.store.finish(
-                task.id, TaskStatus.COMPLETED, final=reader.final() or "", exit_code=0, tail=tail, **ran
-            )
-        else:
-            await self.store.finish(
-                task.id,
-                TaskStatus.FAILED,
-                message=_failure_message(code, failure or notices[-1:]),
-                final=reader.final(),
-                exit_code=code,
-                tail=tail,
-                **ran,
-            )
-        # The turn is over (and recorded, so waiters are already awake):
-        # nothing it started may outlive it, escapees from its group included.
-        if outcome == "exited":
-            await self._terminate(task.id, proc.pid, started)
+
+class TurnOutput:
+    """What a running turn's output says: its activity and tail, its worker
+    session, usage, failures and notices, as the worker's events report them."""
+
+    def __init__(
+        self, turn: RunningTurn, reader: EventReader, log: LogFile, store: Store,
+        write_soon: Callable[..., bool], meter: TurnMeter | None,
+    ) -> None:  # fmt: skip
+        self.turn = turn
+        self.reader = reader
+        self.log = log
+        self.store = store
+        # Runs a store write in the background while the turn goes on (False: not written through).
+        self.write_soon = write_soon
+        self.meter = meter
+        self.failure: list[str] = []
+        self.notices: list[str] = []
+        self._flushed_at = 0.0
+
+    def parse_stdout(self, lines: list[str]) -> list[WorkerEvent]:
+        return [event for line in lines for event in self.reader.feed(line)]
+
+    def on_stdout(self, events: list[WorkerEvent]) -> None:
+        turn = self.turn
+        for event in events:
+            if event.kind == "session":
+                self.write_soon(self.store.set_worker_session, turn.task.session_id, event.text)
+            elif event.kind == "failure":
+                self.failure.append(event.text)
+                self.activity(f"error: {event.text}")
+            elif event.kind == "notice":
+                self.notices.append(event.text)
+                self.activity(f"error: {event.text}")
+            elif event.kind == "usage":
+                turn.usage = event.usage
+                if self.meter is not None:
+                    self.meter.poke()
+                if event.usage is not None:
+                    # Readable (and countable) while the turn still runs.
+                    self.write_soon(self.store.set_usage, turn.task.id, event.usage)
+            elif event.kind == "activity":
+                self.activity(event.text)
+
+    def on_stderr(self, lines: list[str]) -> None:
+        for line in lines:
+            self.turn.tail.add(line)
+
+    def activity(self, line: str) -> None:
+        """The turn's latest activity, written through to the store at most every ACTIVITY_FLUSH_S."""
+        turn = self.turn
+        turn.activity = line
+        turn.tail.add(line)
+        now = time.monotonic()
+        if now - self._flushed_at >= ACTIVITY_FLUSH_S and self.write_soon(
+            self.store.set_activity, turn.task.id, line, turn.tail.text(50)
+        ):
+            self._flushed_at = now
+            self.log.flush()  # the log resource shows the turn so far
+
+
+def _turn_end(outcome: str, turn: RunningTurn, heard: TurnOutput, code: int | None) -> tuple[TaskStatus, dict]:
+    """How a turn that ended this way is recorded: its status and what ``Store.finish`` is told."""
+    final = heard.reader.final()
+    if outcome == "cancelled" and turn.failure is not None:
+        # Stopped by a budget: failed, with what it produced until then.
+        return TaskStatus.FAILED, {"message": turn.failure, "final": final, "exit_code": code}
+    if outcome == "cancelled" and turn.interrupted:
+        # The server is stopping: the turn did not finish, nobody cancelled it.
+        return TaskStatus.FAILED, {"message": turn.cancel_reason, "exit_code": code}
+    if outcome == "cancelled":
+        return TaskStatus.CANCELLED, {"message": _cancel_message(turn.cancel_reason), "exit_code": code}
+    if outcome == "timed_out":
+        return TaskStatus.FAILED, {"message": "timed_out", "exit_code": code}
+    if code == 0 and not heard.failure:
+        return TaskStatus.COMPLETED, {"final": final or "", "exit_code": 0}
+    message = _failure_message(code, heard.failure or heard.notices[-1:])
+    return TaskStatus.FAILED, {"message": message, "final": final, "exit_code": code}
+
+
+async def _feed_prompt(proc: Process, prompt: str) -> None:
+    assert proc.stdin is not None
+    try:
+        await proc.stdin.send(prompt.encode())
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+        pass  # the worker exited or closed stdin without reading it all
+    finally:
+        await proc.stdin.aclose()
+
+
+def _parse_stderr(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.strip()][-TAIL_LINES:]
+
+
+async def _pump(run: Callable[[], Awaitable[None]], done: anyio.Event) -> None:
+    try:
+        await run()
+    finally:
+        done.set()
 
 
 def _remove_scratch(scratch: Path) -> None:

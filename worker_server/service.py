@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -45,6 +46,9 @@ from worker_server.task import (
     Usage,
     WaitResult,
 )
+
+if TYPE_CHECKING:
+    from worker_server.humans import Humans  # which imports this module
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +117,7 @@ class TaskService:
         profiles: dict[str, WorkerProfile],
         intake: Intake | None = None,
         liveness: Liveness | None = None,
+        humans: Humans | None = None,
     ) -> None:
         self.store = store
         # Whether the server running a turn is alive (see worker_server.hosts).
@@ -123,8 +128,8 @@ class TaskService:
         self.feed = feed
         self.settings = settings
         self.profiles = profiles
-        # Human workers plug in here (see worker_server.humans).
-        self.humans = None
+        # The people's side of human tasks (worker_server.humans); None: no human workers here.
+        self.humans = humans
 
     # -- spawn-task --------------------------------------------------------
 
@@ -305,7 +310,7 @@ class TaskService:
         if task.kind == "human":
             if self.humans is None:
                 raise InvalidArgument("task_id", "human workers are not configured on this server")
-            return await self.humans.agent_message(caller, task, message)
+            return await self.view(await self.humans.agent_message(caller, task, message))
         if task.worker not in self.profiles:
             raise InvalidArgument("task_id", f"its worker {task.worker!r} is no longer configured")
         _check_passable("message", message, self.profiles[task.worker])

@@ -28,7 +28,7 @@ import anyio
 
 if TYPE_CHECKING:
     from guard.approvals import Approval
-    from guard.runtime import Call
+    from guard.gate import Call
     from worker_server.config import Settings
     from worker_server.store import Store
 
@@ -96,7 +96,7 @@ class Telemetry:
         self.cost = meter.create_counter("taskwarden.task.cost", unit="USD", description="What turns cost")
         self.turns = meter.create_counter("taskwarden.task.turns", unit="{turn}", description="Turns that ended")
 
-    # -- the guard (guard.runtime.GuardTelemetry) ---------------------------------
+    # -- the guard (guard.gate.GuardTelemetry) ---------------------------------
 
     def decision(
         self, call: Call, decision: str, rule: str | None, reason: str | None, outcome: str | None, started: float

@@ -20,7 +20,8 @@ from guard.budgets import BudgetLedger, BudgetTarget, admitted_budgets
 from guard.storage.clock import FakeClock, SystemClock
 from guard.storage import open_database
 from guard.dialects import PolicyError, load_policy
-from guard.runtime import Guard
+from guard.gate import Guard
+from guard.middleware import GuardMiddleware
 from guard.schema import open_guard_db
 
 pytestmark = pytest.mark.anyio
@@ -45,7 +46,7 @@ async def guarded(
     feed = db.change_feed()
     feed.start()
     guard = await Guard.open(db, feed, policy_path=policy_file, clock=clock)
-    server: MCPServer[Any] = MCPServer("guarded", middleware=[guard.middleware])
+    server: MCPServer[Any] = MCPServer("guarded", middleware=[GuardMiddleware(guard)])
 
     @server.tool(name="start")
     async def start() -> str:

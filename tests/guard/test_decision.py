@@ -243,7 +243,7 @@ def test_match_any() -> None:
 
 def test_hide() -> None:
     hidden = decide(policy("hide: [cancel-task]\n"), "cancel-task", {})
-    assert (hidden.hidden, hidden.outcome, hidden.rule_id) == (True, "hidden", "hide")
+    assert (hidden.hidden, hidden.effect, hidden.rule_id) == (True, "hidden", "hide")
     assert decide(policy("hide: [cancel-task]\n"), "get-task", {}).hidden is False
     assert decide(policy("hide: ['*']\n"), "get-task", {}).hidden is True
 

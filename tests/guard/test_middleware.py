@@ -22,7 +22,8 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import INTERNAL_ERROR, ElicitResult, ErrorData
 
 from guard.storage import open_database
-from guard.runtime import Guard
+from guard.gate import Guard
+from guard.middleware import GuardMiddleware
 
 pytestmark = pytest.mark.anyio
 
@@ -35,7 +36,7 @@ async def guarded(tmp_path: Path, policy: str) -> AsyncIterator[tuple[MCPServer[
     feed = db.change_feed()
     feed.start()
     guard = await Guard.open(db, feed, policy_path=policy_file)
-    server: MCPServer[Any] = MCPServer("guarded", middleware=[guard.middleware])
+    server: MCPServer[Any] = MCPServer("guarded", middleware=[GuardMiddleware(guard)])
 
     @server.tool(name="echo")
     async def echo(text: str) -> str:
@@ -167,7 +168,7 @@ async def test_a_request_that_is_not_a_tool_call_is_decided_and_audited_as_the_t
     (same rules, same approval digest), audit it under its own name."""
     from guard.audit import Outcome
     from guard.outcomes import Refusal
-    from guard.runtime import Admission, Call
+    from guard.gate import Admission, Call
 
     policy = """\
         version: "1"

@@ -2,7 +2,7 @@
 
 ``taskwarden serve --http`` mounts it beside ``/mcp`` (``mount_inbox``);
 ``taskwarden inbox`` serves it alone against the same database
-(``serve_inbox``). Routes, relative to the mount::
+(``worker_server.server.serve_inbox``). Routes, relative to the mount::
 
     GET  /                       the inbox (?tab=needs_reply|open|in_progress|approvals|done)
     GET  /tasks/{id}             a task: brief, deadline, thread, actions
@@ -23,15 +23,14 @@ credential: ``worker_server.notify.links``) and the static files needs a signed-
 person; without one, pages answer 401 with the sign-in page and no data.
 Every POST but sign-in must carry the form's CSRF token (else 403). Pages
 work without JavaScript (forms post, then redirect); ``inbox.js`` adds live
-updates. The app needs no lifespan of its own: the ``App`` it is given was
-opened by whoever serves it.
+updates. The app needs no lifespan of its own: the parts it is given
+(``InboxDeps``) were opened by whoever serves it, and it imports no host.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,8 +70,7 @@ from worker_server.turn_origin import peer_turn, refusal
 from worker_server.store import TaskNotFound, TaskRow
 
 if TYPE_CHECKING:
-    from worker_server.config import Settings
-    from worker_server.server import App
+    from worker_server.inbox.deps import InboxDeps
 
 logger = logging.getLogger(__name__)
 
@@ -131,11 +129,11 @@ def signed_in(handler: Handler) -> Handler:
 
 
 class Inbox:
-    """The inbox's routes over one open ``App``."""
+    """The inbox's routes over the parts it is given (``InboxDeps``: an open ``App`` has them)."""
 
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.accounts = Accounts(app.db, app.store.clock)
+    def __init__(self, deps: InboxDeps) -> None:
+        self.deps = deps
+        self.accounts = Accounts(deps.db, deps.store.clock)
         self.templates = Jinja2Templates(env=environment())
 
     # -- plumbing --------------------------------------------------------------
@@ -196,7 +194,7 @@ class Inbox:
 
     async def _task_row(self, task_id: str) -> TaskRow | None:
         try:
-            row = await self.app.store.get(task_id)
+            row = await self.deps.store.get(task_id)
         except TaskNotFound:
             return None
         return row if row.kind == "human" else None
@@ -206,7 +204,7 @@ class Inbox:
     @signed_in
     async def inbox(self, request: Request) -> Response:
         role = await self.accounts.role_of(request.state.human) or "worker"
-        page = await views.inbox_page(self.app, request.state.human, request.query_params.get("tab", ""), role)
+        page = await views.inbox_page(self.deps, request.state.human, request.query_params.get("tab", ""), role)
         return self.page(request, "inbox.html", page=page, tabs=views.TABS)
 
     @signed_in
@@ -219,7 +217,7 @@ class Inbox:
         row = await self._task_row(request.path_params["task_id"])
         if row is None:
             return self.error(request, 404, "No such task", "There is no task for people with this id.")
-        data = await views.task_page(self.app, request.state.human, row)
+        data = await views.task_page(self.deps, request.state.human, row)
         return self.page(request, "task.html", status, page=data, error=error, drafts=drafts or {})
 
     @signed_in
@@ -233,7 +231,7 @@ class Inbox:
         form: FormData = request.state.form
         text = str(form.get("text") or "")
         me = request.state.human
-        humans = self.app.service.humans
+        humans = self.deps.service.humans
         assert humans is not None
         try:
             if action == "claim":
@@ -261,19 +259,19 @@ class Inbox:
     async def _approval_response(
         self, request: Request, status: int = 200, error: str | None = None, drafts: dict[str, str] | None = None
     ) -> Response:
-        approval = await self.app.guard.approvals.get(request.path_params["approval_id"])
+        approval = await self.deps.guard.approvals.get(request.path_params["approval_id"])
         role = await self.accounts.role_of(request.state.human) or "worker"
         # Someone who may not decide it does not see it either: it does not exist for them.
         if approval is None or not approval.may_decide(request.state.human, role):
             return self.error(request, 404, "No such approval", "There is no approval with this id.")
-        now = self.app.store.clock.now()
+        now = self.deps.store.clock.now()
         return self.page(
             request,
             "approval.html",
             status,
             approval=approval,
             status_now=approval.status_at(now).value,
-            decisions=await self.app.guard.approvals.decisions(approval.id),
+            decisions=await self.deps.guard.approvals.decisions(approval.id),
             error=error,
             drafts=drafts or {},
         )
@@ -295,7 +293,7 @@ class Inbox:
             return self.error(request, 403, "Refused", _sentence(refusal(turn)))
         role = await self.accounts.role_of(request.state.human) or "worker"
         try:
-            await self.app.guard.approvals.decide(
+            await self.deps.guard.approvals.decide(
                 approval_id, decision == "approve", by=request.state.human, note=note, channel="inbox", role=role
             )
         except NotAnApprover:
@@ -312,7 +310,7 @@ class Inbox:
 
     @signed_in
     async def audit(self, request: Request) -> Response:
-        page = await views.audit_page(self.app, dict(request.query_params))
+        page = await views.audit_page(self.deps, dict(request.query_params))
         return self.page(request, "audit.html", status=400 if page.error else 200, page=page)
 
     # -- live updates ------------------------------------------------------------
@@ -321,7 +319,7 @@ class Inbox:
     async def events(self, request: Request) -> Response:
         """``change`` whenever the database changes (here or in another process);
         ``signed-out`` (then the end) when the session is gone."""
-        feed = self.app.feed
+        feed = self.deps.feed
         sid: str = request.state.session
         shutdown = anyio.Event()  # set by sse_starlette when the server stops
 
@@ -370,8 +368,8 @@ class Inbox:
         """The link in the URL, or the page saying why it decides nothing."""
         request.state.human = None
         request.state.session = None
-        now = self.app.store.clock.now()
-        read = self.app.deliverer.signer.read(request.path_params["token"], now)
+        now = self.deps.store.clock.now()
+        read = self.deps.deliverer.signer.read(request.path_params["token"], now)
         if read is LinkProblem.MALFORMED:
             return None, self._link_problem(request, 400, "This link is not valid",
                                             "It is not a decision link taskwarden made, or it was changed.")
@@ -379,7 +377,7 @@ class Inbox:
             return None, self._link_problem(request, 410, "This link has expired",
                                             "Decision links work for a limited time.")
         assert isinstance(read, DecisionLink)
-        if await self.app.db.read(lambda c: link_spent(c, read.nonce)):
+        if await self.deps.db.read(lambda c: link_spent(c, read.nonce)):
             return None, self._link_problem(request, 410, "This link was already used", "Each link decides once.")
         return read, None
 
@@ -389,7 +387,7 @@ class Inbox:
     async def _link_page(
         self, request: Request, link: DecisionLink, status: int = 200, error: str | None = None, done: str | None = None
     ) -> Response:
-        approval = await self.app.guard.approvals.get(link.approval_id)
+        approval = await self.deps.guard.approvals.get(link.approval_id)
         if approval is None:
             return self._link_problem(request, 404, "No such approval", "There is no approval with this id.")
         role = await self.accounts.role_of(link.approver)
@@ -397,7 +395,7 @@ class Inbox:
             return self._link_problem(request, 403, "You may not decide this",
                                       f"{link.approver} is not (or no longer) one of its approvers.")
         return self.page(request, "decide.html", status, approval=approval, approver=link.approver,
-                         status_now=approval.status_at(self.app.store.clock.now()).value, error=error, done=done,
+                         status_now=approval.status_at(self.deps.store.clock.now()).value, error=error, done=done,
                          problem=None)  # fmt: skip
 
     async def decide_link_page(self, request: Request) -> Response:
@@ -428,14 +426,14 @@ class Inbox:
             return await self._link_page(request, link, 400, error="Choose Approve or Deny.")
         note = str(form.get("reason") or form.get("comment") or "")[:2000]
         role = await self.accounts.role_of(link.approver)
-        now = self.app.store.clock.now()
+        now = self.deps.store.clock.now()
 
         def spend(c: Any) -> None:
             if not spend_link(c, link.nonce, link.approval_id, now):
                 raise LinkAlreadyUsed()
 
         try:
-            approval = await self.app.guard.approvals.decide(
+            approval = await self.deps.guard.approvals.decide(
                 link.approval_id, decision == "approve", by=link.approver, note=note, channel="link", role=role,
                 check=spend,
             )
@@ -496,9 +494,9 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
 
 
-def create_inbox(app: App) -> ASGIApp:
+def create_inbox(deps: InboxDeps) -> ASGIApp:
     """The inbox as an ASGI app (mount it at ``/inbox``)."""
-    return Inbox(app).asgi()
+    return Inbox(deps).asgi()
 
 
 async def _redirect_to_inbox(request: Request) -> Response:
@@ -522,40 +520,22 @@ class _WithSecurityHeaders:
         await response(scope, receive, send_with_headers)
 
 
-def mount_inbox(starlette_app: Starlette, app: App) -> None:
+def mount_inbox(starlette_app: Starlette, deps: InboxDeps) -> None:
     """Serve the inbox at ``/inbox`` inside ``starlette_app`` (the MCP SDK's app).
 
     The SDK's app keeps its lifespan (the MCP session manager); the inbox has
     none, so mounting it is all there is to do.
     """
     starlette_app.router.routes.append(Route(MOUNT, _WithSecurityHeaders(_redirect_to_inbox)))
-    starlette_app.router.routes.append(Mount(MOUNT, app=create_inbox(app), name="inbox"))
+    starlette_app.router.routes.append(Mount(MOUNT, app=create_inbox(deps), name="inbox"))
 
 
-async def serve_inbox(settings: Settings, host: str, port: int, sock: socket.socket | None = None) -> None:
-    """``taskwarden inbox``: the inbox alone, at ``http://HOST:PORT/inbox``, against the same database.
-
-    SIGTERM/SIGINT stop it gracefully (uvicorn's own handling): it stops
-    accepting, event streams end, requests in flight finish, for at most
-    ``GRACEFUL_S``; a second Ctrl-C cuts them off.
-    """
-    import uvicorn
-
-    from worker_server import __version__
-    from worker_server.server import open_app, run_uvicorn
-
-    async with open_app(settings, run_workers=False) as app:
-        root = Starlette(
-            routes=[
-                Route("/", _WithSecurityHeaders(_redirect_to_inbox)),
-                Route(MOUNT, _WithSecurityHeaders(_redirect_to_inbox)),
-                Mount(MOUNT, app=create_inbox(app), name="inbox"),
-            ]
-        )
-        config = uvicorn.Config(
-            root, host=host, port=port, log_config=None, access_log=False, lifespan="off",
-            timeout_graceful_shutdown=GRACEFUL_S,
-        )  # fmt: skip
-        logger.info("taskwarden %s serving the inbox at http://%s:%d%s/ (db %s)",
-                    __version__, host, port, MOUNT, settings.db_path)  # fmt: skip
-        await run_uvicorn(uvicorn.Server(config), sock)
+def inbox_root(deps: InboxDeps) -> Starlette:
+    """The inbox alone (``taskwarden inbox``): at ``/inbox``, with ``/`` sent there."""
+    return Starlette(
+        routes=[
+            Route("/", _WithSecurityHeaders(_redirect_to_inbox)),
+            Route(MOUNT, _WithSecurityHeaders(_redirect_to_inbox)),
+            Mount(MOUNT, app=create_inbox(deps), name="inbox"),
+        ]
+    )

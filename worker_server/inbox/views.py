@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 from guard.approvals import Approval, ApprovalStatus
 from guard.audit import DECISIONS, AuditEntry, InvalidDecision, parse_decision
-from guard.commands import InvalidSince, parse_since
+from guard.times import InvalidSince, parse_since
 from worker_server.store import MessageRow, TaskRow
 from worker_server.task import TaskStatus
 
 if TYPE_CHECKING:
-    from worker_server.server import App
+    from worker_server.inbox.deps import InboxDeps as App
 
 S = TaskStatus
 HUMAN = "human"
@@ -220,7 +220,7 @@ async def audit_page(app: App, filters: dict[str, str]) -> AuditPage:
         since = parse_since(clean["since"], app.store.clock.now()) if clean["since"] else None
         decision = parse_decision(clean["decision"]) if clean["decision"] else None
     except (InvalidSince, InvalidDecision) as exc:
-        page.error = str(exc).removeprefix("--since: ")
+        page.error = str(exc)
         return page
     entries = await app.guard.audit.query(
         since=since,

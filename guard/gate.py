@@ -1,8 +1,9 @@
-"""The guard at run time: one decision per tool call, in a fixed order.
+"""The gate every tool call passes: one decision per call, in a fixed order.
 
-hide → argument check → deny / conditions / default → approval → rate
-limits → the handler → the audit record. Nothing here knows about MCP
-(``guard.middleware`` adapts it) or about tasks.
+absent → hidden → argument check → deny / conditions / default → approval →
+budgets → rate limits → the handler → the audit record. Nothing here knows
+about MCP (``guard.middleware.GuardMiddleware`` adapts it; the host builds
+one around its ``Guard``) or about tasks.
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ class GuardTelemetry(Protocol):
 ChangesNothing = Callable[["Call"], Awaitable[bool]]
 
 
-class Caller(Protocol):
+class Principal(Protocol):
+    """Who makes a call: an identity, in a session (the host's caller satisfies it)."""
+
     identity: str
     session: str
 
@@ -87,7 +90,7 @@ class ApprovalAsker(Protocol):
 
     ``rounds`` False: ``ask`` sends the question and waits for the answer.
     ``rounds`` True (2026-07-28): ``ask`` returns the answer carried by this
-    request, or raises ``AskLater`` with the result that asks the question.
+    request, or raises ``InputRequired`` with the result that asks the question.
     """
 
     rounds: bool
@@ -97,7 +100,7 @@ class ApprovalAsker(Protocol):
         ...
 
 
-class AskLater(Exception):
+class InputRequired(Exception):
     """The client must be asked in a later round (2026-07-28 input_required):
     the caller returns ``result`` now and the same call comes back with the answer."""
 
@@ -106,7 +109,7 @@ class AskLater(Exception):
         self.result = result
 
 
-class Unknown(Exception):
+class UnknownTool(Exception):
     """The tool does not exist for this caller (absent, or hidden by policy)."""
 
     def __init__(self, tool: str) -> None:
@@ -129,6 +132,63 @@ class Admission:
     budgets: tuple[BudgetTarget, ...] = ()
 
 
+@dataclass(frozen=True)
+class Finding:
+    """What one step of ``Guard.admit`` holds against a call (its Evaluate half).
+
+    ``admit`` handles every finding in one place: enforced, the call is
+    refused and audited as ``decision`` (with no ``refusal``, the tool reads
+    as absent: ``UnknownTool``); in shadow mode a finding with a ``shadow``
+    decision is audited as that and the call goes on. A finding with no
+    ``shadow`` decision (an absent tool, invalid arguments) is enforced in
+    every mode.
+    """
+
+    decision: Decision
+    rule: str | None
+    reason: str | None
+    refusal: Refusal | None = None
+    shadow: Decision | None = None
+    approval_id: str | None = None
+
+    @classmethod
+    def refusing(
+        cls, refusal: Refusal, decision: Decision, *, shadow: Decision | None = None, approval_id: str | None = None
+    ) -> Finding:
+        return cls(decision, refusal.rule, refusal.reason, refusal, shadow, approval_id)
+
+
+@dataclass(frozen=True)
+class Hold(Finding):
+    """A person must approve the call first: enforced, ``admit`` asks for the
+    approval, which lets the call go on or ends in a refusal of its own."""
+
+
+@dataclass
+class _Admitting:
+    """One call on its way through ``admit``'s steps, and what they have settled so far."""
+
+    call: Call
+    policy: Policy
+    checker: ArgumentChecker
+    asker: ApprovalAsker | None
+    started: float
+    verdict: Verdict | None = None
+    #: The audit's reason when it differs from the verdict's.
+    reason: str | None = None
+    approval: Approval | None = None
+    budgets: tuple[BudgetTarget, ...] = ()
+    reservation: Reservation | None = None
+
+    @property
+    def shadow(self) -> bool:
+        return self.policy.mode == "shadow"
+
+    @property
+    def approval_id(self) -> str | None:
+        return self.approval.id if self.approval is not None else None
+
+
 class Guard:
     def __init__(
         self,
@@ -139,7 +199,7 @@ class Guard:
         *,
         clock: Clock | None = None,
         enabled: bool = True,
-        callers: Callable[[Any], Caller] | None = None,
+        callers: Callable[[Any], Principal] | None = None,
         inbox_url: str | None = None,
         resource_calls: ResourceCalls | None = None,
         approval_events: ApprovalEvents | None = None,
@@ -167,6 +227,11 @@ class Guard:
         self._read_only: frozenset[str] = frozenset()
         # Verdicts that cannot depend on the arguments, per policy, tool and identity.
         self._verdicts: dict[tuple[int, str, str], tuple[Policy, Verdict]] = {}
+        # admit's steps, in order.
+        self._steps: tuple[Callable[[_Admitting], Awaitable[Finding | None]], ...] = (
+            self._absent, self._hidden, self._arguments, self._denied, self._needs_approval,
+            self._budget_left, self._rate_limits, self._approval_spent,
+        )  # fmt: skip
 
     @classmethod
     async def open(
@@ -176,7 +241,7 @@ class Guard:
         *,
         policy_path: str | Path | None = None,
         enabled: bool = True,
-        callers: Callable[[Any], Caller] | None = None,
+        callers: Callable[[Any], Principal] | None = None,
         clock: Clock | None = None,
         inbox_url: str | None = None,
         resource_calls: ResourceCalls | None = None,
@@ -194,12 +259,6 @@ class Guard:
     @property
     def policy(self) -> Policy:
         return self.policies.policy
-
-    @property
-    def middleware(self) -> Any:
-        from guard.middleware import GuardMiddleware
-
-        return GuardMiddleware(self)
 
     def set_tools(self, server: Any) -> None:
         """Learn the server's tools (names and input schemas) on first use."""
@@ -243,107 +302,148 @@ class Guard:
     # -- one call ------------------------------------------------------------
 
     async def admit(self, call: Call, asker: ApprovalAsker | None = None) -> Admission | Refusal:
-        """Decide ``call``. Raises ``Unknown`` for a hidden or absent tool, and
-        ``AskLater`` when the client must be asked for approval first."""
+        """Decide ``call``. Raises ``UnknownTool`` for a hidden or absent tool, and
+        ``InputRequired`` when the client must be asked for approval first.
+
+        Each step evaluates one thing and returns what it holds against the
+        call, or None; what a step found is handled here, once: enforced (the
+        call is refused), or in shadow mode audited as what enforce mode would
+        have done while the call goes on.
+        """
         started = time.monotonic()
         if not self.enabled:
             return Admission(call, Decision.ALLOW, None, "guard disabled", None, None, started)
-        policy = self.policy
-        shadow = policy.mode == "shadow"
-        checker = await self.tools()
+        admitting = _Admitting(call, self.policy, await self.tools(), asker, started)
+        for step in self._steps:
+            found = await step(admitting)
+            if found is None:
+                continue
+            if admitting.shadow and found.shadow is not None:
+                await self._record(call, found.shadow, found.rule, found.reason, started, None)
+                continue
+            if isinstance(found, Hold):
+                # Enforce mode: ask for the approval; it lets the call go on, or ends it.
+                asked = await self._approval(admitting)
+                if isinstance(asked, Approval):
+                    admitting.approval = asked
+                    continue
+                found = asked
+            return await self._enforce(admitting, found)
+        verdict = await self._verdict(admitting)
+        return Admission(
+            call, Decision.ALLOW, verdict.rule_id, admitting.reason or verdict.reason, admitting.reservation,
+            admitting.approval_id, started, admitting.budgets,
+        )  # fmt: skip
 
-        if call.tool not in checker:
-            await self._record(call, Decision.HIDDEN, "unknown", "no such tool", started, Outcome.REFUSED)
-            raise Unknown(call.tool)
+    async def _enforce(self, admitting: _Admitting, found: Finding) -> Refusal:
+        """Refuse the call for what a step found (a hidden tool reads as absent), audited first."""
+        call = admitting.call
+        if admitting.reservation is not None:
+            # A refused call gives back the room it reserved.
+            await self.limiter.release(admitting.reservation)
+        approval_id = found.approval_id or admitting.approval_id
+        await self._record(call, found.decision, found.rule, found.reason, admitting.started, Outcome.REFUSED, approval_id)
+        if found.refusal is None:
+            raise UnknownTool(call.tool)
+        return found.refusal
 
-        # Conditions read the arguments with the schema's defaults filled in.
-        with_defaults = dataclasses.replace(call, args=checker.with_defaults(call.tool, call.args))
-        # A hidden tool reads as absent whatever its arguments; its verdict
-        # is reached before any condition runs.
-        verdict: Verdict | None = None
-        if call.tool in policy.hide or "*" in policy.hide:
-            verdict = await self._decide(policy, with_defaults)
-            if not shadow:
-                await self._record(call, Decision.HIDDEN, verdict.rule_id, verdict.reason, started, Outcome.REFUSED)
-                raise Unknown(call.tool)
-            await self._record(call, Decision.SHADOW_HIDDEN, verdict.rule_id, verdict.reason, started, None)
+    # -- admit's steps, in order: each returns what it holds against the call, or None.
 
-        # Bounds first: conditions, counters and cost lookups only ever see
-        # arguments that fit the tool's schema (a 200k-character title is
-        # refused here, in time linear in its size).
-        problem = checker.check(call.tool, call.args)
-        if problem is not None:
-            field, message = problem
-            refusal = Refusal(
-                "invalid_arguments", call.tool, "schema", f"{field}: {message}", extra={"field": field}
-            )
-            return await self._refuse(call, refusal, Decision.INVALID_ARGUMENTS, started)
-        if verdict is None:
-            verdict = await self._decide(policy, with_defaults)
+    async def _absent(self, a: _Admitting) -> Finding | None:
+        """A tool the server does not have (in every mode)."""
+        if a.call.tool in a.checker:
+            return None
+        return Finding(Decision.HIDDEN, "unknown", "no such tool")
 
-        if verdict.action == "deny" and not verdict.hidden:
-            refusal = Refusal("policy_denied", call.tool, verdict.rule_id, verdict.reason)
-            if not shadow:
-                return await self._refuse(call, refusal, Decision.DENY, started)
-            await self._record(call, Decision.SHADOW_DENY, verdict.rule_id, verdict.reason, started, None)
+    async def _hidden(self, a: _Admitting) -> Finding | None:
+        """A hidden tool reads as absent whatever its arguments: its verdict
+        is reached before any argument is checked or condition runs."""
+        if a.call.tool not in a.policy.hide and "*" not in a.policy.hide:
+            return None
+        verdict = await self._verdict(a)
+        return Finding(Decision.HIDDEN, verdict.rule_id, verdict.reason, shadow=Decision.SHADOW_HIDDEN)
 
-        approval: Approval | None = None
-        reason = verdict.reason
-        if verdict.action == "require_approval":
-            if self.changes_nothing is not None and await self.changes_nothing(call):
-                # Nothing for a person to weigh: the call runs (and is audited) at once.
-                reason = f"{verdict.reason} (not needed: the call changes nothing)"
-            elif shadow:
-                await self._record(
-                    call, Decision.SHADOW_APPROVAL_REQUIRED, verdict.rule_id, verdict.reason, started, None
-                )
-            else:
-                outcome = await self._approval(call, verdict, asker, started)
-                if isinstance(outcome, Refusal):
-                    return outcome
-                approval = outcome
-        approval_id = approval.id if approval is not None else None
+    async def _arguments(self, a: _Admitting) -> Finding | None:
+        """Bounds first: conditions, counters and cost lookups only ever see
+        arguments that fit the tool's schema (a 200k-character title is
+        refused here, in time linear in its size). In every mode."""
+        problem = a.checker.check(a.call.tool, a.call.args)
+        if problem is None:
+            return None
+        field, message = problem
+        refusal = Refusal("invalid_arguments", a.call.tool, "schema", f"{field}: {message}", extra={"field": field})
+        return Finding.refusing(refusal, Decision.INVALID_ARGUMENTS)
 
-        budgets: tuple[BudgetTarget, ...] = ()
-        if verdict.budgets:
-            budgets = targets_for(verdict.budgets, call.session, call.identity, shadow)
-            spent = await self.budgets.check(budgets)
-            if spent is not None:
-                retry = None if spent.retry_after_s is None else round(spent.retry_after_s, 3)
-                refusal = Refusal(
-                    "budget_exhausted", call.tool, spent.target.rule_id, spent.message, retry_after_s=retry,
-                    extra={"budget": spent.target.name, "used": {spent.metric: spent.used}},
-                )
-                if not shadow:
-                    return await self._refuse(call, refusal, Decision.BUDGET_EXHAUSTED, started, approval_id)
-                await self._record(call, Decision.SHADOW_BUDGET_EXHAUSTED, refusal.rule, refusal.reason, started, None)
+    async def _denied(self, a: _Admitting) -> Finding | None:
+        """A deny rule, a failed condition or the default."""
+        verdict = await self._verdict(a)
+        if verdict.action != "deny" or verdict.hidden:
+            return None
+        refusal = Refusal("policy_denied", a.call.tool, verdict.rule_id, verdict.reason)
+        return Finding.refusing(refusal, Decision.DENY, shadow=Decision.SHADOW_DENY)
 
-        reservation: Reservation | None = None
-        if verdict.limits:
-            held = await self.limiter.reserve(verdict.limits, ScopeKeys(session=call.session, identity=call.identity))
-            if isinstance(held, Exhausted):
-                refusal = Refusal(
-                    "rate_limited", call.tool, held.rule_id, held.reason, retry_after_s=round(held.retry_after_s, 3)
-                )
-                if not shadow:
-                    return await self._refuse(call, refusal, Decision.RATE_LIMITED, started, approval_id)
-                await self._record(call, Decision.SHADOW_RATE_LIMITED, held.rule_id, held.reason, started, None)
-            else:
-                reservation = held
+    async def _needs_approval(self, a: _Admitting) -> Finding | None:
+        """A person must approve the call first (``require_approval``) unless it changes nothing."""
+        verdict = await self._verdict(a)
+        if verdict.action != "require_approval":
+            return None
+        if self.changes_nothing is not None and await self.changes_nothing(a.call):
+            # Nothing for a person to weigh: the call runs (and is audited) at once.
+            a.reason = f"{verdict.reason} (not needed: the call changes nothing)"
+            return None
+        return Hold(
+            Decision.APPROVAL_REQUIRED, verdict.rule_id, verdict.reason, shadow=Decision.SHADOW_APPROVAL_REQUIRED
+        )
 
-        # The approval is spent only now that the call will run: a call refused
-        # by a rate limit keeps its approval for the retry.
-        if approval is not None and not await self.approvals.consume(approval.id):
-            if reservation is not None:
-                await self.limiter.release(reservation)
-            refusal = Refusal(
-                "approval_required", call.tool, verdict.rule_id,
-                "the approval was used by another identical call; ask again", approval=approval.summary(self.inbox_url),
-            )
-            return await self._refuse(call, refusal, Decision.APPROVAL_REQUIRED, started, approval.id)
+    async def _budget_left(self, a: _Admitting) -> Finding | None:
+        """Every budget the call's rules charge has room."""
+        verdict = await self._verdict(a)
+        if not verdict.budgets:
+            return None
+        a.budgets = targets_for(verdict.budgets, a.call.session, a.call.identity, a.shadow)
+        spent = await self.budgets.check(a.budgets)
+        if spent is None:
+            return None
+        retry = None if spent.retry_after_s is None else round(spent.retry_after_s, 3)
+        refusal = Refusal(
+            "budget_exhausted", a.call.tool, spent.target.rule_id, spent.message, retry_after_s=retry,
+            extra={"budget": spent.target.name, "used": {spent.metric: spent.used}},
+        )  # fmt: skip
+        return Finding.refusing(refusal, Decision.BUDGET_EXHAUSTED, shadow=Decision.SHADOW_BUDGET_EXHAUSTED)
 
-        rule = verdict.rule_id
-        return Admission(call, Decision.ALLOW, rule, reason, reservation, approval_id, started, budgets)
+    async def _rate_limits(self, a: _Admitting) -> Finding | None:
+        """Room in every rate limit, reserved now (released if the call is refused later)."""
+        verdict = await self._verdict(a)
+        if not verdict.limits:
+            return None
+        held = await self.limiter.reserve(verdict.limits, ScopeKeys(session=a.call.session, identity=a.call.identity))
+        if not isinstance(held, Exhausted):
+            a.reservation = held
+            return None
+        refusal = Refusal(
+            "rate_limited", a.call.tool, held.rule_id, held.reason, retry_after_s=round(held.retry_after_s, 3)
+        )
+        return Finding.refusing(refusal, Decision.RATE_LIMITED, shadow=Decision.SHADOW_RATE_LIMITED)
+
+    async def _approval_spent(self, a: _Admitting) -> Finding | None:
+        """The approval is spent only now that the call will run: a call
+        refused by a rate limit keeps its approval for the retry."""
+        if a.approval is None or await self.approvals.consume(a.approval.id):
+            return None
+        refusal = Refusal(
+            "approval_required", a.call.tool, (await self._verdict(a)).rule_id,
+            "the approval was used by another identical call; ask again",
+            approval=a.approval.summary(self.inbox_url),
+        )  # fmt: skip
+        return Finding.refusing(refusal, Decision.APPROVAL_REQUIRED)
+
+    async def _verdict(self, a: _Admitting) -> Verdict:
+        """The policy's verdict, reached once per call; conditions read the
+        arguments with the schema's defaults filled in."""
+        if a.verdict is None:
+            with_defaults = dataclasses.replace(a.call, args=a.checker.with_defaults(a.call.tool, a.call.args))
+            a.verdict = await self._decide(a.policy, with_defaults)
+        return a.verdict
 
     async def _decide(self, policy: Policy, call: Call) -> Verdict:
         """decide(), remembered when the tool's rules cannot depend on the arguments."""
@@ -413,14 +513,14 @@ class Guard:
 
     # -- approvals -------------------------------------------------------------
 
-    async def _approval(
-        self, call: Call, verdict: Verdict, asker: ApprovalAsker | None, started: float
-    ) -> Approval | Refusal:
+    async def _approval(self, a: _Admitting) -> Approval | Finding:
         """The approved, unused approval that lets this call run (the caller
-        consumes it), or the refusal to return."""
+        consumes it), or what refuses the call."""
+        call = a.call
+        verdict = await self._verdict(a)
         settings = verdict.approval or ApprovalSettings()
-        if not settings.elicit:
-            asker = None  # the policy wants a human in the inbox or CLI, not the client
+        # elicit off: the policy wants a human in the inbox or CLI, not the client.
+        asker = a.asker if settings.elicit else None
         digest = await self.approvals.digest(call.tool, dict(call.args), call.identity)
 
         usable = await self.approvals.find_usable(digest)
@@ -430,7 +530,7 @@ class Guard:
             return usable
 
         # A denial or expiry the caller has not been told about yet.
-        told = await self._report_unseen(call, digest, verdict, started)
+        told = await self._report_unseen(call, digest, verdict)
         if told is not None:
             return told
 
@@ -440,9 +540,9 @@ class Guard:
         )
         if asker is not None and asker.rounds:
             try:
-                # May raise AskLater: the question goes out as this call's result.
+                # May raise InputRequired: the question goes out as this call's result.
                 answer = await asker.ask(approval, call)
-            except AskLater:
+            except InputRequired:
                 raise
             except Exception:
                 # A client that fails to answer is no answer: wait for a human.
@@ -460,15 +560,15 @@ class Guard:
                 self.telemetry.approval_decided(approval)
             return approval
         if status in (ApprovalStatus.DENIED, ApprovalStatus.EXPIRED):
-            told = await self._report_unseen(call, digest, verdict, started)
+            told = await self._report_unseen(call, digest, verdict)
             if told is not None:
                 return told
         refusal = Refusal(
             "approval_required", call.tool, verdict.rule_id, verdict.reason, approval=approval.summary(self.inbox_url)
         )
-        return await self._refuse(call, refusal, Decision.APPROVAL_REQUIRED, started, approval.id)
+        return Finding.refusing(refusal, Decision.APPROVAL_REQUIRED, approval_id=approval.id)
 
-    async def _report_unseen(self, call: Call, digest: str, verdict: Verdict, started: float) -> Refusal | None:
+    async def _report_unseen(self, call: Call, digest: str, verdict: Verdict) -> Finding | None:
         latest = await self.approvals.latest(digest)
         if latest is None or latest.used_at is not None:
             return None
@@ -485,11 +585,11 @@ class Guard:
                 self.telemetry.approval_decided(latest)
             reason = latest.decision_note or "denied"
             refusal = Refusal("approval_denied", call.tool, verdict.rule_id, reason, approval=summary)
-            return await self._refuse(call, refusal, Decision.APPROVAL_DENIED, started, latest.id)
+            return Finding.refusing(refusal, Decision.APPROVAL_DENIED, approval_id=latest.id)
         refusal = Refusal(
             "approval_expired", call.tool, verdict.rule_id, "nobody decided before it expired", approval=summary
         )
-        return await self._refuse(call, refusal, Decision.APPROVAL_EXPIRED, started, latest.id)
+        return Finding.refusing(refusal, Decision.APPROVAL_EXPIRED, approval_id=latest.id)
 
     async def _wait_for_decision(
         self, approval: Approval, call: Call, settings: ApprovalSettings, asker: ApprovalAsker | None
@@ -552,12 +652,6 @@ class Guard:
             logger.info("client answer for %s not used: %s", approval.id, exc)
 
     # -- audit -------------------------------------------------------------------
-
-    async def _refuse(
-        self, call: Call, refusal: Refusal, decision: Decision, started: float, approval_id: str | None = None
-    ) -> Refusal:
-        await self._record(call, decision, refusal.rule, refusal.reason, started, Outcome.REFUSED, approval_id)
-        return refusal
 
     async def _record(
         self,

@@ -365,8 +365,9 @@ async def test_a_newcomer_lands_where_the_work_is_and_reads_denials_and_the_audi
         banner = page.locator(".banner")
         await expect(banner).to_contain_text("Denied by alice")
         await expect(banner).to_have_class(re.compile(r"\bdenied\b"))
-        colour = await banner.evaluate("el => getComputedStyle(el).backgroundColor")
-        assert colour == "rgb(251, 224, 222)", colour  # the failure colour, not the success green
+        # The failure colour, not the success green. Retried like the checks above: a
+        # live update can replace the page between finding the banner and styling it.
+        await expect(banner).to_have_css("background-color", "rgb(251, 224, 222)")
 
         # The audit trail: one compact line per call, arguments opened on demand.
         for _ in range(6):

@@ -103,7 +103,7 @@ async def _one(
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(held_call)
-        pending = await _pending(approvals, reason)
+        pending = await pending_approval(approvals, reason)
         started = time.time()
         proc = await anyio.run_process(
             ws.cli_argv("approvals", "approve", pending.id), env=ws.env(), cwd=ws.work, check=False,
@@ -117,7 +117,7 @@ async def _one(
     return arrived, started, exited, decided.decided_at
 
 
-async def _pending(approvals: Approvals, reason: str) -> Approval:
+async def pending_approval(approvals: Approvals, reason: str) -> Approval:
     """The approval the held call opened (the bench polls; the server never does)."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

@@ -19,10 +19,11 @@ import httpx
 from mcp import Client
 
 from bench import postgres
+from bench.approval import pending_approval
 from bench.core import Metric, Section, Sizes, fmt, percentile, progress, rounded
 from bench.wake import SLEEP_S, STAMP
 from bench.workspace import SHELL, Workspace, structured
-from guard.approvals import Approval, Approvals, ApprovalStatus
+from guard.approvals import Approvals
 from guard.storage import open_database
 from guard.storage.clock import SystemClock
 
@@ -144,7 +145,7 @@ async def _approval(on_b: Client, a: Workspace, b: Workspace, base_a: str, url: 
 
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(held_call, {"task_id": task["task_id"], "reason": reason})
-                    pending = await _pending(approvals, reason)
+                    pending = await pending_approval(approvals, reason)
                     await approve(pending.id)
                 decided = await approvals.get(pending.id)
                 assert decided is not None and decided.decided_at is not None
@@ -153,16 +154,6 @@ async def _approval(on_b: Client, a: Workspace, b: Workspace, base_a: str, url: 
     finally:
         await db.close()
     return out
-
-
-async def _pending(approvals: Approvals, reason: str) -> Approval:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        for approval in await approvals.list(ApprovalStatus.PENDING):
-            if approval.args.get("reason") == reason:
-                return approval
-        await anyio.sleep(0.01)
-    raise RuntimeError("the held call opened no approval")
 
 
 @asynccontextmanager
